@@ -1,0 +1,123 @@
+"""The ``dtk`` entry point: a click group that loads subcommands lazily.
+
+Each subcommand lives in its own module under ``dtk.cli`` and is imported only
+when it runs (or its help is shown); none imports torch at module level, so
+``dtk --help`` and shell completion stay fast.
+
+The error boundary lives here too: every failure becomes one line
+``dtk <command>: error: <message>`` on stderr with exit code 2 (bad input or
+usage) or 1 (failure while running); ``--debug`` / ``DTK_DEBUG=1`` add the
+traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from dtk import __version__
+from dtk.errors import DtkError
+
+# name -> module; the module defines ``command``. One line per command.
+COMMANDS = {
+    "sample": "dtk.cli.sample",
+}
+
+EXIT_INTERRUPTED = 130
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(COMMANDS[name]).command
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Run with the error boundary: one line per failure, a documented exit code."""
+        if args is None:
+            args = sys.argv[1:]
+        args = list(args)
+        debug = os.environ.get("DTK_DEBUG", "") not in ("", "0") or "--debug" in _group_args(args)
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "dtk", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "dtk"
+            _fail(where, e.format_message(), debug)
+            code = 2
+        except click.ClickException as e:
+            _fail(_where(args), e.format_message(), debug)
+            code = e.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            print(f"{_where(args)}: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        except DtkError as e:
+            _fail(_where(args), str(e), debug)
+            code = e.exit_code
+        except BrokenPipeError:
+            # `dtk sample ... | head -1`: the reader left; that is not an error.
+            sys.stderr.close()
+            code = 0
+        except Exception as e:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
+            _fail(_where(args), f"unexpected {type(e).__name__}: {e}", debug, hint=True)
+            code = 1
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _group_args(args: list[str]) -> list[str]:
+    """The arguments before the subcommand name (the group's own options)."""
+    for i, a in enumerate(args):
+        if a in COMMANDS:
+            return args[:i]
+    return args
+
+
+def _where(args: list[str]) -> str:
+    for a in args:
+        if a in COMMANDS:
+            return f"dtk {a}"
+    return "dtk"
+
+
+def _fail(where: str, message: str, debug: bool, hint: bool = False) -> None:
+    if debug:
+        traceback.print_exc()
+    message = " ".join(str(message).split())  # one line, always
+    if hint and not debug:
+        message += " (run with --debug for the traceback)"
+    print(f"{where}: error: {message}", file=sys.stderr)
+
+
+@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "DTK", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="dtk")
+@click.option("--debug", is_flag=True, help="Show tracebacks (also DTK_DEBUG=1).")
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv: also library logs).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress.")
+def cli(debug: bool, verbose: int, quiet: bool) -> None:
+    """Post-training toolkit for diffusion models, and the video-to-4D tools beside them.
+
+    Every command reads files (or - for stdin), writes its results under --out,
+    prints one JSON object per result on stdout and logs to stderr. Options can
+    also come from --config FILE.toml or DTK_<COMMAND>_<OPTION> variables;
+    flags on the command line win.
+    """
+    from dtk.logs import setup_logging
+
+    setup_logging(verbose=verbose, quiet=quiet)
+
+
+def main() -> None:
+    cli.main()

@@ -1,0 +1,106 @@
+"""Options and behaviour shared by every subcommand.
+
+``dtk_command`` makes a click command that takes ``--config FILE.toml``; the
+group's ``auto_envvar_prefix`` gives every option a ``DTK_<COMMAND>_<OPTION>``
+variable. Precedence: command line > environment > config file > default.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _config_keys(command: click.Command) -> dict[str, str]:
+    """Config key → parameter name: the long option name without dashes, or the parameter name."""
+    keys: dict[str, str] = {}
+    for p in command.params:
+        if p.name == "config":
+            continue
+        keys[p.name] = p.name
+        for opt in p.opts:
+            if opt.startswith("--"):
+                keys[opt[2:].replace("-", "_")] = p.name
+    return keys
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise click.BadParameter(f"{value}: no such file", ctx, param) from None
+    except tomllib.TOMLDecodeError as e:
+        raise click.BadParameter(f"{value}: not valid TOML ({e})", ctx, param) from None
+    # A table named after this command holds its keys; tables for other dtk
+    # commands are allowed so that one file can serve a whole pipeline.
+    from dtk.cli import COMMANDS
+
+    name = ctx.info_name
+    table = dict(data.get(name, {})) if isinstance(data.get(name), dict) else {}
+    top = {k: v for k, v in data.items() if not (k in COMMANDS and isinstance(v, dict))}
+    keys = _config_keys(ctx.command)
+    defaults: dict[str, Any] = {}
+    for key, val in {**top, **table}.items():
+        norm = key.replace("-", "_")
+        if norm not in keys:
+            raise click.BadParameter(
+                f"{value}: unknown key '{key}' for 'dtk {name}' (known: {', '.join(sorted(k for k in keys if k == keys[k]))})",
+                ctx, param,
+            )
+        defaults[keys[norm]] = val
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_option(f: Callable) -> Callable:
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+        callback=_load_config,
+        help="TOML file of option values (keys are option names); flags and DTK_* variables win.",
+    )(f)
+
+
+def model_option(name: str = "--model", help: str | None = None) -> Callable:
+    return click.option(
+        name, default=None, metavar="MODEL",
+        help=help or "Diffusers pipeline dir, hub id (from the local cache), single-file .safetensors, "
+        "or dtk output dir. Default: the bundled demo model.",
+    )
+
+
+def device_options(f: Callable) -> Callable:
+    f = click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+                     show_default=True, help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="cpu, cuda, cuda:N, mps; auto picks CUDA when available.")(f)
+    return f
+
+
+def output_options(f: Callable) -> Callable:
+    f = click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")(f)
+    return f
+
+
+def shard_option(f: Callable) -> Callable:
+    return click.option(
+        "--shard", default=None, metavar="I/N",
+        help="Do only part I of N (0-based). Default: from SLURM_ARRAY_TASK_ID/COUNT, "
+        "SLURM_PROCID/NTASKS or RANK/WORLD_SIZE, else 0/1.",
+    )(f)
+
+
+def seed_option(default: int = 0) -> Callable:
+    return click.option("--seed", type=int, default=default, show_default=True,
+                        help="Base seed; each item's seed derives from (seed, global index).")

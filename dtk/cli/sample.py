@@ -1,0 +1,68 @@
+"""dtk sample — text-to-image generation."""
+
+from __future__ import annotations
+
+import click
+
+from dtk.cli.common import config_option, device_options, model_option, seed_option, shard_option
+
+SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m",
+              "dpm++2m-karras", "dpm-solver", "unipc", "lcm", "tcd"]
+
+
+@click.command("sample", short_help="Generate images from prompts.")
+@click.argument("prompt", nargs=-1)
+@click.option("--prompts", "prompts_file", metavar="FILE|-",
+              help="Prompts, one per line, or JSONL with prompt / negative_prompt / seed (- = stdin).")
+@model_option()
+@click.option("--model-config", metavar="DIR", help="Diffusers config dir for a single-file --model (offline).")
+@click.option("--num-per-prompt", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--negative-prompt", default="", help="Negative prompt for prompts that have none.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps [model's recommendation, else 25].")
+@click.option("--guidance", type=float, default=None,
+              help="CFG scale, diffusers convention ε_u + s(ε_c − ε_u); ≤ 1 disables CFG [model's, else 7.5].")
+@click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help="Sampler [model's, else dpm++2m].")
+@click.option("--timesteps", metavar="T1,T2,...", default=None,
+              help="Explicit decreasing timesteps, e.g. 999,749,499,249 (ddim*, euler, dpm++2m, lcm, tcd, ddpm, heun).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA file or dir (diffusers/peft or kohya layout); repeatable.")
+@seed_option()
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per UNet batch.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height [model's native size].")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width [model's native size].")
+@shard_option
+@device_options
+@click.option("--out", default="samples", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--grid", is_flag=True, help="Also write a contact sheet grid.png.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
+@config_option
+def command(prompt, prompts_file, model, model_config, num_per_prompt, negative_prompt, steps, guidance,
+            scheduler, timesteps, loras, seed, batch_size, height, width, shard, device, dtype, out, grid,
+            overwrite):
+    """Generate images from PROMPT arguments or --prompts FILE.
+
+    Writes OUT/NNNNNN.png (generation parameters in a PNG text chunk),
+    OUT/samples.jsonl and OUT/dtk.json, and prints one JSON line per image.
+    Defaults for scheduler, steps, timesteps and guidance come from the
+    model's dtk.json when it has one.
+
+    \b
+    Examples:
+      dtk sample "a large red circle on a white background"
+      dtk sample --prompts prompts.txt --num-per-prompt 4 --out samples/ --grid
+      dtk sample --model runs/pcm --steps 4 --guidance 1 "a small blue star"
+    """
+    from dtk.diffusion.lora import parse_lora_spec
+    from dtk.diffusion.schedulers import parse_timesteps
+    from dtk.sample import SampleOptions, read_prompts, run_sample
+    from dtk.seeds import default_shard, parse_shard
+
+    run_sample(SampleOptions(
+        prompts=read_prompts(prompt, prompts_file),
+        model=model, model_config=model_config, out=out, num_per_prompt=num_per_prompt,
+        negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+        timesteps=parse_timesteps(timesteps) if timesteps else None,
+        loras=[parse_lora_spec(s) for s in loras], seed=seed, batch_size=batch_size,
+        height=height, width=width, shard=parse_shard(shard) if shard else default_shard(),
+        device=device, dtype=dtype, grid=grid, overwrite=overwrite,
+    ))

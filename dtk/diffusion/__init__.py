@@ -1,0 +1,1 @@
+"""Diffusion models: loading, schedules, conditioning and samplers."""

@@ -1,0 +1,220 @@
+"""Find and load a model from whatever ``--model`` names.
+
+Accepted, in the order they are tried:
+  * nothing / ``demo``      — the bundled demo model (offline, tiny);
+  * a dtk output directory  — ``dtk.json`` with ``kind: model``: its base model
+                              plus the LoRA / UNet weights it holds, and the
+                              sampler it recommends;
+  * a diffusers pipeline directory (``model_index.json``);
+  * a single-file ``.safetensors`` checkpoint (original SD/SDXL layout);
+  * a hub id (``org/name``), found in the local Hugging Face cache only —
+    dtk never downloads at run time, so Slurm jobs and cron behave the same
+    with and without network.
+
+SD1.x/2.x (``sd``) and SDXL (``sdxl``) are both first-class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtk.errors import BadInput
+
+SD, SDXL = "sd", "sdxl"
+
+
+@dataclass
+class ModelRef:
+    """Where a model's pieces are; resolving one reads only small JSON files."""
+
+    spec: str                       # what the user typed ("demo" for the default)
+    path: Path                      # a diffusers pipeline dir, or a single file
+    family: str                     # "sd" or "sdxl"
+    single_file: bool = False
+    loras: list[tuple[Path, float]] = field(default_factory=list)
+    unet_dir: Path | None = None    # full UNet weights replacing the base UNet
+    sampler: dict[str, Any] = field(default_factory=dict)   # recommended settings
+    manifest: dict[str, Any] = field(default_factory=dict)  # the dtk.json, if any
+
+
+def resolve_model(spec: str | None) -> ModelRef:
+    if spec in (None, "", "demo"):
+        from dtk.demo import DEMO_MODEL_DIR
+
+        if not (DEMO_MODEL_DIR / "model_index.json").exists():
+            raise BadInput(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; rebuild it with "
+                           "`python -m dtk.demo.build` or pass --model")
+        return _from_dir("demo", DEMO_MODEL_DIR)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _from_dir(spec, path)
+    if path.is_file():
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raise BadInput(f"--model {spec}: pickled checkpoints are not loaded (they can run code); "
+                           "convert it to .safetensors first")
+        if path.suffix != ".safetensors":
+            raise BadInput(f"--model {spec}: expected a directory or a .safetensors file")
+        return ModelRef(spec=spec, path=path, family=_single_file_family(path), single_file=True)
+    if _looks_like_hub_id(spec):
+        return _from_dir(spec, _hub_cache_path(spec))
+    raise BadInput(f"--model {spec}: no such file or directory")
+
+
+def _from_dir(spec: str, path: Path) -> ModelRef:
+    manifest_path = path / "dtk.json"
+    manifest = {}
+    if manifest_path.exists():
+        from dtk.io import read_json
+
+        manifest = read_json(manifest_path)
+    has_pipeline = (path / "model_index.json").exists()
+    if manifest and manifest.get("kind") != "model" and not has_pipeline:
+        raise BadInput(f"--model {spec}: {manifest_path} describes a '{manifest.get('command', '?')}' output, not a model")
+    if has_pipeline:
+        ref = ModelRef(spec=spec, path=path, family=_pipeline_family(path))
+    elif manifest.get("base_model"):
+        ref = resolve_model(manifest["base_model"])
+        ref.spec = spec
+    else:
+        raise BadInput(f"--model {spec}: not a diffusers pipeline (no model_index.json) nor a dtk model dir (no dtk.json)")
+    ref.manifest = manifest
+    ref.sampler = {**ref.sampler, **manifest.get("sampler", {})}
+    for entry in manifest.get("loras", []):
+        lora_path = path / entry["path"]
+        if not lora_path.exists():
+            raise BadInput(f"--model {spec}: dtk.json names {lora_path}, which is missing")
+        ref.loras.append((lora_path, float(entry.get("scale", 1.0))))
+    if manifest.get("unet"):
+        ref.unet_dir = path / manifest["unet"]
+        if not ref.unet_dir.is_dir():
+            raise BadInput(f"--model {spec}: dtk.json names UNet weights in {ref.unet_dir}, which is missing")
+    return ref
+
+
+def _pipeline_family(path: Path) -> str:
+    from dtk.io import read_json
+
+    index = read_json(path / "model_index.json")
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        return SDXL
+    return SD
+
+
+def _single_file_family(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+        raise BadInput(f"--model {path}: not a readable safetensors file ({e})") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return SDXL
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return SD
+    raise BadInput(f"--model {path}: not an SD/SDXL checkpoint (no model.diffusion_model.* weights); "
+                   "LoRA files go to --lora")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def _hub_cache_path(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends: all mean "not here"
+        raise BadInput(
+            f"--model {repo_id}: no such directory, and no hub model '{repo_id}' in the local cache "
+            f"({HF_HUB_CACHE}); dtk does not download at run time: fetch it once with "
+            f"`hf download {repo_id}` (or point HF_HOME at a cache that has it), or pass a local path"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# Loading weights
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    pipe: Any                 # a diffusers StableDiffusion(XL)Pipeline (never called directly)
+    device: Any
+    dtype: Any
+
+    @property
+    def family(self) -> str:
+        return self.ref.family
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.vae_scale_factor
+
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+
+
+def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) -> LoadedModel:
+    """Load the pipeline's components on ``device`` in ``dtype``, offline."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from dtk.logs import quiet_libraries
+
+    quiet_libraries()
+    diffusers_logging.disable_progress_bar()
+    cls = pipeline_class(ref.family)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if ref.family == SD else {}
+    try:
+        pipe = _from_files(cls, ref, dtype, model_config, extra)
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken model dir is bad input; say which
+        hint = ""
+        if ref.single_file and not model_config:
+            hint = ("; a single-file checkpoint needs its architecture config: offline, pass --model-config "
+                    "with a diffusers pipeline directory of the same architecture")
+        raise BadInput(f"--model {ref.spec}: could not load ({type(e).__name__}: {_short(e)}){hint}") from None
+    if ref.unet_dir is not None:
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(ref.unet_dir), torch_dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(ref=ref, pipe=pipe, device=device, dtype=dtype)
+
+
+def _from_files(cls, ref: ModelRef, dtype, model_config: str | None, extra: dict):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch_dtype→dtype renames across diffusers versions
+        if ref.single_file:
+            kwargs = {"config": model_config} if model_config else {}
+            return cls.from_single_file(str(ref.path), torch_dtype=dtype, local_files_only=True, **kwargs, **extra)
+        return cls.from_pretrained(str(ref.path), torch_dtype=dtype, local_files_only=True, **extra)
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "…"

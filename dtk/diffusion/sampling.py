@@ -1,0 +1,92 @@
+"""The sampling loop: noise → latents → images, for any sampler and guidance.
+
+Per-sample generators make every image a function of its own seed only, so
+batching and sharding do not change results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dtk.diffusion.conditioning import Conditioning, encode_prompts
+from dtk.diffusion.loading import LoadedModel
+from dtk.diffusion.schedulers import make_sampler
+
+
+@dataclass
+class SamplerSettings:
+    scheduler: str
+    steps: int
+    guidance: float                       # diffusers convention: ε_u + s(ε_c − ε_u)
+    height: int
+    width: int
+    timesteps: list[int] | None = None
+
+
+@dataclass
+class Request:
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def uses_cfg(settings: SamplerSettings, requests: list[Request]) -> bool:
+    return settings.guidance > 1.0
+
+
+def initial_noise(model: LoadedModel, seeds: list[int], height: int, width: int) -> tuple[torch.Tensor, list]:
+    """One CPU generator per sample: the same seed gives the same noise on any device."""
+    f = model.vae_scale_factor
+    shape = (model.unet.config.in_channels, height // f, width // f)
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return noise.to(model.device, model.dtype), generators
+
+
+@torch.no_grad()
+def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Request]) -> torch.Tensor:
+    """Run the sampler for one batch; returns final latents."""
+    sampler = make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps,
+                           settings.timesteps, model.device)
+    latents, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
+    latents = latents * sampler.init_noise_sigma
+    cfg = uses_cfg(settings, requests)
+    cond = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width)
+    if cfg:
+        uncond = encode_prompts(model, [r.negative_prompt for r in requests], settings.height, settings.width)
+        cond = Conditioning.cat([uncond, cond])
+    unet_kwargs = cond.unet_kwargs()
+    for t in sampler.timesteps:
+        x_in = sampler.scale_model_input(latents, t)
+        if cfg:
+            x_in = torch.cat([x_in, x_in])
+        out = model.unet(x_in, t, return_dict=False, **unet_kwargs)[0]
+        if cfg:
+            out_u, out_c = out.chunk(2)
+            out = out_u + settings.guidance * (out_c - out_u)
+        latents = sampler.step(out, t, latents, generators)
+    return latents
+
+
+@torch.no_grad()
+def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [0, 1], float32 [B, 3, H, W]."""
+    vae = model.vae
+    if latents.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae = vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    x = latents.to(vae.dtype) / vae.config.scaling_factor
+    images = vae.decode(x, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def generate(model: LoadedModel, settings: SamplerSettings, requests: list[Request]) -> torch.Tensor:
+    return decode(model, denoise(model, settings, requests))
+
+
+def to_uint8(images: torch.Tensor):
+    """[B,3,H,W] in [0,1] → list of HxWx3 uint8 numpy arrays (round half up, as diffusers does)."""
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return list(arr)

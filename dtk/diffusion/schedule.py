@@ -1,0 +1,53 @@
+"""The discrete VP schedule of the SD family, as pure functions of tensors.
+
+Notation (see METHODS.md): ᾱ_t cumulative product, α_t = √ᾱ_t, σ_t = √(1−ᾱ_t).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def alphas_cumprod(config: dict) -> torch.Tensor:
+    """ᾱ_t for t = 0..T−1 from a diffusers scheduler config (float64)."""
+    n = config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
+    kind = config.get("beta_schedule", "linear")
+    b0, b1 = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
+    elif kind == "linear":
+        betas = torch.linspace(b0, b1, n, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
+    else:
+        raise ValueError(f"unsupported beta_schedule {kind!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def alpha_sigma(abar: torch.Tensor, t: int, final_abar: float = 1.0) -> tuple[float, float]:
+    """(α_t, σ_t); t < 0 means the end of sampling, where ᾱ = ``final_abar``."""
+    a = float(abar[t]) if t >= 0 else final_abar
+    return a**0.5, (1.0 - a) ** 0.5
+
+
+def to_x0_eps(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: float, prediction_type: str):
+    """The model's output as (x̂₀, ε̂) for ε-, v- and x₀-prediction."""
+    if prediction_type == "epsilon":
+        eps = output
+        x0 = (x_t - sigma * eps) / alpha
+    elif prediction_type == "v_prediction":
+        x0 = alpha * x_t - sigma * output
+        eps = alpha * output + sigma * x_t
+    elif prediction_type == "sample":
+        x0 = output
+        eps = (x_t - alpha * x0) / sigma
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return x0, eps
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_s: float, sigma_s: float) -> torch.Tensor:
+    """Deterministic first-order DDIM jump to s: x_s = α_s x̂₀ + σ_s ε̂."""
+    return alpha_s * x0 + sigma_s * eps

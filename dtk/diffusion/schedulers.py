@@ -1,0 +1,124 @@
+"""Samplers by name: diffusers' schedulers, and dtk's own DDIM over any timesteps.
+
+Every sampler has the same face: ``timesteps``, ``init_noise_sigma``,
+``scale_model_input(x, t)`` and ``step(model_output, t, x, generators)``,
+so the sampling loop does not care which one it drives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dtk.errors import BadInput
+
+# name -> (diffusers class, config overrides). "ddim*" use dtk's DDIM (below),
+# with diffusers only choosing the default timesteps.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddim-trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler",
+                       {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+SCHEDULER_NAMES = list(SCHEDULERS)
+
+# Keys of a base scheduler config that describe the model, not the sampler.
+_MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+               "prediction_type", "steps_offset", "timestep_spacing", "set_alpha_to_one", "clip_sample")
+
+
+def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:
+    try:
+        ts = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise BadInput(f"--timesteps {text!r}: expected comma-separated integers, e.g. 999,749,499,249") from None
+    if not ts:
+        raise BadInput("--timesteps: empty list")
+    if any(not 0 <= t < num_train_timesteps for t in ts):
+        raise BadInput(f"--timesteps {text}: each must be in 0..{num_train_timesteps - 1}")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise BadInput(f"--timesteps {text}: must be strictly decreasing")
+    return ts
+
+
+def make_sampler(name: str, base_config: dict, steps: int, timesteps: list[int] | None, device):
+    if name not in SCHEDULERS:
+        raise BadInput(f"--scheduler {name}: unknown (choose from {', '.join(SCHEDULER_NAMES)})")
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[name]
+    model_config = {k: v for k, v in dict(base_config).items() if k in _MODEL_KEYS}
+    config = {**model_config, **overrides}
+    scheduler = getattr(diffusers, cls_name).from_config(config)
+    if name.startswith("ddim"):
+        if timesteps is None:
+            scheduler.set_timesteps(steps)
+            timesteps = [int(t) for t in scheduler.timesteps]
+        return DDIMSampler(config, timesteps, device)
+    if timesteps is not None:
+        import inspect
+
+        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise BadInput(f"--scheduler {name} does not accept --timesteps; use ddim, euler, dpm++2m, lcm or tcd")
+        scheduler.set_timesteps(timesteps=timesteps, device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+    return DiffusersSampler(scheduler)
+
+
+class DiffusersSampler:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.timesteps = scheduler.timesteps
+        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+
+    def scale_model_input(self, x, t):
+        return self.scheduler.scale_model_input(x, t)
+
+    def step(self, model_output, t, x, generators):
+        import inspect
+
+        kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            kwargs["generator"] = generators
+        return self.scheduler.step(model_output, t, x, return_dict=False, **kwargs)[0]
+
+
+class DDIMSampler:
+    """Deterministic DDIM (η = 0) over an explicit, possibly uneven, list of timesteps.
+
+    Each step jumps to the next listed timestep; the last one jumps to ᾱ = 1
+    (or ᾱ_0 when the config has ``set_alpha_to_one: false``, as diffusers does).
+    """
+
+    def __init__(self, config: dict, timesteps: list[int], device):
+        import torch
+
+        from dtk.diffusion.schedule import alphas_cumprod
+
+        self.abar = alphas_cumprod(config)
+        self.final_abar = 1.0 if config.get("set_alpha_to_one", True) else float(self.abar[0])
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
+        self._next = {int(t): int(s) for t, s in zip(timesteps, list(timesteps[1:]) + [-1])}
+        self.init_noise_sigma = 1.0
+
+    def scale_model_input(self, x, t):
+        return x
+
+    def step(self, model_output, t, x, generators=None):
+        from dtk.diffusion.schedule import alpha_sigma, ddim_step, to_x0_eps
+
+        t = int(t)
+        a_t, s_t = alpha_sigma(self.abar, t)
+        a_s, s_s = alpha_sigma(self.abar, self._next[t], self.final_abar)
+        x0, eps = to_x0_eps(model_output.float(), x.float(), a_t, s_t, self.prediction_type)
+        return ddim_step(x0, eps, a_s, s_s).to(x.dtype)

@@ -1,0 +1,19 @@
+"""The two kinds of failure every command reports, and their exit codes.
+
+``BadInput`` (exit 2): the user asked for something that cannot work — a
+missing file, a wrong shape, an unknown option. ``RunFailure`` (exit 1):
+the input was fine but the run failed (a NaN loss, out of memory).
+The CLI turns both into one line on stderr; the library only raises them.
+"""
+
+
+class DtkError(Exception):
+    exit_code = 1
+
+
+class BadInput(DtkError):
+    exit_code = 2
+
+
+class RunFailure(DtkError):
+    exit_code = 1

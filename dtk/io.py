@@ -1,0 +1,136 @@
+"""Files in, files out: atomic writes, JSON Lines, manifests, safetensors.
+
+Every file dtk writes appears whole or not at all: it is written under a
+temporary name in the same directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from dtk.errors import BadInput
+
+MANIFEST = "dtk.json"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary sibling of ``path``; rename it over ``path`` on success.
+
+    On any exception (Ctrl-C included) the temporary file is removed, so a
+    reader never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    with atomic_write(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+
+
+def emit(record: dict) -> None:
+    """One JSON object per line on stdout: the machine-readable result."""
+    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def open_text(path: str) -> Any:
+    """Open a text input; ``-`` is stdin."""
+    if path == "-":
+        return contextlib.nullcontext(sys.stdin)
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{path}: no such file")
+    if p.is_dir():
+        raise BadInput(f"{path}: is a directory, expected a file")
+    return open(p, encoding="utf-8")
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)``; a malformed line is an error naming it."""
+    name = "<stdin>" if path == "-" else path
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise BadInput(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MANIFEST) -> Path:
+    """Check that ``out`` may be written; nothing is created yet.
+
+    A directory whose ``marker`` exists holds a finished result and is only
+    replaced with ``overwrite``; the old marker is removed first so an
+    interrupted overwrite is never mistaken for a finished one.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    done = out / marker
+    if done.exists():
+        if not overwrite:
+            raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
+        done.unlink()
+    return out
+
+
+def run_record(command: str, args: dict, **extra: Any) -> dict:
+    """The common head of every ``dtk.json``: what made this output."""
+    from dtk import __version__
+
+    return {
+        "dtk_version": __version__,
+        "command": command,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "args": args,
+        **extra,
+    }
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as f:
+        f.write(data)

@@ -1,0 +1,68 @@
+"""Progress on stderr: a rich bar on a terminal, throttled plain lines elsewhere.
+
+Slurm logs and CI capture stderr to a file, where a redrawn bar turns into
+thousands of lines; there we print at most one line every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("dtk")
+
+PLAIN_INTERVAL_S = float(os.environ.get("DTK_PROGRESS_INTERVAL", "5"))
+
+
+class Progress:
+    def __init__(self, total: int, label: str, unit: str = "it", enabled: bool = True):
+        self.total, self.label, self.unit = total, label, unit
+        self.done = 0
+        self.start = time.monotonic()
+        self._last_print = 0.0
+        self._rich = None
+        self.enabled = enabled and total > 0
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+            from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._rich = RichProgress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._task = self._rich.add_task(label, total=total)
+            self._rich.start()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(ok=exc[0] is None)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.update(self._task, advance=n)
+            return
+        now = time.monotonic()
+        if now - self._last_print >= PLAIN_INTERVAL_S or self.done >= self.total:
+            self._last_print = now
+            elapsed = now - self.start
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            print(
+                f"{self.label}: {self.done}/{self.total} {self.unit} "
+                f"({100 * self.done / self.total:.0f}%, {rate:.2f} {self.unit}/s, eta {eta:.0f}s)",
+                file=sys.stderr, flush=True,
+            )
+
+    def close(self, ok: bool = True) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None

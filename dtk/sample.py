@@ -1,0 +1,260 @@
+"""``dtk sample`` as a library call: prompts in, PNGs + JSON Lines out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dtk.errors import BadInput
+from dtk.io import emit, open_text, read_jsonl
+
+log = logging.getLogger("dtk")
+
+DEFAULT_SAMPLER = {"scheduler": "dpm++2m", "steps": 25, "guidance": 7.5}
+
+
+@dataclass
+class PromptItem:
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+
+
+def read_prompts(texts: tuple[str, ...] | list[str], prompts_file: str | None) -> list[PromptItem]:
+    """Prompts from arguments, or from a plain-text / JSONL file (``-`` = stdin)."""
+    if texts and prompts_file:
+        raise BadInput("give prompts as arguments or with --prompts, not both")
+    if texts:
+        return [PromptItem(t) for t in texts]
+    if not prompts_file:
+        raise BadInput("no prompts: give them as arguments or with --prompts FILE (- for stdin)")
+    name = "<stdin>" if prompts_file == "-" else prompts_file
+    with open_text(prompts_file) as f:
+        lines = f.read().splitlines()
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    items: list[PromptItem] = []
+    if first.startswith("{"):
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise BadInput(f"{name}:{lineno}: expected a JSON object")
+            prompt = obj.get("prompt", obj.get("caption"))
+            if not isinstance(prompt, str):
+                raise BadInput(f"{name}:{lineno}: no 'prompt' string")
+            seed = obj.get("seed")
+            if seed is not None and not isinstance(seed, int):
+                raise BadInput(f"{name}:{lineno}: 'seed' must be an integer")
+            neg = obj.get("negative_prompt")
+            if neg is not None and not isinstance(neg, str):
+                raise BadInput(f"{name}:{lineno}: 'negative_prompt' must be a string")
+            items.append(PromptItem(prompt, neg, seed))
+    else:
+        items = [PromptItem(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not items:
+        raise BadInput(f"{name}: no prompts in it")
+    return items
+
+
+@dataclass
+class SampleOptions:
+    prompts: list[PromptItem]
+    model: str | None = None
+    model_config: str | None = None
+    out: str = "samples"
+    num_per_prompt: int = 1
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+    timesteps: list[int] | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    seed: int = 0
+    batch_size: int = 4
+    height: int | None = None
+    width: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    device: str = "auto"
+    dtype: str = "auto"
+    grid: bool = False
+    overwrite: bool = False
+
+
+def plan_requests(opts: SampleOptions):
+    """Every image of the whole run, by global index; seeds independent of sharding."""
+    from dtk.diffusion.sampling import Request
+    from dtk.seeds import derive_seed
+
+    requests = []
+    for p, item in enumerate(opts.prompts):
+        for k in range(opts.num_per_prompt):
+            index = p * opts.num_per_prompt + k
+            # A seed given with the prompt is used as is (k-th image: seed + k), so a
+            # manifest line fed back in reproduces its image.
+            seed = item.seed + k if item.seed is not None else derive_seed(opts.seed, index)
+            neg = item.negative_prompt if item.negative_prompt is not None else opts.negative_prompt
+            requests.append(Request(prompt=item.prompt, seed=seed, negative_prompt=neg, meta={"index": index}))
+    return requests
+
+
+def shard_suffix(shard: tuple[int, int]) -> str:
+    i, n = shard
+    return "" if n == 1 else f".shard-{i:05d}-of-{n:05d}"
+
+
+def run_sample(opts: SampleOptions) -> list[dict]:
+    from dtk.device import resolve_device, resolve_dtype
+    from dtk.diffusion.loading import load_model, resolve_model
+    from dtk.diffusion.lora import apply_loras
+    from dtk.diffusion.sampling import SamplerSettings
+    from dtk.io import prepare_out_dir
+
+    ref = resolve_model(opts.model)
+    suffix = shard_suffix(opts.shard)
+    marker = f"dtk{suffix}.json"
+    out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
+
+    def pick(name, value):
+        return value if value is not None else ref.sampler.get(name, DEFAULT_SAMPLER.get(name))
+
+    scheduler = pick("scheduler", opts.scheduler)
+    timesteps = opts.timesteps
+    if timesteps is None and opts.steps is None and opts.scheduler is None:
+        timesteps = ref.sampler.get("timesteps")  # a model's exact recommended timesteps
+    steps = len(timesteps) if timesteps else pick("steps", opts.steps)
+    if timesteps and opts.steps is not None and opts.steps != len(timesteps):
+        raise BadInput(f"--steps {opts.steps} disagrees with --timesteps ({len(timesteps)} values)")
+    guidance = float(pick("guidance", opts.guidance))
+
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    _check_size_early(ref, opts)
+    model = load_model(ref, device, dtype, opts.model_config)
+    height = opts.height or model.default_size
+    width = opts.width or model.default_size
+    f = model.vae_scale_factor
+    for name, v in (("--height", height), ("--width", width)):
+        if v % f:
+            raise BadInput(f"{name} {v}: must be a multiple of the VAE factor {f} for this model")
+    apply_loras(model, list(ref.loras) + list(opts.loras))
+    settings = SamplerSettings(scheduler=scheduler, steps=int(steps), guidance=guidance,
+                               height=height, width=width, timesteps=list(timesteps) if timesteps else None)
+    # Build the sampler once up front so a bad scheduler/timesteps pair fails before any work.
+    from dtk.diffusion.schedulers import make_sampler
+
+    make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, device)
+
+    from dtk.seeds import shard_indices
+
+    all_requests = plan_requests(opts)
+    mine = [all_requests[i] for i in shard_indices(len(all_requests), opts.shard)]
+    log.info("sample: %d image(s)%s with %s, %s %d steps, guidance %.2f, %dx%d on %s",
+             len(mine), f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
+             ref.spec, scheduler, settings.steps, guidance, width, height, device)
+    records = _generate_and_write(model, settings, mine, opts, out)
+    _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
+    return records
+
+
+def _check_size_early(ref, opts: SampleOptions) -> None:
+    """Reject a --height/--width the VAE cannot take before loading any weights."""
+    from dtk.io import read_json
+
+    vae_config = ref.path / "vae" / "config.json"
+    if ref.single_file or not vae_config.exists():
+        return
+    f = 2 ** (len(read_json(vae_config).get("block_out_channels", [0, 0, 0, 0])) - 1)
+    for name, v in (("--height", opts.height), ("--width", opts.width)):
+        if v is not None and v % f:
+            raise BadInput(f"{name} {v}: must be a multiple of the VAE factor {f} for this model")
+
+
+def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Path) -> list[dict]:
+    from PIL import Image
+
+    from dtk.diffusion.sampling import generate, to_uint8
+    from dtk.logs import progress_enabled
+    from dtk.progress import Progress
+
+    records = []
+    with Progress(len(requests), "sample", unit="img", enabled=progress_enabled()) as bar:
+        for start in range(0, len(requests), opts.batch_size):
+            batch = requests[start:start + opts.batch_size]
+            images = to_uint8(generate(model, settings, batch))
+            for req, arr in zip(batch, images):
+                record = {
+                    "path": str(out / f"{req.meta['index']:06d}.png"),
+                    "index": req.meta["index"],
+                    "prompt": req.prompt,
+                    "negative_prompt": req.negative_prompt,
+                    "seed": req.seed,
+                    "steps": settings.steps,
+                    "guidance": settings.guidance,
+                    "scheduler": settings.scheduler,
+                    "timesteps": settings.timesteps,
+                    "width": settings.width,
+                    "height": settings.height,
+                    "model": model.ref.spec,
+                    "loras": [[str(p), s] for p, s in opts.loras],
+                }
+                write_png(Path(record["path"]), Image.fromarray(arr), record)
+                emit(record)
+                records.append(record)
+            bar.update(len(batch))
+    return records
+
+
+def write_png(path: Path, image, record: dict) -> None:
+    """A PNG carrying its generation parameters (A1111-style ``parameters`` + a ``dtk`` JSON chunk)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from dtk.io import atomic_write
+
+    info = PngInfo()
+    params = record["prompt"]
+    if record["negative_prompt"]:
+        params += f"\nNegative prompt: {record['negative_prompt']}"
+    params += (f"\nSteps: {record['steps']}, Sampler: {record['scheduler']}, CFG scale: {record['guidance']}, "
+               f"Seed: {record['seed']}, Size: {record['width']}x{record['height']}, Model: {record['model']}")
+    info.add_text("parameters", params)
+    info.add_text("dtk", json.dumps({k: v for k, v in record.items() if k != "path"}))
+    with atomic_write(path, "wb") as f:
+        image.save(f, format="PNG", pnginfo=info)
+
+
+def _finish(out: Path, marker: str, suffix: str, opts, ref, settings, records, total: int) -> None:
+    from dtk.io import run_record, write_json, write_jsonl
+
+    if opts.grid and records:
+        from PIL import Image
+
+        cols = opts.num_per_prompt if opts.num_per_prompt > 1 else math.ceil(math.sqrt(len(records)))
+        write_grid(out / f"grid{suffix}.png", [Image.open(r["path"]) for r in records], cols)
+    write_jsonl(out / f"samples{suffix}.jsonl", records)
+    args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
+    write_json(out / marker, run_record(
+        "sample", args, model=ref.spec, sampler=asdict(settings), total_images=total,
+        shard=list(opts.shard), files=[Path(r["path"]).name for r in records],
+        manifest=f"samples{suffix}.jsonl",
+    ))
+
+
+def write_grid(path: Path, images: list, cols: int) -> None:
+    from PIL import Image
+
+    from dtk.io import atomic_write
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    with atomic_write(path, "wb") as f:
+        sheet.save(f, format="PNG")

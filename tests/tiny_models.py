@@ -1,0 +1,65 @@
+"""Tiny random SD-like and SDXL-like pipelines, built from the configs in tests/configs/.
+
+They exercise the same classes and call paths as SD1.5 / SDXL (two text
+encoders, pooled embeddings, time ids) in milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's byte-to-unicode alphabet: printable stand-ins for all 256 bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_char_tokenizer(out: Path) -> int:
+    """A CLIP tokenizer with a character-level vocabulary (no merges): every string tokenizes."""
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+def build_tiny_pipeline(name: str, out: Path, seed: int = 0) -> Path:
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    tok_dir = out.parent / f"{out.name}-tokenizer"
+    vocab_size = write_char_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
+    special = {"vocab_size": vocab_size, "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
+               "pad_token_id": vocab_size - 1}
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **special))
+    scheduler_cfg = dict(cfg["scheduler"])
+    cls = {"PNDMScheduler": PNDMScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler}[scheduler_cfg.pop("_class_name")]
+    scheduler = cls.from_config(scheduler_cfg)
+    if cfg["family"] == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **special))
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(str(out))
+    return out
