@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 log = logging.getLogger("dtk")
 
@@ -15,6 +16,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for module in ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft"):
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

@@ -63,3 +63,22 @@ def build_tiny_pipeline(name: str, out: Path, seed: int = 0) -> Path:
                                        requires_safety_checker=False)
     pipe.save_pretrained(str(out))
     return out
+
+
+def make_tiny_lora(pipe_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 4.0, seed: int = 0,
+                   family: str = "sd") -> Path:
+    """A random (non-zero) LoRA on the UNet attention projections, saved in the diffusers layout."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(pipe_dir / "unet"))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+    return out_dir / "pytorch_lora_weights.safetensors"

@@ -101,7 +101,7 @@ def _fail(where: str, message: str, debug: bool, hint: bool = False) -> None:
     print(f"{where}: error: {message}", file=sys.stderr)
 
 
-@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "DTK", "help_option_names": ["-h", "--help"]})
+@click.group(name="dtk", cls=LazyGroup, context_settings={"auto_envvar_prefix": "DTK", "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="dtk")
 @click.option("--debug", is_flag=True, help="Show tracebacks (also DTK_DEBUG=1).")
 @click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv: also library logs).")

@@ -20,15 +20,14 @@ else:  # pragma: no cover
 
 
 def _config_keys(command: click.Command) -> dict[str, str]:
-    """Config key → parameter name: the long option name without dashes, or the parameter name."""
+    """Config key → parameter name: the long option name (dashes or underscores) or the argument name."""
     keys: dict[str, str] = {}
     for p in command.params:
         if p.name == "config":
             continue
-        keys[p.name] = p.name
-        for opt in p.opts:
-            if opt.startswith("--"):
-                keys[opt[2:].replace("-", "_")] = p.name
+        longs = [o[2:].replace("-", "_") for o in p.opts if o.startswith("--")]
+        for key in longs or [p.name]:
+            keys[key] = p.name
     return keys
 
 
@@ -56,7 +55,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         norm = key.replace("-", "_")
         if norm not in keys:
             raise click.BadParameter(
-                f"{value}: unknown key '{key}' for 'dtk {name}' (known: {', '.join(sorted(k for k in keys if k == keys[k]))})",
+                f"{value}: unknown key '{key}' for 'dtk {name}' (known: {', '.join(sorted(keys))})",
                 ctx, param,
             )
         defaults[keys[norm]] = val

@@ -1,0 +1,270 @@
+"""dtk sample end to end on tiny SD-like and SDXL-like pipelines."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import dtk_subprocess
+
+
+def sample(run_dtk, model, out, *args, input=None, env=None):
+    r = run_dtk("sample", "--model", model, "--out", out, "--steps", "3", *args, input=input, env=env)
+    records = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    return r, records
+
+
+def png_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.png")) if not p.name.startswith("grid")}
+
+
+def test_writes_pngs_manifests_and_json_lines(run_dtk, tiny_sd, tmp_path):
+    out = tmp_path / "s"
+    r, recs = sample(run_dtk, tiny_sd, out, "--num-per-prompt", "2", "--grid", "a red circle", "a blue star")
+    assert r.exit_code == 0, r.stderr
+    assert len(recs) == 4
+    assert [rec["index"] for rec in recs] == [0, 1, 2, 3]
+    for key in ("path", "prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "model"):
+        assert key in recs[0]
+    assert recs[0]["prompt"] == "a red circle" and recs[2]["prompt"] == "a blue star"
+    assert len({rec["seed"] for rec in recs}) == 4
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "dtk.json", "grid.png", "samples.jsonl"]
+    im = Image.open(recs[1]["path"])
+    assert im.size == (16, 16)  # the tiny model's native size: sample_size 8 × VAE factor 2
+    assert "Seed: %d" % recs[1]["seed"] in im.text["parameters"]
+    assert json.loads(im.text["dtk"])["prompt"] == "a red circle"
+    assert Image.open(out / "grid.png").size == (32, 32)
+    manifest = json.loads((out / "dtk.json").read_text())
+    assert manifest["command"] == "sample" and manifest["files"] == names[:4]
+    assert [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()] == recs
+
+
+def pixels(directory: Path) -> dict[str, bytes]:
+    return {p.name: Image.open(p).tobytes() for p in sorted(directory.glob("0*.png"))}
+
+
+def test_same_seed_same_image_and_other_seed_differs(run_dtk, tiny_sd, tmp_path):
+    sample(run_dtk, tiny_sd, tmp_path / "a", "--seed", "7", "x")
+    sample(run_dtk, tiny_sd, tmp_path / "b", "--seed", "7", "x")
+    sample(run_dtk, tiny_sd, tmp_path / "c", "--seed", "8", "x")
+    a, b, c = (png_bytes(tmp_path / d) for d in "abc")
+    assert a == b
+    assert a["000000.png"] != c["000000.png"]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_shards_and_batch_sizes_give_the_same_bytes(run_dtk, tiny_sd, tiny_sdxl, tmp_path, family):
+    model = tiny_sd if family == "sd" else tiny_sdxl
+    args = ("--num-per-prompt", "3", "--scheduler", "euler-ancestral", "p one", "p two")
+    sample(run_dtk, model, tmp_path / "full", "--batch-size", "4", *args)
+    for i in range(3):
+        r, recs = sample(run_dtk, model, tmp_path / "sharded", "--shard", f"{i}/3", "--batch-size", "1", *args)
+        assert r.exit_code == 0, r.stderr
+        assert [rec["index"] for rec in recs] == list(range(i, 6, 3))
+        assert (tmp_path / "sharded" / f"dtk.shard-{i:05d}-of-00003.json").exists()
+    assert png_bytes(tmp_path / "full") == png_bytes(tmp_path / "sharded")
+    assert len(png_bytes(tmp_path / "full")) == 6
+
+
+def test_sdxl_negative_prompt_changes_the_image(run_dtk, tiny_sdxl, tmp_path):
+    r, recs = sample(run_dtk, tiny_sdxl, tmp_path / "a", "--height", "32", "--width", "16", "x")
+    assert r.exit_code == 0, r.stderr
+    assert Image.open(recs[0]["path"]).size == (16, 32)
+    sample(run_dtk, tiny_sdxl, tmp_path / "b", "--height", "32", "--width", "16", "--negative-prompt", "blurry", "x")
+    assert png_bytes(tmp_path / "a") != png_bytes(tmp_path / "b")
+
+
+def test_guidance_one_equals_no_negative_branch(run_dtk, tiny_sd, tmp_path):
+    """With guidance 1 the negative prompt is irrelevant: only the conditional branch runs."""
+    sample(run_dtk, tiny_sd, tmp_path / "a", "--guidance", "1", "x")
+    sample(run_dtk, tiny_sd, tmp_path / "b", "--guidance", "1", "--negative-prompt", "zzz", "x")
+    assert pixels(tmp_path / "a") == pixels(tmp_path / "b")
+
+
+def test_a_manifest_fed_back_reproduces_its_images(run_dtk, tiny_sd, tmp_path):
+    r, recs = sample(run_dtk, tiny_sd, tmp_path / "a", "--num-per-prompt", "2", "--negative-prompt", "dark", "x", "y")
+    stdin = "\n".join(json.dumps(rec) for rec in recs) + "\n"
+    r2, recs2 = sample(run_dtk, tiny_sd, tmp_path / "b", "--prompts", "-", input=stdin)
+    assert r2.exit_code == 0, r2.stderr
+    assert [(x["prompt"], x["negative_prompt"], x["seed"]) for x in recs2] == \
+        [(x["prompt"], x["negative_prompt"], x["seed"]) for x in recs]
+    assert png_bytes(tmp_path / "a") == png_bytes(tmp_path / "b")
+
+
+def test_plain_text_prompt_file(run_dtk, tiny_sd, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# a comment\nfirst prompt\n\nsecond prompt\n")
+    r, recs = sample(run_dtk, tiny_sd, tmp_path / "o", "--prompts", f)
+    assert r.exit_code == 0, r.stderr
+    assert [x["prompt"] for x in recs] == ["first prompt", "second prompt"]
+
+
+def test_model_dir_recommendation_is_the_default(run_dtk, tiny_sd, tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "dtk.json").write_text(json.dumps({
+        "kind": "model", "base_model": str(tiny_sd),
+        "sampler": {"scheduler": "ddim-trailing", "timesteps": [999, 499], "guidance": 1.0}}))
+    r = run_dtk("sample", "--model", model_dir, "--out", tmp_path / "o", "x")
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(r.stdout.splitlines()[0])
+    assert (rec["scheduler"], rec["timesteps"], rec["steps"], rec["guidance"]) == ("ddim-trailing", [999, 499], 2, 1.0)
+    # explicit flags win over the recommendation
+    r = run_dtk("sample", "--model", model_dir, "--out", tmp_path / "o2", "--steps", "3", "--scheduler", "euler", "x")
+    rec = json.loads(r.stdout.splitlines()[0])
+    assert (rec["scheduler"], rec["timesteps"], rec["steps"]) == ("euler", None, 3)
+
+
+def test_explicit_timesteps(run_dtk, tiny_sd, tmp_path):
+    r = run_dtk("sample", "--model", tiny_sd, "--out", tmp_path / "o", "--scheduler", "ddim",
+                "--timesteps", "999,759,499,259", "x")
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["timesteps"] == [999, 759, 499, 259] and rec["steps"] == 4
+
+
+def test_lora_scales_and_dtk_model_dir(run_dtk, tiny_sd, tiny_sd_lora, tmp_path):
+    sample(run_dtk, tiny_sd, tmp_path / "base", "x")
+    r, _ = sample(run_dtk, tiny_sd, tmp_path / "zero", "--lora", f"{tiny_sd_lora}:0", "x")
+    assert r.exit_code == 0, r.stderr
+    sample(run_dtk, tiny_sd, tmp_path / "one", "--lora", f"{tiny_sd_lora}:1.0", "x")
+    sample(run_dtk, tiny_sd, tmp_path / "dir", "--lora", str(tiny_sd_lora.parent), "x")  # a directory works too
+    base, zero, one, by_dir = (pixels(tmp_path / d) for d in ("base", "zero", "one", "dir"))
+    assert zero == base
+    assert one != base and by_dir == one
+    # a dtk model dir that names the LoRA applies it with no flag
+    model_dir = tmp_path / "m"
+    (model_dir / "lora").mkdir(parents=True)
+    shutil.copy(tiny_sd_lora, model_dir / "lora" / tiny_sd_lora.name)
+    (model_dir / "dtk.json").write_text(json.dumps({
+        "kind": "model", "base_model": str(tiny_sd), "loras": [{"path": f"lora/{tiny_sd_lora.name}", "scale": 1.0}]}))
+    r = run_dtk("sample", "--model", model_dir, "--out", tmp_path / "viadir", "--steps", "3", "x")
+    assert r.exit_code == 0, r.stderr
+    assert pixels(tmp_path / "viadir") == one
+
+
+def test_sdxl_lora(run_dtk, tiny_sdxl, tiny_sdxl_lora, tmp_path):
+    sample(run_dtk, tiny_sdxl, tmp_path / "base", "x")
+    r, _ = sample(run_dtk, tiny_sdxl, tmp_path / "one", "--lora", tiny_sdxl_lora, "x")
+    assert r.exit_code == 0, r.stderr
+    assert png_bytes(tmp_path / "one") != png_bytes(tmp_path / "base")
+
+
+def test_hub_id_from_the_local_cache(run_dtk, tiny_sd, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--dtk-test--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_sd, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    r, recs = sample(run_dtk, "dtk-test/tiny-sd", tmp_path / "o", "x")
+    assert r.exit_code == 0, r.stderr
+    assert recs[0]["model"] == "dtk-test/tiny-sd"
+    r, _ = sample(run_dtk, "dtk-test/not-cached", tmp_path / "o2", "x")
+    assert r.exit_code == 2
+    assert "dtk-test/not-cached" in r.stderr and "local cache" in r.stderr and "hf download" in r.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+# --- bad input: one line, exit 2, nothing written -------------------------------------------
+
+
+def _jsonl_bad(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
+    return ["--prompts", str(f)], "bad.jsonl:2: not valid JSON"
+
+
+def _empty_file(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("\n\n")
+    return ["--prompts", str(f)], "no prompts"
+
+
+def _lora_mismatch(tmp_path, tiny_sdxl_lora):
+    return ["--lora", str(tiny_sdxl_lora), "x"], "does not match the model"
+
+
+BAD = {
+    "missing model": (lambda t, l: (["--model", str(t / "nope"), "x"], "no such")),
+    "bad jsonl line": (lambda t, l: _jsonl_bad(t)),
+    "empty prompt file": (lambda t, l: _empty_file(t)),
+    "missing prompt file": (lambda t, l: (["--prompts", str(t / "none.txt")], "no such file")),
+    "no prompts": (lambda t, l: ([], "no prompts")),
+    "shard 3/2": (lambda t, l: (["--shard", "3/2", "x"], "--shard")),
+    "shard garbage": (lambda t, l: (["--shard", "a/b", "x"], "--shard")),
+    "zero steps": (lambda t, l: (["--steps", "0", "x"], "--steps")),
+    "negative steps": (lambda t, l: (["--steps", "-3", "x"], "--steps")),
+    "height not multiple": (lambda t, l: (["--height", "17", "x"], "multiple of the VAE factor 2")),
+    "lora mismatch": (lambda t, l: _lora_mismatch(t, l)),
+    "missing lora": (lambda t, l: (["--lora", str(t / "no.safetensors"), "x"], "no such file")),
+    "pickled model": (lambda t, l: (["--model", str(_touch(t / "m.ckpt")), "x"], "pickled")),
+    "unknown scheduler": (lambda t, l: (["--scheduler", "nope", "x"], "--scheduler")),
+}
+
+
+def _touch(p):
+    p.write_bytes(b"x")
+    return p
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(run_dtk, tiny_sd, tiny_sdxl_lora, tmp_path, case):
+    args, expected = BAD[case](tmp_path, tiny_sdxl_lora)
+    out = tmp_path / "out"
+    model = [] if "--model" in args else ["--model", str(tiny_sd)]
+    r = run_dtk("sample", *model, "--out", out, *args)
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("dtk sample: error:") and expected in lines[-1], r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert not out.exists()
+
+
+def test_finished_output_is_kept_without_overwrite(run_dtk, tiny_sd, tmp_path):
+    out = tmp_path / "o"
+    sample(run_dtk, tiny_sd, out, "--seed", "1", "x")
+    before = png_bytes(out)
+    r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "x")
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    assert png_bytes(out) == before
+    r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "--overwrite", "x")
+    assert r.exit_code == 0 and png_bytes(out) != before
+
+
+def test_real_process_default_shard_from_slurm_and_ctrl_c(tiny_sd, tmp_path):
+    # Slurm array task 1 of 2 (ids 4..5) → shard 1/2, chosen without any flag.
+    p = dtk_subprocess("sample", "--model", tiny_sd, "--out", tmp_path / "s", "--steps", "2", "a", "b", "c",
+                       env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"})
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(x)["index"] for x in p.stdout.splitlines()] == [1]
+    assert (tmp_path / "s" / "dtk.shard-00001-of-00002.json").exists()
+
+    # Ctrl-C mid-run: exit 130, complete PNGs only, no manifest.
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--out", str(out),
+                             "--steps", "50", "--batch-size", "1", "--num-per-prompt", "400", "x"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and list(out.glob("*.png"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    files = os.listdir(out)
+    assert files and all(f.endswith(".png") for f in files), files  # no temp files, no dtk.json
+    for f in files:
+        Image.open(out / f).load()
