@@ -252,19 +252,52 @@ def test_real_process_default_shard_from_slurm_and_ctrl_c(tiny_sd, tmp_path):
     assert [json.loads(x)["index"] for x in p.stdout.splitlines()] == [1]
     assert (tmp_path / "s" / "dtk.shard-00001-of-00002.json").exists()
 
-    # Ctrl-C mid-run: exit 130, complete PNGs only, no manifest.
-    out = tmp_path / "int"
-    proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--out", str(out),
-                             "--steps", "50", "--batch-size", "1", "--num-per-prompt", "400", "x"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and list(out.glob("*.png"))):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    files = os.listdir(out)
-    assert files and all(f.endswith(".png") for f in files), files  # no temp files, no dtk.json
-    for f in files:
-        Image.open(out / f).load()
+    # Ctrl-C (or Slurm's SIGTERM) mid-run: exit 130/143, complete PNGs only, no manifest.
+    for sig, code, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+        out = tmp_path / f"int{code}"
+        proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--out", str(out),
+                                 "--steps", "50", "--batch-size", "1", "--num-per-prompt", "400", "x"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out.exists() and list(out.glob("*.png"))):
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert word in err and "Traceback" not in err
+        files = os.listdir(out)
+        assert files and all(f.endswith(".png") for f in files), files  # no temp files, no dtk.json
+        for f in files:
+            Image.open(out / f).load()
+
+
+def test_dtype_and_device(run_dtk, tiny_sd, tmp_path):
+    r, recs = sample(run_dtk, tiny_sd, tmp_path / "bf16", "--dtype", "bf16", "--device", "cpu", "x")
+    assert r.exit_code == 0, r.stderr
+    assert Image.open(recs[0]["path"]).size == (16, 16)
+    import torch
+
+    if not torch.cuda.is_available():
+        r, _ = sample(run_dtk, tiny_sd, tmp_path / "cuda", "--device", "cuda", "x")
+        assert r.exit_code == 2 and "CUDA is not available" in r.stderr
+    r, _ = sample(run_dtk, tiny_sd, tmp_path / "bad", "--device", "gpu0", "x")
+    assert r.exit_code == 2 and "--device gpu0" in r.stderr
+
+
+def test_single_file_errors(run_dtk, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    not_sd = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.alpha": torch.ones(1)}, str(not_sd))
+    r, _ = sample(run_dtk, not_sd, tmp_path / "o", "x")
+    assert r.exit_code == 2 and "not an SD/SDXL checkpoint" in r.stderr and "--lora" in r.stderr
+    corrupt = tmp_path / "broken.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    r, _ = sample(run_dtk, corrupt, tmp_path / "o", "x")
+    assert r.exit_code == 2 and "not a readable safetensors file" in r.stderr
+    ldm = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(ldm))
+    r, _ = sample(run_dtk, ldm, tmp_path / "o", "x")
+    assert r.exit_code == 2 and "--model-config" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -28,6 +30,15 @@ COMMANDS = {
 }
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temporary files) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 class LazyGroup(click.Group):
@@ -45,6 +56,8 @@ class LazyGroup(click.Group):
             args = sys.argv[1:]
         args = list(args)
         debug = os.environ.get("DTK_DEBUG", "") not in ("", "0") or "--debug" in _group_args(args)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             rv = super().main(args=args, prog_name=prog_name or "dtk", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -60,6 +73,9 @@ class LazyGroup(click.Group):
         except (click.Abort, KeyboardInterrupt):
             print(f"{_where(args)}: interrupted", file=sys.stderr)
             code = EXIT_INTERRUPTED
+        except Terminated:
+            print(f"{_where(args)}: terminated", file=sys.stderr)
+            code = EXIT_TERMINATED
         except DtkError as e:
             _fail(_where(args), str(e), debug)
             code = e.exit_code
