@@ -178,11 +178,13 @@ def pipeline_class(family: str):
 def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) -> LoadedModel:
     """Load the pipeline's components on ``device`` in ``dtype``, offline."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from dtk.logs import quiet_libraries
 
     quiet_libraries()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     cls = pipeline_class(ref.family)
     extra = {"safety_checker": None, "requires_safety_checker": False} if ref.family == SD else {}
     try:

@@ -55,3 +55,95 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]]) -> No
         names.append(name)
         scales.append(scale)
     pipe.set_adapters(names, adapter_weights=scales)
+
+
+# ---------------------------------------------------------------------------
+# Saving: the diffusers/peft layout (with rank and alpha recorded, so a reader
+# applies the LoRA at alpha/rank and not at 1), and the kohya layout that
+# ComfyUI and A1111 read (``lora_unet_<module>.lora_down/.lora_up/.alpha``).
+
+
+def _adapter_config(module, adapter: str = "default") -> dict:
+    config = module.peft_config[adapter].to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
+            if isinstance(v, (str, int, float, bool, list, set, dict, type(None)))}
+
+
+def lora_layers(module, adapter: str = "default") -> dict:
+    """A peft-wrapped module's LoRA weights, peft keys (``<module>.lora_A.weight``), no prefix.
+
+    Saved as they are: diffusers reads peft keys natively, while its older
+    ``lora.down`` spelling covers attention layers only and mixes badly.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, adapter_name=adapter)
+
+
+def save_lora(out_dir: str | Path, unet, family: str, text_encoder=None, adapter: str = "default",
+              metadata: dict | None = None) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dtk.diffusion.loading import pipeline_class
+    from dtk.io import save_safetensors
+
+    out_dir = Path(out_dir)
+    tmp = out_dir / ".lora-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    pipeline_class(family).save_lora_weights(
+        str(tmp), unet_lora_layers=lora_layers(unet, adapter),
+        text_encoder_lora_layers=lora_layers(text_encoder, adapter) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=_adapter_config(unet, adapter),
+        text_encoder_lora_adapter_metadata=_adapter_config(text_encoder, adapter) if text_encoder is not None else None,
+        safe_serialization=True,
+    )
+    from safetensors import safe_open
+
+    with safe_open(str(tmp / LORA_FILE), "pt") as f:
+        file_meta = dict(f.metadata() or {})
+    config = unet.peft_config[adapter]
+    file_meta.update({"dtk.lora.rank": str(config.r), "dtk.lora.alpha": str(config.lora_alpha),
+                      **{f"dtk.{k}": json.dumps(v) for k, v in (metadata or {}).items()}})
+    save_safetensors(out_dir / LORA_FILE, load_file(str(tmp / LORA_FILE)), file_meta)
+    (tmp / LORA_FILE).unlink()
+    tmp.rmdir()
+    return out_dir / LORA_FILE
+
+
+def to_kohya(layers: dict, alpha: float, prefix: str = "lora_unet_") -> dict:
+    """peft LoRA weights of one module → kohya keys, with ``alpha`` per layer.
+
+    ``down_blocks.0.attentions.0.proj_in.lora_A.weight`` becomes
+    ``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight`` (B → ``lora_up``).
+    """
+    import torch
+
+    out = {}
+    for key, value in layers.items():
+        for peft_part, part in (("A", "down"), ("B", "up")):
+            tail = f".lora_{peft_part}.weight"
+            if key.endswith(tail):
+                name = prefix + key[: -len(tail)].replace(".", "_")
+                out[f"{name}.lora_{part}.weight"] = value
+                out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_kohya(path: str | Path, unet, text_encoder=None, adapter: str = "default",
+               text_encoder_2=None) -> Path:
+    """Write one kohya-layout safetensors file (``lora_unet_``, ``lora_te1_``, ``lora_te2_``)."""
+    from dtk.io import save_safetensors
+
+    tensors = to_kohya(lora_layers(unet, adapter), unet.peft_config[adapter].lora_alpha)
+    for module, prefix in ((text_encoder, "lora_te1_"), (text_encoder_2, "lora_te2_")):
+        if module is not None:
+            tensors.update(to_kohya(lora_layers(module, adapter), module.peft_config[adapter].lora_alpha, prefix))
+    config = unet.peft_config[adapter]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+            "ss_network_alpha": str(config.lora_alpha), "dtk.lora.rank": str(config.r),
+            "dtk.lora.alpha": str(config.lora_alpha)}
+    save_safetensors(path, tensors, meta)
+    return Path(path)

@@ -1,0 +1,57 @@
+"""LoRA files: dtk's diffusers layout and kohya layout apply the adapter at alpha/rank, exactly."""
+
+import pytest
+import torch
+
+
+def _peft_unet(model_dir, rank, alpha, seed=0):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]))
+    return unet
+
+
+def _images(model_dir, unet=None, loras=()):
+    from dtk.diffusion.loading import load_model, resolve_model
+    from dtk.diffusion.lora import apply_loras
+    from dtk.diffusion.sampling import Request, SamplerSettings, generate
+
+    model = load_model(resolve_model(str(model_dir)), torch.device("cpu"), torch.float32)
+    if unet is not None:
+        model.pipe.unet = unet
+    apply_loras(model, list(loras))
+    settings = SamplerSettings("ddim", 3, 3.0, 16, 16)
+    return generate(model, settings, [Request("a red circle", 1), Request("b", 2, "neg")])
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_saved_lora_reproduces_the_trained_adapter(family, tiny_sd, tiny_sdxl, tmp_path):
+    from safetensors import safe_open
+
+    from dtk.diffusion.lora import save_kohya, save_lora
+
+    model_dir = tiny_sd if family == "sd" else tiny_sdxl
+    unet = _peft_unet(model_dir, rank=4, alpha=32)  # scale alpha/rank = 8: the classic 8x trap
+    reference = _images(model_dir, unet=unet)
+    base = _images(model_dir)
+    assert (reference - base).abs().max() > 1e-3  # the adapter does something
+
+    diffusers_file = save_lora(tmp_path / "d", unet, family)
+    with safe_open(str(diffusers_file), "pt") as f:
+        meta = f.metadata()
+    assert (meta["dtk.lora.rank"], meta["dtk.lora.alpha"]) == ("4", "32")
+    assert torch.allclose(_images(model_dir, loras=[(diffusers_file, 1.0)]), reference, atol=1e-5)
+
+    kohya_file = save_kohya(tmp_path / "k.safetensors", unet)
+    with safe_open(str(kohya_file), "pt") as f:
+        keys = list(f.keys())
+        assert float(f.get_tensor([k for k in keys if k.endswith(".alpha")][0])) == 32.0
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert torch.allclose(_images(model_dir, loras=[(kohya_file, 1.0)]), reference, atol=1e-5)
+
+    # a LoRA scale multiplies the update: scale 0 is the base model
+    assert torch.allclose(_images(model_dir, loras=[(kohya_file, 0.0)]), base, atol=1e-6)
