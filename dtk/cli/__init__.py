@@ -79,10 +79,6 @@ class LazyGroup(click.Group):
         except DtkError as e:
             _fail(_where(args), str(e), debug)
             code = e.exit_code
-        except BrokenPipeError:
-            # `dtk sample ... | head -1`: the reader left; that is not an error.
-            sys.stderr.close()
-            code = 0
         except Exception as e:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             _fail(_where(args), f"unexpected {type(e).__name__}: {e}", debug, hint=True)
             code = 1
