@@ -71,20 +71,24 @@ def open_text(path: str) -> Any:
     return open(p, encoding="utf-8")
 
 
+def parse_jsonl(lines, name: str) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for non-blank lines; a malformed line is an error naming it."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise BadInput(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)``; a malformed line is an error naming it."""
-    name = "<stdin>" if path == "-" else path
+    """Read a JSONL file (``-`` = stdin) as ``(line_number, object)`` pairs."""
     with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise BadInput(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+        yield from parse_jsonl(f, "<stdin>" if path == "-" else path)
 
 
 def read_json(path: str | os.PathLike) -> dict:

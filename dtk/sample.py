@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dtk.errors import BadInput
-from dtk.io import emit, open_text, read_jsonl
+from dtk.io import emit, open_text, parse_jsonl
 
 log = logging.getLogger("dtk")
 
@@ -37,15 +37,7 @@ def read_prompts(texts: tuple[str, ...] | list[str], prompts_file: str | None) -
     first = next((ln.strip() for ln in lines if ln.strip()), "")
     items: list[PromptItem] = []
     if first.startswith("{"):
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise BadInput(f"{name}:{lineno}: expected a JSON object")
+        for lineno, obj in parse_jsonl(lines, name):
             prompt = obj.get("prompt", obj.get("caption"))
             if not isinstance(prompt, str):
                 raise BadInput(f"{name}:{lineno}: no 'prompt' string")

@@ -33,10 +33,6 @@ class Request:
     meta: dict = field(default_factory=dict)
 
 
-def uses_cfg(settings: SamplerSettings, requests: list[Request]) -> bool:
-    return settings.guidance > 1.0
-
-
 def initial_noise(model: LoadedModel, seeds: list[int], height: int, width: int) -> tuple[torch.Tensor, list]:
     """One CPU generator per sample: the same seed gives the same noise on any device."""
     f = model.vae_scale_factor
@@ -53,7 +49,7 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
                            settings.timesteps, model.device)
     latents, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
     latents = latents * sampler.init_noise_sigma
-    cfg = uses_cfg(settings, requests)
+    cfg = settings.guidance > 1.0  # as diffusers: guidance ≤ 1 runs the conditional branch only
     cond = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width)
     if cfg:
         uncond = encode_prompts(model, [r.negative_prompt for r in requests], settings.height, settings.width)
