@@ -59,9 +59,15 @@ def _help_paragraphs(help_text: str) -> str:
     return "\n".join(out)
 
 
+def _context(command: click.Command | None = None) -> click.Context:
+    """A context like the real one: the group's settings (-h/--help) passed down to subcommands."""
+    root = click.Context(cli, info_name="dtk", **cli.context_settings)
+    return root if command is None else click.Context(command, info_name=command.name, parent=root)
+
+
 def man_page(name: str, command: click.Command, parent: str | None) -> str:
     title = f"{parent}-{name}" if parent else name
-    ctx = click.Context(command, info_name=f"{parent} {name}" if parent else name)
+    ctx = _context(command if parent else None)
     usage = " ".join(command.collect_usage_pieces(ctx))
     env_prefix = f"DTK_{name.upper().replace('-', '_')}_" if parent else "DTK_"
     parts = [
@@ -69,7 +75,7 @@ def man_page(name: str, command: click.Command, parent: str | None) -> str:
         ".SH NAME",
         f"{title} \\- {_roff(command.get_short_help_str(200))}",
         ".SH SYNOPSIS",
-        f".B {ctx.info_name}\n{_roff(usage)}",
+        f".B {ctx.command_path}\n{_roff(usage)}",
         ".SH DESCRIPTION",
         _help_paragraphs(command.help or ""),
     ]
@@ -102,7 +108,7 @@ def man_page(name: str, command: click.Command, parent: str | None) -> str:
 
 def man_pages() -> dict[str, str]:
     files = {"man/dtk.1": man_page("dtk", cli, None)}
-    ctx = click.Context(cli, info_name="dtk")
+    ctx = _context()
     for name in COMMANDS:
         files[f"man/dtk-{name}.1"] = man_page(name, cli.get_command(ctx, name), "dtk")
     return files
