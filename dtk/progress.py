@@ -33,6 +33,7 @@ class Progress:
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False,
+                redirect_stdout=False, redirect_stderr=False,  # stdout is for JSON lines only
             )
             self._task = self._rich.add_task(label, total=total)
             self._rich.start()

@@ -301,3 +301,25 @@ def test_single_file_errors(run_dtk, tmp_path):
     r, _ = sample(run_dtk, ldm, tmp_path / "o", "x")
     assert r.exit_code == 2 and "--model-config" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_progress_bar_on_a_terminal_keeps_stdout_for_json(tiny_sd, tmp_path):
+    """With stderr on a terminal, rich draws a bar there; stdout must still carry every JSON line."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--out",
+                             str(tmp_path / "o"), "--steps", "2", "--batch-size", "1", "a", "b", "c"],
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate(timeout=120)
+    drawn = b""
+    try:
+        while chunk := os.read(master, 65536):
+            drawn += chunk
+    except OSError:
+        pass
+    os.close(master)
+    assert proc.returncode == 0
+    assert [json.loads(x)["prompt"] for x in out.splitlines()] == ["a", "b", "c"]
+    assert "3/3".encode() in drawn  # the bar was drawn on the terminal
