@@ -105,8 +105,9 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     """Check that ``out`` may be written; nothing is created yet.
 
     A directory whose ``marker`` exists holds a finished result and is only
-    replaced with ``overwrite``; the old marker is removed first so an
-    interrupted overwrite is never mistaken for a finished one.
+    replaced with ``overwrite``: then the files that result listed are removed
+    (so no stale file of a larger earlier run is mistaken for a new one), and
+    the marker last, so an interrupted overwrite is never taken for finished.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -115,6 +116,15 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     if done.exists():
         if not overwrite:
             raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
+        try:
+            listed = json.loads(done.read_text()).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            listed = []
+        for name in listed:
+            path = out / name
+            if isinstance(name, str) and path.resolve().parent == out.resolve():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         done.unlink()
     return out
 

@@ -124,6 +124,9 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     if timesteps and opts.steps is not None and opts.steps != len(timesteps):
         raise BadInput(f"--steps {opts.steps} disagrees with --timesteps ({len(timesteps)} values)")
     guidance = float(pick("guidance", opts.guidance))
+    if guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):
+        log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
+                    guidance)
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)

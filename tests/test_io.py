@@ -34,11 +34,17 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
 def test_prepare_out_dir(tmp_path):
     out = tmp_path / "o"
     assert prepare_out_dir(out, overwrite=False) == out and not out.exists()  # nothing created yet
-    write_json(out / "dtk.json", {"done": True})
+    write_json(out / "dtk.json", {"files": ["a.png", "../outside.png"]})
+    (out / "a.png").write_bytes(b"old")
+    (out / "keep.png").write_bytes(b"other shard")
+    (tmp_path / "outside.png").write_bytes(b"not ours")
     with pytest.raises(BadInput, match="--overwrite"):
         prepare_out_dir(out, overwrite=False)
+    assert (out / "a.png").exists()
     prepare_out_dir(out, overwrite=True)
     assert not (out / "dtk.json").exists()  # an interrupted overwrite is not "finished"
+    assert not (out / "a.png").exists()  # the old result's files go with it
+    assert (out / "keep.png").exists() and (tmp_path / "outside.png").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(BadInput, match="not a directory"):
         prepare_out_dir(tmp_path / "file", overwrite=True)

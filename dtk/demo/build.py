@@ -38,8 +38,8 @@ from . import shapes as S
 
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
-    vae_images=8000, vae_steps=300, vae_batch=32,
-    unet_images=20000, unet_steps=1200, unet_batch=96,
+    vae_images=8000, vae_steps=150, vae_batch=32,
+    unet_images=20000, unet_steps=900, unet_batch=96,
     eval_heldout=200, eval_train=200, eval_select=100, eval_clf=600,
     guidances=(1.5, 3.0, 5.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
 )
@@ -410,6 +410,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(DEMO_DIR), help="directory receiving model/ and classifier/")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-classifier", action="store_true",
+                    help="keep <out>/classifier if present instead of retraining it (it is still evaluated)")
     args = ap.parse_args(argv)
 
     import torch
@@ -425,7 +427,12 @@ def main(argv=None):
 
     log("[1/5] classifier")
     t0 = time.time()
-    clf = train_classifier(cfg, seed + 100, out)
+    if args.reuse_classifier and (out / "classifier" / "model.safetensors").is_file():
+        from .classifier import load_classifier
+        clf = load_classifier(path=out / "classifier")
+        log("  reusing the existing classifier")
+    else:
+        clf = train_classifier(cfg, seed + 100, out)
     imgs, caps, _ = S.make_split(cfg["eval_clf"], seed=seed + 10_000, split="heldout")
     clf_acc_heldout, clf_per = attribute_accuracy(clf, to_tensor(imgs), caps)
     imgs, caps, _ = S.make_split(cfg["eval_clf"], seed=seed + 10_001, split="all")
