@@ -1,0 +1,1 @@
+"""Measurement: rewards that score images, and the metrics that benchmark models."""
