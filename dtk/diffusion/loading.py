@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dtk.errors import BadInput
+from dtk.hub import cached_snapshot, looks_like_hub_id
 
 SD, SDXL = "sd", "sdxl"
 
@@ -57,8 +58,8 @@ def resolve_model(spec: str | None) -> ModelRef:
         if path.suffix != ".safetensors":
             raise BadInput(f"--model {spec}: expected a directory or a .safetensors file")
         return ModelRef(spec=spec, path=path, family=_single_file_family(path), single_file=True)
-    if _looks_like_hub_id(spec):
-        return _from_dir(spec, _hub_cache_path(spec))
+    if looks_like_hub_id(spec):
+        return _from_dir(spec, cached_snapshot(spec))
     raise BadInput(f"--model {spec}: no such file or directory")
 
 
@@ -116,25 +117,6 @@ def _single_file_family(path: Path) -> str:
         return SD
     raise BadInput(f"--model {path}: not an SD/SDXL checkpoint (no model.diffusion_model.* weights); "
                    "LoRA files go to --lora")
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
-
-
-def _hub_cache_path(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends: all mean "not here"
-        raise BadInput(
-            f"--model {repo_id}: no such directory, and no hub model '{repo_id}' in the local cache "
-            f"({HF_HUB_CACHE}); dtk does not download at run time: fetch it once with "
-            f"`hf download {repo_id}` (or point HF_HOME at a cache that has it), or pass a local path"
-        ) from None
 
 
 # ---------------------------------------------------------------------------
