@@ -82,3 +82,26 @@ def make_tiny_lora(pipe_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def build_tiny_clip(out: Path, seed: int = 0) -> Path:
+    """A tiny random CLIPModel + CLIPProcessor (32 px images, character tokenizer), saved for from_pretrained."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab_size = write_char_tokenizer(out)
+    tokenizer = CLIPTokenizer.from_pretrained(str(out), model_max_length=77)
+    torch.manual_seed(seed)
+    special = {"vocab_size": vocab_size, "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
+               "pad_token_id": vocab_size - 1}
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "max_position_embeddings": 77, **special},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(str(out))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out))
+    return out

@@ -27,6 +27,7 @@ from dtk.errors import DtkError
 # name -> module; the module defines ``command``. One line per command.
 COMMANDS = {
     "sample": "dtk.cli.sample",
+    "score": "dtk.cli.score",
 }
 
 EXIT_INTERRUPTED = 130

@@ -79,12 +79,16 @@ def model_option(name: str = "--model", help: str | None = None) -> Callable:
     )
 
 
+def device_option(f: Callable) -> Callable:
+    return click.option("--device", default="auto", show_default=True,
+                        help="cpu, cuda, cuda:N, mps; auto picks CUDA when available.")(f)
+
+
 def device_options(f: Callable) -> Callable:
+    """--device and --dtype."""
     f = click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
                      show_default=True, help="Compute dtype; auto = fp16 on CUDA, fp32 on CPU.")(f)
-    f = click.option("--device", default="auto", show_default=True,
-                     help="cpu, cuda, cuda:N, mps; auto picks CUDA when available.")(f)
-    return f
+    return device_option(f)
 
 
 def output_options(f: Callable) -> Callable:

@@ -38,8 +38,8 @@ from . import shapes as S
 
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
-    vae_images=8000, vae_steps=150, vae_batch=32,
-    unet_images=20000, unet_steps=900, unet_batch=96,
+    vae_images=8000, vae_steps=400, vae_batch=32,
+    unet_images=12000, unet_steps=900, unet_batch=96,
     eval_heldout=200, eval_train=200, eval_select=100, eval_clf=600,
     guidances=(1.5, 3.0, 5.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
 )

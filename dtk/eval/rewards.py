@@ -1,0 +1,185 @@
+"""Rewards: functions of (image, prompt) → scores, one dict per image.
+
+* ``shapes``    — the demo classifier: fraction of the caption's attributes it
+                  reads back from the image (``shapes``), and 0/1 per attribute
+                  (``shapes/color1`` …). Built in, offline.
+* ``clip``      — CLIP score, 100·max(cos(image, text), 0) (the torchmetrics
+                  convention). Default weights: openai/clip-vit-large-patch14.
+* ``pickscore`` — PickScore (Kirstain et al. 2023): logit_scale·cos with the
+                  PickScore_v1 CLIP-H. Default: yuvalkirstain/PickScore_v1.
+* ``hpsv2``     — HPS v2/v2.1: 100·cos with an HPS checkpoint in the
+                  transformers ``CLIPModel`` layout (give its path).
+* ``aesthetic`` — LAION aesthetic predictor v2: an MLP on the normalised CLIP
+                  ViT-L/14 image embedding (give the MLP weights' path; its
+                  CLIP comes from ``--clip-model``).
+
+Weights come from a local path or the local hub cache; when they are missing
+the error names the reward, what is missing and how to get it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dtk.errors import BadInput
+from dtk.hub import local_path
+
+REWARDS = ("shapes", "clip", "pickscore", "hpsv2", "aesthetic")
+DEFAULT_WEIGHTS = {
+    "clip": "openai/clip-vit-large-patch14",
+    "pickscore": "yuvalkirstain/PickScore_v1",
+    "hpsv2": None,
+    "aesthetic": None,
+}
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+def parse_reward_spec(spec: str) -> tuple[str, str | None]:
+    """``NAME[=WEIGHTS]`` → (name, weights path or hub id)."""
+    name, _, weights = spec.partition("=")
+    if name not in REWARDS:
+        raise BadInput(f"--reward {spec}: unknown reward (choose from {', '.join(REWARDS)})")
+    return name, weights or DEFAULT_WEIGHTS.get(name)
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images → float [B, 3, H, W] in [0, 1]."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+
+
+class ShapesReward:
+    name = "shapes"
+
+    def __init__(self, device):
+        from dtk.demo.classifier import load_classifier
+
+        self.model = load_classifier(device)
+
+    def __call__(self, images, prompts: list[str]) -> list[dict]:
+        from dtk.demo.classifier import predict
+        from dtk.demo.shapes import parse_caption, stated_attributes
+
+        preds = predict(self.model, images_to_tensor(images))
+        out = []
+        for prompt, pred in zip(prompts, preds):
+            attrs = parse_caption(prompt)
+            if attrs is None:
+                raise BadInput(f"--reward shapes: prompt {prompt!r} is not a caption of the shapes grammar "
+                               "(e.g. 'a large red circle on a white background')")
+            stated = stated_attributes(attrs)
+            hits = {f"shapes/{k}": float(pred[k] == v) for k, v in stated.items()}
+            out.append({"shapes": sum(hits.values()) / len(hits), **hits})
+        return out
+
+
+@dataclass
+class _Clip:
+    model: object
+    processor: object
+    device: object
+
+    @torch.no_grad()
+    def embed(self, images, prompts=None):
+        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        img = self.model.get_image_features(**inputs)
+        img = getattr(img, "pooler_output", img)
+        img = img / img.norm(dim=-1, keepdim=True)
+        if prompts is None:
+            return img, None
+        tok = self.processor(text=list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        txt = self.model.get_text_features(**tok)
+        txt = getattr(txt, "pooler_output", txt)
+        return img, txt / txt.norm(dim=-1, keepdim=True)
+
+
+def _load_clip(name: str, weights: str | None, device, processor_fallback: str | None = None) -> _Clip:
+    from transformers import CLIPModel, CLIPProcessor
+
+    if weights is None:
+        raise BadInput(f"--reward {name}: needs weights: --reward {name}=PATH")
+    path = local_path(weights, f"--reward {name}=")
+    try:
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(f"--reward {name}={weights}: not a CLIP model in the transformers layout ({type(e).__name__})") from None
+    try:
+        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # noqa: BLE001 - PickScore ships without a processor; it uses CLIP-H's
+        if processor_fallback is None:
+            raise BadInput(f"--reward {name}={weights}: no CLIP processor (tokenizer/preprocessor) in it") from None
+        processor = CLIPProcessor.from_pretrained(str(local_path(processor_fallback, f"--reward {name} processor")),
+                                                  local_files_only=True)
+    return _Clip(model, processor, device)
+
+
+class ClipReward:
+    """CLIP score, PickScore and HPSv2: cosine of image and text embeddings, each with its scale."""
+
+    def __init__(self, name: str, weights: str | None, device):
+        self.name = name
+        self.clip = _load_clip(name, weights, device, PICKSCORE_PROCESSOR if name == "pickscore" else None)
+
+    def __call__(self, images, prompts):
+        img, txt = self.clip.embed(images, prompts)
+        cos = (img * txt).sum(-1)
+        if self.name == "clip":
+            values = 100 * cos.clamp(min=0)
+        elif self.name == "pickscore":
+            values = self.clip.model.logit_scale.exp() * cos
+        else:
+            values = 100 * cos
+        return [{self.name: float(v)} for v in values]
+
+
+class AestheticReward:
+    """LAION aesthetic predictor v2 (an MLP; layer sizes read from its weights)."""
+
+    name = "aesthetic"
+
+    def __init__(self, weights: str | None, clip_model: str, device):
+        if weights is None:
+            raise BadInput("--reward aesthetic: needs the LAION aesthetic MLP weights: --reward aesthetic=PATH "
+                           "(.safetensors, or the original .pth state dict)")
+        path = local_path(weights, "--reward aesthetic=")
+        state = _load_state_dict(path)
+        linear = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")},
+                        key=lambda k: int(k.split(".")[-1]))
+        layers = []
+        for i, key in enumerate(linear):
+            w = state[f"{key}.weight"]
+            layer = torch.nn.Linear(w.shape[1], w.shape[0])
+            layer.load_state_dict({"weight": w, "bias": state[f"{key}.bias"]})
+            layers.append(layer)
+        self.mlp = torch.nn.Sequential(*layers).to(device).eval()  # dropout-free at eval, no activations (as LAION's)
+        self.clip = _load_clip("aesthetic", clip_model, device)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        img, _ = self.clip.embed(images)
+        return [{"aesthetic": float(v)} for v in self.mlp(img.float()).squeeze(-1)]
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:  # weights_only: tensors and plain containers, never arbitrary pickled code
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise BadInput(f"{path}: not a state dict of tensors ({type(e).__name__}); convert it to .safetensors") from None
+
+
+def load_reward(spec: str, device, clip_model: str = DEFAULT_WEIGHTS["clip"]):
+    name, weights = parse_reward_spec(spec)
+    if name == "shapes":
+        return ShapesReward(device)
+    if name == "aesthetic":
+        return AestheticReward(weights, clip_model, device)
+    return ClipReward(name, weights, device)
