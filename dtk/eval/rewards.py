@@ -125,6 +125,7 @@ class ClipReward:
         self.name = name
         self.clip = _load_clip(name, weights, device, PICKSCORE_PROCESSOR if name == "pickscore" else None)
 
+    @torch.no_grad()
     def __call__(self, images, prompts):
         img, txt = self.clip.embed(images, prompts)
         cos = (img * txt).sum(-1)
