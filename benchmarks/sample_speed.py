@@ -52,15 +52,12 @@ def main() -> None:
     import torch
 
     from dtk.diffusion.loading import load_model, resolve_model
-    from dtk.diffusion.sampling import Request, SamplerSettings, generate
-    from dtk.sample import DEFAULT_SAMPLER
+    from dtk.diffusion.sampling import Request, generate, settings_for
 
     ref = resolve_model(args.model)
     model = load_model(ref, torch.device(args.device), torch.float32)
-    scheduler = args.scheduler or ref.sampler.get("scheduler", DEFAULT_SAMPLER["scheduler"])
-    guidance = args.guidance if args.guidance is not None else ref.sampler.get("guidance", DEFAULT_SAMPLER["guidance"])
-    size = model.default_size
-    settings = SamplerSettings(scheduler, args.steps, float(guidance), size, size)
+    settings = settings_for(model, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance)
+    scheduler, guidance, size = settings.scheduler, settings.guidance, settings.height
     prompt = "a large red circle on a white background"
 
     rows = []

@@ -13,9 +13,6 @@ from dtk.io import emit, open_text, parse_jsonl
 
 log = logging.getLogger("dtk")
 
-DEFAULT_SAMPLER = {"scheduler": "dpm++2m", "steps": 25, "guidance": 7.5}
-
-
 @dataclass
 class PromptItem:
     prompt: str
@@ -103,9 +100,8 @@ def shard_suffix(shard: tuple[int, int]) -> str:
 
 def run_sample(opts: SampleOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import load_model, resolve_model
-    from dtk.diffusion.lora import apply_loras
-    from dtk.diffusion.sampling import SamplerSettings
+    from dtk.diffusion.loading import check_size, open_model, resolve_model, vae_factor_of
+    from dtk.diffusion.sampling import settings_for
     from dtk.io import prepare_out_dir
 
     ref = resolve_model(opts.model)
@@ -113,38 +109,15 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     marker = f"dtk{suffix}.json"
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
 
-    def pick(name, value):
-        return value if value is not None else ref.sampler.get(name, DEFAULT_SAMPLER.get(name))
-
-    scheduler = pick("scheduler", opts.scheduler)
-    timesteps = opts.timesteps
-    if timesteps is None and opts.steps is None and opts.scheduler is None:
-        timesteps = ref.sampler.get("timesteps")  # a model's exact recommended timesteps
-    steps = len(timesteps) if timesteps else pick("steps", opts.steps)
-    if timesteps and opts.steps is not None and opts.steps != len(timesteps):
-        raise BadInput(f"--steps {opts.steps} disagrees with --timesteps ({len(timesteps)} values)")
-    guidance = float(pick("guidance", opts.guidance))
-    if guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):
-        log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
-                    guidance)
-
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    _check_size_early(ref, opts)
-    model = load_model(ref, device, dtype, opts.model_config)
-    height = opts.height or model.default_size
-    width = opts.width or model.default_size
-    f = model.vae_scale_factor
-    for name, v in (("--height", height), ("--width", width)):
-        if v % f:
-            raise BadInput(f"{name} {v}: must be a multiple of the VAE factor {f} for this model")
-    apply_loras(model, list(ref.loras) + list(opts.loras))
-    settings = SamplerSettings(scheduler=scheduler, steps=int(steps), guidance=guidance,
-                               height=height, width=width, timesteps=list(timesteps) if timesteps else None)
-    # Build the sampler once up front so a bad scheduler/timesteps pair fails before any work.
-    from dtk.diffusion.schedulers import make_sampler
-
-    make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, device)
+    check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
+    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras)
+    settings = settings_for(model, scheduler=opts.scheduler, steps=opts.steps, timesteps=opts.timesteps,
+                            guidance=opts.guidance, height=opts.height, width=opts.width)
+    if settings.guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):
+        log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
+                    settings.guidance)
 
     from dtk.seeds import shard_indices
 
@@ -152,23 +125,10 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     mine = [all_requests[i] for i in shard_indices(len(all_requests), opts.shard)]
     log.info("sample: %d image(s)%s with %s, %s %d steps, guidance %.2f, %dx%d on %s",
              len(mine), f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
-             ref.spec, scheduler, settings.steps, guidance, width, height, device)
+             ref.spec, settings.scheduler, settings.steps, settings.guidance, settings.width, settings.height, device)
     records = _generate_and_write(model, settings, mine, opts, out)
     _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
     return records
-
-
-def _check_size_early(ref, opts: SampleOptions) -> None:
-    """Reject a --height/--width the VAE cannot take before loading any weights."""
-    from dtk.io import read_json
-
-    vae_config = ref.path / "vae" / "config.json"
-    if ref.single_file or not vae_config.exists():
-        return
-    f = 2 ** (len(read_json(vae_config).get("block_out_channels", [0, 0, 0, 0])) - 1)
-    for name, v in (("--height", opts.height), ("--width", opts.width)):
-        if v is not None and v % f:
-            raise BadInput(f"{name} {v}: must be a multiple of the VAE factor {f} for this model")
 
 
 def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Path) -> list[dict]:

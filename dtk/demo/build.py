@@ -482,8 +482,10 @@ def main(argv=None):
     held_imgs = generate(pipe, held_caps, guidance, seed + 2, cfg["steps"])
     acc_held, per_held = attribute_accuracy(clf, held_imgs, held_caps)
     acc_train, per_train = attribute_accuracy(clf, generate(pipe, train_caps, guidance, seed + 3, cfg["steps"]), train_caps)
-    S.grid((held_imgs[:64].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)).save(
-        out / ".heldout_samples.png") if not args.quick else None
+    if not args.quick:  # a look at the samples, outside the package
+        grid_path = Path(tempfile.gettempdir()) / "dtk-demo-heldout-samples.png"
+        S.grid((held_imgs[:64].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)).save(grid_path)
+        log(f"  held-out samples: {grid_path}")
     sec, times = time_one_image(pipe, guidance, cfg["steps"], cfg["timing_repeats"], cfg["timing_warmup"])
     T["eval"] = time.time() - t0
     size_mb = dir_size_mb(model_dir)

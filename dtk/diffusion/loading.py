@@ -188,6 +188,32 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
     return LoadedModel(ref=ref, pipe=pipe, device=device, dtype=dtype)
 
 
+def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
+               extra_loras: list | tuple = ()) -> LoadedModel:
+    """Load a model and apply the LoRAs its dtk.json names plus ``extra_loras``."""
+    from dtk.diffusion.lora import apply_loras
+
+    model = load_model(ref, device, dtype, model_config)
+    apply_loras(model, list(ref.loras) + list(extra_loras))
+    return model
+
+
+def vae_factor_of(ref: ModelRef) -> int | None:
+    """The VAE's downsampling factor from its config alone (None when not readable without loading)."""
+    from dtk.io import read_json
+
+    config = ref.path / "vae" / "config.json"
+    if ref.single_file or not config.exists():
+        return None
+    return 2 ** (len(read_json(config).get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def check_size(factor: int | None, height: int | None, width: int | None) -> None:
+    for name, v in (("--height", height), ("--width", width)):
+        if factor and v is not None and v % factor:
+            raise BadInput(f"{name} {v}: must be a multiple of the VAE factor {factor} for this model")
+
+
 def _from_files(cls, ref: ModelRef, dtype, model_config: str | None, extra: dict):
     import warnings
 

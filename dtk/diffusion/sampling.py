@@ -25,6 +25,40 @@ class SamplerSettings:
     timesteps: list[int] | None = None
 
 
+DEFAULT_SAMPLER = {"scheduler": "dpm++2m", "steps": 25, "guidance": 7.5}
+
+
+def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int | None = None,
+                 timesteps: list[int] | None = None, guidance: float | None = None,
+                 height: int | None = None, width: int | None = None) -> SamplerSettings:
+    """Explicit choices, else the model's recommendation (its dtk.json), else dtk's defaults.
+
+    A model's recommended explicit timesteps apply only when neither steps,
+    scheduler nor timesteps were chosen. The sampler is built once here so
+    that a bad combination fails before any work.
+    """
+    from dtk.diffusion.loading import check_size
+    from dtk.errors import BadInput
+
+    recommended = model.ref.sampler
+
+    def pick(name, value):
+        return value if value is not None else recommended.get(name, DEFAULT_SAMPLER.get(name))
+
+    if timesteps is None and steps is None and scheduler is None:
+        timesteps = recommended.get("timesteps")
+    if timesteps and steps is not None and steps != len(timesteps):
+        raise BadInput(f"--steps {steps} disagrees with --timesteps ({len(timesteps)} values)")
+    height, width = height or model.default_size, width or model.default_size
+    check_size(model.vae_scale_factor, height, width)
+    settings = SamplerSettings(scheduler=pick("scheduler", scheduler),
+                               steps=len(timesteps) if timesteps else int(pick("steps", steps)),
+                               guidance=float(pick("guidance", guidance)), height=height, width=width,
+                               timesteps=list(timesteps) if timesteps else None)
+    make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, model.device)
+    return settings
+
+
 @dataclass
 class Request:
     prompt: str
