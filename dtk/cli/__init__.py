@@ -28,6 +28,7 @@ from dtk.errors import DtkError
 COMMANDS = {
     "sample": "dtk.cli.sample",
     "score": "dtk.cli.score",
+    "eval": "dtk.cli.eval",
 }
 
 EXIT_INTERRUPTED = 130

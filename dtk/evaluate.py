@@ -1,0 +1,336 @@
+"""``dtk eval``: quality per number of steps, for one or more models, on a fixed benchmark.
+
+The shapes benchmark (``shapes-v1``): held-out captions of the demo grammar
+with fixed seeds. For every model and step count it samples the same
+captions with the same seeds and measures:
+
+* ``accuracy``    — the demo classifier's attribute accuracy (the shapes reward);
+* ``fd_real``     — Fréchet distance of classifier features to real procedural
+                    images of the same captions (the FID analogue);
+* ``fd_teacher``  — the same against the teacher's 25-step samples of the same
+                    captions and seeds (the PCM paper's "FID-SD");
+* ``consistency`` — mean feature cosine to the same model's samples at the
+                    largest step count (PCM's 1-step vs 16-step measure);
+* ``win_rate``    — with ``--baseline``: fraction of images whose reward beats
+                    the baseline's image for the same caption/seed/steps (ties ½).
+
+``noise_floor`` is the FD between two independent real renderings of the
+same captions: the value a perfect generator would get, against which every
+other FD is to be read.
+
+The prompts benchmark (``--prompts FILE``, for real SD/SDXL models) uses CLIP
+image features (``--clip-model``, from disk or the local hub cache) for the
+Fréchet distances (``fd_real`` needs ``--real-dir``) and the CLIP score as
+reward.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dtk.errors import BadInput
+
+log = logging.getLogger("dtk")
+
+SHAPES_BENCHMARK = "shapes-v1"
+BENCHMARK_SEED = 20261122  # versioned with the benchmark name: change both or neither
+TEACHER_STEPS = 25
+GRID_COLUMNS = 8
+
+
+@dataclass
+class Benchmark:
+    name: str
+    captions: list[str]
+    seeds: list[int]
+    features: Callable            # PIL images -> [N, D] tensor
+    reward: Callable              # (PIL images, captions) -> list[float]
+    reward_name: str
+    real_features: torch.Tensor | None = None
+    noise_floor: float | None = None
+
+
+def shapes_benchmark(num_images: int, device) -> Benchmark:
+    import numpy as np
+
+    from dtk.demo import shapes
+    from dtk.demo.classifier import features, load_classifier
+    from dtk.eval.rewards import ShapesReward, images_to_tensor
+    from dtk.seeds import derive_seed
+
+    _, captions, attrs = shapes.make_split(num_images, seed=BENCHMARK_SEED, split="heldout")
+    reward = ShapesReward(device)
+
+    def featurize(images):
+        return features(reward.model, images_to_tensor(images))
+
+    def render(seed):  # the same captions, independently jittered renderings
+        rng = np.random.default_rng(seed)
+        return [shapes.render(a, rng=rng) for a in attrs]
+
+    real = featurize(render(BENCHMARK_SEED + 1))
+    from dtk.eval.metrics import fd
+
+    return Benchmark(
+        name=SHAPES_BENCHMARK, captions=captions,
+        seeds=[derive_seed(BENCHMARK_SEED, i) for i in range(num_images)],
+        features=featurize, reward=lambda ims, caps: [s["shapes"] for s in reward(ims, caps)],
+        reward_name="accuracy", real_features=real,
+        noise_floor=fd(real, featurize(render(BENCHMARK_SEED + 2))),
+    )
+
+
+def prompts_benchmark(prompts: list[str], num_images: int, clip_model: str, real_dir: str | None,
+                      device) -> Benchmark:
+    from dtk.eval.rewards import ClipReward
+    from dtk.seeds import derive_seed
+
+    clip = ClipReward("clip", clip_model, device)
+    captions = [prompts[i % len(prompts)] for i in range(num_images)]
+
+    def featurize(images, batch=32):
+        return torch.cat([clip.clip.embed(images[i:i + batch])[0].float().cpu() for i in range(0, len(images), batch)])
+
+    real = None
+    if real_dir:
+        files = sorted(p for p in Path(real_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if len(files) < 2:
+            raise BadInput(f"--real-dir {real_dir}: needs at least 2 images")
+        from PIL import Image
+
+        real = featurize([Image.open(p).convert("RGB") for p in files])
+    return Benchmark(name="prompts", captions=captions, seeds=[derive_seed(BENCHMARK_SEED, i) for i in range(num_images)],
+                     features=featurize, reward=lambda ims, caps: [s["clip"] for s in clip(ims, caps)],
+                     reward_name="clip_score", real_features=real)
+
+
+@dataclass
+class EvalOptions:
+    models: list[str]
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25])
+    out: str = "eval"
+    num_images: int = 1000
+    teacher: str | None = None
+    baseline: str | None = None
+    scheduler: str | None = None
+    guidance: float | None = None
+    prompts: str | None = None
+    real_dir: str | None = None
+    clip_model: str = "openai/clip-vit-large-patch14"
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    format: str = "jsonl"
+    overwrite: bool = False
+
+
+def label_of(spec: str | None) -> str:
+    return "demo" if spec in (None, "", "demo") else Path(spec).name or spec
+
+
+def _sample_set(model, bench: Benchmark, steps: int, scheduler, guidance, batch_size: int, progress) -> list:
+    from PIL import Image
+
+    from dtk.diffusion.sampling import Request, generate, settings_for, to_uint8
+
+    settings = settings_for(model, scheduler=scheduler, steps=steps, guidance=guidance)
+    # A model whose recommendation is an explicit timestep list of this length keeps it (e.g. PCM's phase edges).
+    recommended = model.ref.sampler.get("timesteps")
+    if scheduler is None and recommended and len(recommended) == steps:
+        settings = settings_for(model, timesteps=recommended, guidance=guidance)
+    images = []
+    for start in range(0, len(bench.captions), batch_size):
+        reqs = [Request(c, s) for c, s in zip(bench.captions[start:start + batch_size], bench.seeds[start:start + batch_size])]
+        images += [Image.fromarray(a) for a in to_uint8(generate(model, settings, reqs))]
+        progress.update(len(reqs))
+    return images, settings
+
+
+def run_eval(opts: EvalOptions) -> list[dict]:
+    from dtk.device import resolve_device, resolve_dtype
+    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.eval.metrics import fd, mean_cosine
+    from dtk.io import emit, prepare_out_dir
+    from dtk.logs import progress_enabled
+    from dtk.progress import Progress
+
+    if not opts.models:
+        raise BadInput("no model: give --model (repeatable)")
+    steps = sorted(set(opts.steps))
+    labels = [label_of(m) for m in opts.models]
+    if len(set(labels)) != len(labels):
+        raise BadInput(f"--model: two models share the name {labels}; give distinct directories")
+    out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
+    refs = [resolve_model(m) for m in opts.models]  # fail fast on a bad model before any sampling
+    teacher_ref = resolve_model(opts.teacher)
+    baseline_ref = resolve_model(opts.baseline) if opts.baseline else None
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    if opts.prompts:
+        from dtk.sample import read_prompts
+
+        bench = prompts_benchmark([p.prompt for p in read_prompts((), opts.prompts)], opts.num_images,
+                                  opts.clip_model, opts.real_dir, device)
+    else:
+        bench = shapes_benchmark(opts.num_images, device)
+    if bench.noise_floor is not None:
+        log.info("eval: %s, %d images; FD noise floor (two real sets) %.3f", bench.name, opts.num_images, bench.noise_floor)
+
+    n_sets = len(refs) * len(steps) + 1 + (len(steps) if baseline_ref else 0)
+    rows, grids = [], {}
+    with Progress(n_sets * opts.num_images, "eval", unit="img", enabled=progress_enabled()) as bar:
+        teacher = open_model(teacher_ref, device, dtype)
+        teacher_images, _ = _sample_set(teacher, bench, TEACHER_STEPS, opts.scheduler, opts.guidance, opts.batch_size, bar)
+        teacher_features = bench.features(teacher_images)
+        del teacher
+        baseline_rewards = {}
+        if baseline_ref:
+            baseline = open_model(baseline_ref, device, dtype)
+            for s in steps:
+                ims, _ = _sample_set(baseline, bench, s, opts.scheduler, opts.guidance, opts.batch_size, bar)
+                baseline_rewards[s] = bench.reward(ims, bench.captions)
+            del baseline
+        for label, ref in zip(labels, refs):
+            model = open_model(ref, device, dtype)
+            per_steps = {}
+            for s in steps:
+                images, settings = _sample_set(model, bench, s, opts.scheduler, opts.guidance, opts.batch_size, bar)
+                per_steps[s] = (images, bench.features(images), bench.reward(images, bench.captions), settings)
+            top = per_steps[steps[-1]][1]
+            for s in steps:
+                images, feats, rewards, settings = per_steps[s]
+                row = {"model": label, "spec": ref.spec, "steps": s, "scheduler": settings.scheduler,
+                       "timesteps": settings.timesteps, "guidance": settings.guidance,
+                       bench.reward_name: sum(rewards) / len(rewards),
+                       "fd_real": fd(feats, bench.real_features) if bench.real_features is not None else None,
+                       "fd_teacher": fd(feats, teacher_features),
+                       "consistency": mean_cosine(feats, top)}
+                if baseline_ref:
+                    b = baseline_rewards[s]
+                    row["win_rate"] = sum((x > y) + 0.5 * (x == y) for x, y in zip(rewards, b)) / len(b)
+                rows.append(row)
+            grids[label] = [per_steps[s][0][:GRID_COLUMNS] for s in steps]
+            del model
+    _write_outputs(out, opts, bench, rows, grids, steps)
+    if opts.format == "md":
+        print(markdown_table(rows, bench))
+    else:
+        for row in rows:
+            emit(row)
+    return rows
+
+
+COLUMNS = [("model", "model", "{}"), ("steps", "steps", "{}"), ("accuracy", "accuracy", "{:.3f}"),
+           ("clip_score", "CLIP score", "{:.2f}"), ("fd_real", "FD-real", "{:.2f}"),
+           ("fd_teacher", "FD-teacher", "{:.2f}"), ("consistency", "consistency", "{:.3f}"),
+           ("win_rate", "win rate", "{:.3f}")]
+
+
+def _columns(rows):
+    return [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+
+
+def markdown_table(rows: list[dict], bench: Benchmark) -> str:
+    cols = _columns(rows)
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "|".join("---" if i < 1 else "---:" for i, _ in enumerate(cols)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join("—" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in cols) + " |")
+    if bench.noise_floor is not None:
+        lines.append(f"\nFD noise floor (two real renderings of the same {len(bench.captions)} captions): {bench.noise_floor:.2f}")
+    return "\n".join(lines)
+
+
+def _write_outputs(out: Path, opts: EvalOptions, bench: Benchmark, rows, grids, steps) -> None:
+    from dataclasses import asdict
+
+    from dtk.io import atomic_write, run_record, write_json
+
+    table = markdown_table(rows, bench)
+    _print_rich_table(rows, bench)
+    files = ["eval.json", "eval.md", "plot.png"]
+    write_json(out / "eval.json", {"benchmark": bench.name, "num_images": len(bench.captions),
+                                   "noise_floor": bench.noise_floor, "teacher": label_of(opts.teacher),
+                                   "teacher_steps": TEACHER_STEPS, "rows": rows})
+    with atomic_write(out / "eval.md", "w") as f:
+        f.write(table + "\n")
+    plot(out / "plot.png", rows, bench)
+    for label, per_steps in grids.items():
+        name = f"grid-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
+        _write_grid(out / name, per_steps, steps)
+        files.append(name)
+    write_json(out / "dtk.json", run_record("eval", asdict(opts), benchmark=bench.name, files=files))
+
+
+def _print_rich_table(rows, bench: Benchmark) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dtk.logs import progress_enabled
+
+    if not progress_enabled():
+        return
+    cols = _columns(rows)
+    table = Table(title=f"dtk eval — {bench.name}, {len(bench.captions)} images"
+                  + (f", FD noise floor {bench.noise_floor:.2f}" if bench.noise_floor is not None else ""))
+    for _, title, _ in cols:
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for r in rows:
+        table.add_row(*["—" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in cols])
+    Console(stderr=True).print(table)
+
+
+def plot(path: Path, rows: list[dict], bench: Benchmark) -> None:
+    """Quality vs steps, one line per model, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dtk.io import atomic_write
+
+    metrics = [(k, t) for k, t, _ in _columns(rows) if k not in ("model", "steps", "consistency", "win_rate")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], metrics):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = [(r["steps"], r[key]) for r in rows if r["model"] == model and r.get(key) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        if key == "fd_real" and bench.noise_floor is not None:
+            ax.axhline(bench.noise_floor, color="gray", linestyle="--", linewidth=1, label="noise floor")
+            ax.legend(fontsize=8)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["steps"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("steps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{bench.name}: quality vs steps")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _write_grid(path: Path, per_steps: list[list], steps: list[int]) -> None:
+    """Rows: step counts (fewest first); columns: the first benchmark captions."""
+    from PIL import Image, ImageDraw
+
+    from dtk.io import atomic_write
+
+    w, h = per_steps[0][0].size
+    margin = 28
+    sheet = Image.new("RGB", (margin + GRID_COLUMNS * w, len(per_steps) * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (images, s) in enumerate(zip(per_steps, steps)):
+        draw.text((2, r * h + h // 2 - 5), str(s), fill="black")
+        for c, im in enumerate(images):
+            sheet.paste(im, (margin + c * w, r * h))
+    with atomic_write(path, "wb") as f:
+        sheet.save(f, format="PNG")
