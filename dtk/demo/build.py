@@ -38,14 +38,14 @@ from . import shapes as S
 
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
-    vae_images=8000, vae_steps=400, vae_batch=32,
-    unet_images=12000, unet_steps=900, unet_batch=96,
+    vae_images=8000, vae_steps=900, vae_batch=32, vae_refine_steps=0,
+    unet_images=20000, unet_steps=4500, unet_batch=32,
     eval_heldout=200, eval_train=200, eval_select=100, eval_clf=600,
-    guidances=(1.5, 3.0, 5.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
+    guidances=(2.0, 4.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
 )
 QUICK = dict(
     clf_images=64, clf_steps=2, clf_batch=16,
-    vae_images=32, vae_steps=2, vae_batch=8,
+    vae_images=32, vae_steps=2, vae_batch=8, vae_refine_steps=2,
     unet_images=64, unet_steps=2, unet_batch=8,
     eval_heldout=2, eval_train=2, eval_select=2, eval_clf=16,
     guidances=(3.0,), steps=2, timing_repeats=1, timing_warmup=0,
@@ -81,6 +81,7 @@ def write_json_atomic(path: Path, obj):
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -229,6 +230,8 @@ def train_vae(cfg, seed):
     torch.manual_seed(seed)
     images, _, _ = S.make_split(cfg["vae_images"], seed=seed + 1, split="all")
     x_all = to_tensor(images) * 2 - 1
+    # shape pixels weigh 10x: they carry every attribute but the background
+    weight_all = 1 + 9 * ((x_all - x_all[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.05).float()
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -236,19 +239,56 @@ def train_vae(cfg, seed):
     for step in range(cfg["vae_steps"]):
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step, cfg["vae_steps"], 1e-3, 30)
-        x = x_all[torch.randint(0, x_all.shape[0], (cfg["vae_batch"],), generator=g)]
+        idx = torch.randint(0, x_all.shape[0], (cfg["vae_batch"],), generator=g)
+        x = x_all[idx]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
             rec = vae.decode(z).sample
-        rec = rec.float()
+        err = rec.float() - x
         kl = post.kl().mean() / (16 * 16 * 4)
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
+        loss = ((err.abs() + err.pow(2)) * weight_all[idx]).mean() + 1e-5 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == cfg["vae_steps"] - 1:
             log(f"  vae step {step:5d} loss {loss.item():.4f} kl {kl.item():.2f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    return vae
+
+
+def refine_decoder(cfg, seed, vae):
+    """Train only the VAE decoder (encoder frozen, so the latent space the UNet
+    was trained on does not change), with the loss weighted 10x on shape pixels
+    so that shape colours are reproduced faithfully."""
+    import torch
+    torch.manual_seed(seed)
+    images, _, _ = S.make_split(cfg["vae_images"], seed=seed + 1, split="all")
+    x_all = to_tensor(images) * 2 - 1
+    with torch.no_grad():
+        post = [vae.encode(x_all[i:i + 256]).latent_dist for i in range(0, len(x_all), 256)]
+    mean = torch.cat([p.mean for p in post])
+    std = torch.cat([p.std for p in post])
+    bg = x_all[:, :, :1, :1]  # the top-left pixel is always background
+    weight = 1 + 9 * ((x_all - bg).abs().amax(1, keepdim=True) > 0.05).float()
+    vae.train()
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(cfg["vae_refine_steps"]):
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, cfg["vae_refine_steps"], 1e-3, 20)
+        idx = torch.randint(0, x_all.shape[0], (cfg["vae_batch"],), generator=g)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rec = vae.decode(z).sample
+        err = rec.float() - x_all[idx]
+        loss = ((err.abs() + err.pow(2)) * weight[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg["vae_refine_steps"] - 1:
+            log(f"  vae decoder step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval()
     return vae
 
@@ -280,7 +320,11 @@ def make_unet():
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
+        # an attention-pooled text embedding added to the time embedding: a global
+        # conditioning path (FiLM-like) that learns colour/shape/background much
+        # faster on a CPU budget than cross-attention alone
+        addition_embed_type="text")
 
 
 def tokenize(tok, captions):
@@ -305,7 +349,9 @@ def train_unet(cfg, seed, vae, tok, scaling_factor):
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     acp = noise_sched.alphas_cumprod
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    ema_params = [p.detach().clone() for p in params]
+    snr = acp / (1 - acp)
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0]
     t0 = time.time()
@@ -313,7 +359,7 @@ def train_unet(cfg, seed, vae, tok, scaling_factor):
     ema = None
     for step in range(steps):
         for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 8e-4, 100)
+            pg["lr"] = lr_at(step, steps, 1e-3, 200)
         idx = torch.randint(0, n, (bs,), generator=g)
         z0 = latents[idx]
         tid = ids[idx].clone()
@@ -325,15 +371,24 @@ def train_unet(cfg, seed, vae, tok, scaling_factor):
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         cond = te(tid)[0]
         pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred, eps)
+        # Min-SNR-5 weighting (Hang et al. 2023) for ε-prediction: faster convergence
+        w = (snr[t].clamp(max=5.0) / snr[t]).float()
+        loss = (w * F.mse_loss(pred, eps, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params):
+                e.lerp_(p.detach(), 1 - decay)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             el = time.time() - t0
             log(f"  unet step {step:5d} loss {ema:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
+    with torch.no_grad():  # ship the EMA weights
+        for e, p in zip(ema_params, params):
+            p.copy_(e)
     unet.eval()
     te.eval()
     return unet, te
@@ -410,6 +465,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(DEMO_DIR), help="directory receiving model/ and classifier/")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--refine-decoder", action="store_true",
+                    help="resume: only refine the VAE decoder of the existing <out>/model, then evaluate")
     ap.add_argument("--reuse-classifier", action="store_true",
                     help="keep <out>/classifier if present instead of retraining it (it is still evaluated)")
     args = ap.parse_args(argv)
@@ -440,6 +497,10 @@ def main(argv=None):
     T["classifier"] = time.time() - t0
     log(f"  classifier accuracy: held-out combos {clf_acc_heldout:.4f}, all {clf_acc_all:.4f} {clf_per}")
 
+    if args.refine_decoder:
+        return resume_refine(cfg, args, out, clf, T, t_all, {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
+                                                              "classifier_accuracy_all_procedural": clf_acc_all})
+
     log("[2/5] VAE")
     t0 = time.time()
     vae = train_vae(cfg, seed + 200)
@@ -461,12 +522,58 @@ def main(argv=None):
     tok = build_tokenizer(tokdir)
     unet, te = train_unet(cfg, seed + 300, vae, tok, scaling_factor)
     T["unet"] = time.time() - t0
+    if cfg["vae_refine_steps"]:
+        t0 = time.time()
+        refine_decoder(cfg, seed + 400, vae)
+        T["vae_decoder_refine"] = time.time() - t0
 
     log("[4/5] save pipeline")
     save_pipeline(out, vae, te, tok, unet, scaling_factor)
     shutil.rmtree(tokdir, ignore_errors=True)
     model_dir = out / "model"
 
+    extra = {"vae_reconstruction_mse": rec_mse, "vae_reconstruction_classifier_accuracy_before_refine": rec_acc,
+             "vae_scaling_factor": scaling_factor,
+             "classifier_accuracy_heldout_procedural": clf_acc_heldout,
+             "classifier_accuracy_all_procedural": clf_acc_all}
+    return evaluate(cfg, args, out, clf, T, t_all, extra)
+
+
+def resume_refine(cfg, args, out, clf, T, t_all, extra):
+    """--refine-decoder: refine the decoder of an already built model, then evaluate."""
+    import torch
+    from diffusers import AutoencoderKL
+    from .classifier import attribute_accuracy
+
+    model_dir = out / "model"
+    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32)
+    t0 = time.time()
+    log("[2/5] refine VAE decoder of the existing model")
+    refine_decoder(cfg, args.seed + 400, vae)
+    T["vae_decoder_refine"] = time.time() - t0
+    tmp = Path(tempfile.mkdtemp(prefix=".vae.", dir=model_dir))
+    vae.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    replace_dir(tmp, model_dir / "vae")
+    extra["vae_scaling_factor"] = vae.config.scaling_factor
+    return evaluate(cfg, args, out, clf, T, t_all, extra)
+
+
+def evaluate(cfg, args, out, clf, T, t_all, extra):
+    import torch
+    from .classifier import attribute_accuracy
+
+    seed = args.seed
+    model_dir = out / "model"
+    # VAE reconstruction quality, judged by the classifier
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32)
+    imgs, caps, _ = S.make_split(min(256, cfg["unet_images"]), seed=seed + 10_003, split="all")
+    with torch.no_grad():
+        rec = (vae.decode(vae.encode(to_tensor(imgs) * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+    extra["vae_reconstruction_mse"] = float((rec - to_tensor(imgs)).pow(2).mean())
+    extra["vae_reconstruction_classifier_accuracy"], _ = attribute_accuracy(clf, rec, caps)
+    log(f"  VAE reconstructions: mse {extra['vae_reconstruction_mse']:.5f}, "
+        f"classifier accuracy {extra['vae_reconstruction_classifier_accuracy']:.4f}")
     log("[5/5] evaluate")
     t0 = time.time()
     pipe = load_pipeline(model_dir)
@@ -492,8 +599,8 @@ def main(argv=None):
     T["total"] = time.time() - t_all
 
     metrics = {
-        "classifier_accuracy_heldout_procedural": round(clf_acc_heldout, 4),
-        "classifier_accuracy_all_procedural": round(clf_acc_all, 4),
+        "classifier_accuracy_heldout_procedural": round(extra["classifier_accuracy_heldout_procedural"], 4),
+        "classifier_accuracy_all_procedural": round(extra["classifier_accuracy_all_procedural"], 4),
         "classifier_eval_images": cfg["eval_clf"],
         "demo_accuracy_heldout_captions": round(acc_held, 4),
         "demo_accuracy_train_captions": round(acc_train, 4),
@@ -504,9 +611,9 @@ def main(argv=None):
         "seconds_per_image": round(sec, 3),
         "seconds_per_image_runs": [round(t, 3) for t in times],
         "timing": "StableDiffusionPipeline fp32, batch 1, 25 steps dpm++2m with CFG, 2 CPU threads, after warm-up; median",
-        "vae_scaling_factor": round(scaling_factor, 5),
-        "vae_reconstruction_mse": round(rec_mse, 6),
-        "vae_reconstruction_classifier_accuracy": round(rec_acc, 4),
+        "vae_scaling_factor": round(extra["vae_scaling_factor"], 5),
+        "vae_reconstruction_mse": round(extra["vae_reconstruction_mse"], 6),
+        "vae_reconstruction_classifier_accuracy": round(extra["vae_reconstruction_classifier_accuracy"], 4),
         "size_mb": round(size_mb, 2),
         "build_seconds": {k: round(v, 1) for k, v in T.items()},
         "quick": bool(args.quick),
@@ -525,6 +632,8 @@ def main(argv=None):
     log(f"{'guidance':45s} {guidance}")
     log(f"{'build seconds':45s} {metrics['build_seconds']}")
     return meta
+
+
 
 
 if __name__ == "__main__":
