@@ -7,8 +7,9 @@ captions with the same seeds and measures:
 * ``accuracy``    — the demo classifier's attribute accuracy (the shapes reward);
 * ``fd_real``     — Fréchet distance of classifier features to real procedural
                     images of the same captions (the FID analogue);
-* ``fd_teacher``  — the same against the teacher's 25-step samples of the same
-                    captions and seeds (the PCM paper's "FID-SD");
+* ``fd_teacher``  — the same against the teacher's 25-step samples (with its own
+                    recommended sampler and guidance) of the same captions and
+                    seeds (the PCM paper's "FID-SD");
 * ``consistency`` — mean feature cosine to the same model's samples at the
                     largest step count (PCM's 1-step vs 16-step measure);
 * ``win_rate``    — with ``--baseline``: fraction of images whose reward beats
@@ -186,7 +187,8 @@ def run_eval(opts: EvalOptions) -> list[dict]:
     rows, grids = [], {}
     with Progress(n_sets * opts.num_images, "eval", unit="img", enabled=progress_enabled()) as bar:
         teacher = open_model(teacher_ref, device, dtype)
-        teacher_images, _ = _sample_set(teacher, bench, TEACHER_STEPS, opts.scheduler, opts.guidance, opts.batch_size, bar)
+        # the reference is the teacher as it is meant to be used: its own sampler and guidance, 25 steps
+        teacher_images, _ = _sample_set(teacher, bench, TEACHER_STEPS, None, None, opts.batch_size, bar)
         teacher_features = bench.features(teacher_images)
         del teacher
         baseline_rewards = {}

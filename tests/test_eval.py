@@ -8,9 +8,9 @@ from PIL import Image
 
 def test_eval_outputs_and_identities(run_dtk, tiny_sd, tmp_path):
     out = tmp_path / "ev"
-    # the model is its own teacher and baseline: FD-teacher is 0 at the teacher's 25 steps,
+    # the model is its own teacher and baseline, with its own sampler: FD-teacher is 0 at the teacher's 25 steps,
     # every image ties with the baseline's (win rate ½), consistency with itself at the top is 1
-    r = run_dtk("eval", "--model", tiny_sd, "--teacher", tiny_sd, "--baseline", tiny_sd, "--scheduler", "ddim",
+    r = run_dtk("eval", "--model", tiny_sd, "--teacher", tiny_sd, "--baseline", tiny_sd,
                 "--steps", "25,1", "--num-images", "6", "--out", out)
     assert r.exit_code == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.splitlines()]
