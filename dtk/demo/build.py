@@ -39,14 +39,14 @@ from . import shapes as S
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
     vae_images=8000, vae_steps=900, vae_batch=32, vae_refine_steps=0,
-    unet_images=20000, unet_steps=4500, unet_batch=32,
+    unet_images=20000, unet_steps=4500, unet_batch=32, offset_steps=1800,
     eval_heldout=200, eval_train=200, eval_select=100, eval_clf=600,
     guidances=(2.0, 4.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
 )
 QUICK = dict(
     clf_images=64, clf_steps=2, clf_batch=16,
     vae_images=32, vae_steps=2, vae_batch=8, vae_refine_steps=2,
-    unet_images=64, unet_steps=2, unet_batch=8,
+    unet_images=64, unet_steps=2, unet_batch=8, offset_steps=2,
     eval_heldout=2, eval_train=2, eval_select=2, eval_clf=16,
     guidances=(3.0,), steps=2, timing_repeats=1, timing_warmup=0,
 )
@@ -332,7 +332,13 @@ def tokenize(tok, captions):
                return_tensors="pt").input_ids
 
 
-def train_unet(cfg, seed, vae, tok, scaling_factor):
+def train_unet(cfg, seed, vae, tok, scaling_factor, unet=None, te=None, steps=None, lr=1e-3, warmup=200,
+               noise_offset=0.0):
+    """Train (or, given ``unet``/``te``, continue training) the text encoder + UNet.
+
+    ``noise_offset`` adds a per-channel constant to the noise (offset noise,
+    Guttenberg 2023): SD's schedule leaks the latent mean at t=999, so a model
+    trained without it cannot choose a flat background colour from the prompt."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -344,22 +350,22 @@ def train_unet(cfg, seed, vae, tok, scaling_factor):
     log(f"  encoded {len(images)} latents in {time.time() - t0:.0f}s, std {latents.std().item():.3f}")
     ids = tokenize(tok, caps)
     empty = tokenize(tok, [""])[0]
-    te = make_text_encoder(tok)
-    unet = make_unet()
+    te = make_text_encoder(tok) if te is None else te.train()
+    unet = make_unet() if unet is None else unet.train()
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     acp = noise_sched.alphas_cumprod
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_params = [p.detach().clone() for p in params]
     snr = acp / (1 - acp)
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0]
     t0 = time.time()
-    steps, bs = cfg["unet_steps"], cfg["unet_batch"]
+    steps, bs = steps or cfg["unet_steps"], cfg["unet_batch"]
     ema = None
     for step in range(steps):
         for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 1e-3, 200)
+            pg["lr"] = lr_at(step, steps, lr, warmup)
         idx = torch.randint(0, n, (bs,), generator=g)
         z0 = latents[idx]
         tid = ids[idx].clone()
@@ -367,6 +373,8 @@ def train_unet(cfg, seed, vae, tok, scaling_factor):
         tid[drop] = empty
         t = torch.randint(0, 1000, (bs,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
+        if noise_offset:
+            eps = eps + noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         cond = te(tid)[0]
@@ -467,6 +475,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--refine-decoder", action="store_true",
                     help="resume: only refine the VAE decoder of the existing <out>/model, then evaluate")
+    ap.add_argument("--offset-finetune", action="store_true",
+                    help="resume: run only the offset-noise stage on the existing <out>/model, then evaluate")
     ap.add_argument("--reuse-classifier", action="store_true",
                     help="keep <out>/classifier if present instead of retraining it (it is still evaluated)")
     args = ap.parse_args(argv)
@@ -497,6 +507,9 @@ def main(argv=None):
     T["classifier"] = time.time() - t0
     log(f"  classifier accuracy: held-out combos {clf_acc_heldout:.4f}, all {clf_acc_all:.4f} {clf_per}")
 
+    if args.offset_finetune:
+        return resume_offset(cfg, args, out, clf, T, t_all, {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
+                                                             "classifier_accuracy_all_procedural": clf_acc_all})
     if args.refine_decoder:
         return resume_refine(cfg, args, out, clf, T, t_all, {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
                                                               "classifier_accuracy_all_procedural": clf_acc_all})
@@ -521,6 +534,12 @@ def main(argv=None):
     tokdir = Path(tempfile.mkdtemp(prefix=".tok."))
     tok = build_tokenizer(tokdir)
     unet, te = train_unet(cfg, seed + 300, vae, tok, scaling_factor)
+    if cfg["offset_steps"]:
+        # stage B from the weights as they are saved (fp16), so that a resumed
+        # build (--offset-finetune) and a from-scratch build are the same computation
+        unet, te, vae = (m.to(torch.float16).to(torch.float32) for m in (unet, te, vae))
+        unet, te = train_unet(cfg, seed + 500, vae, tok, scaling_factor, unet=unet, te=te,
+                              steps=cfg["offset_steps"], lr=3e-4, warmup=50, noise_offset=0.1)
     T["unet"] = time.time() - t0
     if cfg["vae_refine_steps"]:
         t0 = time.time()
@@ -536,6 +555,31 @@ def main(argv=None):
              "vae_scaling_factor": scaling_factor,
              "classifier_accuracy_heldout_procedural": clf_acc_heldout,
              "classifier_accuracy_all_procedural": clf_acc_all}
+    return evaluate(cfg, args, out, clf, T, t_all, extra)
+
+
+def resume_offset(cfg, args, out, clf, T, t_all, extra):
+    """--offset-finetune: stage B (offset noise) on an already built model, then save and evaluate."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model_dir = out / "model"
+    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"), torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"), torch_dtype=torch.float32)
+    tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+    sf = vae.config.scaling_factor
+    t0 = time.time()
+    log("[3/5] offset-noise stage of the text encoder + UNet")
+    unet, te = train_unet(cfg, args.seed + 500, vae, tok, sf, unet=unet, te=te,
+                          steps=cfg["offset_steps"], lr=3e-4, warmup=50, noise_offset=0.1)
+    T["unet_offset_stage"] = time.time() - t0
+    tokdir = Path(tempfile.mkdtemp(prefix=".tok."))
+    tok.save_pretrained(str(tokdir))
+    save_pipeline(out, vae, te, CLIPTokenizer.from_pretrained(str(tokdir)), unet, sf)
+    shutil.rmtree(tokdir, ignore_errors=True)
+    extra["vae_scaling_factor"] = sf
     return evaluate(cfg, args, out, clf, T, t_all, extra)
 
 
