@@ -5,11 +5,13 @@ Steps (all on CPU, fixed seeds, ``torch.set_num_threads(2)``):
 1. procedural data (``dtk.demo.shapes``): training-split images for the
    diffusion model, all-split images for the classifier;
 2. the attribute classifier -> ``<out>/classifier/``;
-3. a tiny ``AutoencoderKL`` (64x64 -> 16x16x4), reconstruction + small KL; its
-   ``scaling_factor`` is set to 1/std of the latents;
+3. a tiny ``AutoencoderKL`` (64x64 -> 16x16x4), reconstruction (shape pixels
+   weighted 10x) + small KL; its ``scaling_factor`` is set to 1/std of the latents;
 4. a word-level ``CLIPTokenizer``, a tiny ``CLIPTextModel`` and a tiny
    ``UNet2DConditionModel`` trained jointly (epsilon prediction, SD 1.5 noise
-   schedule, 10% caption dropout for classifier-free guidance);
+   schedule, 10% caption dropout for classifier-free guidance, Min-SNR-5,
+   EMA), 4,500 steps, then 1,800 steps with offset noise 0.1
+   (``--offset-finetune`` runs only this second stage on an existing model);
 5. the ``StableDiffusionPipeline`` is saved (fp16 safetensors) to
    ``<out>/model/`` and evaluated: guidance is picked on training captions,
    then attribute accuracy is measured on held-out and training captions, and
@@ -38,14 +40,14 @@ from . import shapes as S
 
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
-    vae_images=8000, vae_steps=900, vae_batch=32, vae_refine_steps=0,
+    vae_images=8000, vae_steps=900, vae_batch=32,
     unet_images=20000, unet_steps=4500, unet_batch=32, offset_steps=1800,
     eval_heldout=200, eval_train=200, eval_select=100, eval_clf=600,
     guidances=(2.0, 4.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
 )
 QUICK = dict(
     clf_images=64, clf_steps=2, clf_batch=16,
-    vae_images=32, vae_steps=2, vae_batch=8, vae_refine_steps=2,
+    vae_images=32, vae_steps=2, vae_batch=8,
     unet_images=64, unet_steps=2, unet_batch=8, offset_steps=2,
     eval_heldout=2, eval_train=2, eval_select=2, eval_clf=16,
     guidances=(3.0,), steps=2, timing_repeats=1, timing_warmup=0,
@@ -257,42 +259,6 @@ def train_vae(cfg, seed):
     return vae
 
 
-def refine_decoder(cfg, seed, vae):
-    """Train only the VAE decoder (encoder frozen, so the latent space the UNet
-    was trained on does not change), with the loss weighted 10x on shape pixels
-    so that shape colours are reproduced faithfully."""
-    import torch
-    torch.manual_seed(seed)
-    images, _, _ = S.make_split(cfg["vae_images"], seed=seed + 1, split="all")
-    x_all = to_tensor(images) * 2 - 1
-    with torch.no_grad():
-        post = [vae.encode(x_all[i:i + 256]).latent_dist for i in range(0, len(x_all), 256)]
-    mean = torch.cat([p.mean for p in post])
-    std = torch.cat([p.std for p in post])
-    bg = x_all[:, :, :1, :1]  # the top-left pixel is always background
-    weight = 1 + 9 * ((x_all - bg).abs().amax(1, keepdim=True) > 0.05).float()
-    vae.train()
-    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for step in range(cfg["vae_refine_steps"]):
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, cfg["vae_refine_steps"], 1e-3, 20)
-        idx = torch.randint(0, x_all.shape[0], (cfg["vae_batch"],), generator=g)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            rec = vae.decode(z).sample
-        err = rec.float() - x_all[idx]
-        loss = ((err.abs() + err.pow(2)) * weight[idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == cfg["vae_refine_steps"] - 1:
-            log(f"  vae decoder step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    vae.eval()
-    return vae
-
-
 def encode_latents(vae, images_uint8, batch=256):
     import torch
     out = []
@@ -473,8 +439,6 @@ def main(argv=None):
     ap.add_argument("--out", default=str(DEMO_DIR), help="directory receiving model/ and classifier/")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--refine-decoder", action="store_true",
-                    help="resume: only refine the VAE decoder of the existing <out>/model, then evaluate")
     ap.add_argument("--offset-finetune", action="store_true",
                     help="resume: run only the offset-noise stage on the existing <out>/model, then evaluate")
     ap.add_argument("--reuse-classifier", action="store_true",
@@ -510,9 +474,6 @@ def main(argv=None):
     if args.offset_finetune:
         return resume_offset(cfg, args, out, clf, T, t_all, {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
                                                              "classifier_accuracy_all_procedural": clf_acc_all})
-    if args.refine_decoder:
-        return resume_refine(cfg, args, out, clf, T, t_all, {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
-                                                              "classifier_accuracy_all_procedural": clf_acc_all})
 
     log("[2/5] VAE")
     t0 = time.time()
@@ -541,17 +502,13 @@ def main(argv=None):
         unet, te = train_unet(cfg, seed + 500, vae, tok, scaling_factor, unet=unet, te=te,
                               steps=cfg["offset_steps"], lr=3e-4, warmup=50, noise_offset=0.1)
     T["unet"] = time.time() - t0
-    if cfg["vae_refine_steps"]:
-        t0 = time.time()
-        refine_decoder(cfg, seed + 400, vae)
-        T["vae_decoder_refine"] = time.time() - t0
 
     log("[4/5] save pipeline")
     save_pipeline(out, vae, te, tok, unet, scaling_factor)
     shutil.rmtree(tokdir, ignore_errors=True)
     model_dir = out / "model"
 
-    extra = {"vae_reconstruction_mse": rec_mse, "vae_reconstruction_classifier_accuracy_before_refine": rec_acc,
+    extra = {"vae_reconstruction_mse": rec_mse, "vae_reconstruction_classifier_accuracy": rec_acc,
              "vae_scaling_factor": scaling_factor,
              "classifier_accuracy_heldout_procedural": clf_acc_heldout,
              "classifier_accuracy_all_procedural": clf_acc_all}
@@ -580,25 +537,6 @@ def resume_offset(cfg, args, out, clf, T, t_all, extra):
     save_pipeline(out, vae, te, CLIPTokenizer.from_pretrained(str(tokdir)), unet, sf)
     shutil.rmtree(tokdir, ignore_errors=True)
     extra["vae_scaling_factor"] = sf
-    return evaluate(cfg, args, out, clf, T, t_all, extra)
-
-
-def resume_refine(cfg, args, out, clf, T, t_all, extra):
-    """--refine-decoder: refine the decoder of an already built model, then evaluate."""
-    import torch
-    from diffusers import AutoencoderKL
-    from .classifier import attribute_accuracy
-
-    model_dir = out / "model"
-    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32)
-    t0 = time.time()
-    log("[2/5] refine VAE decoder of the existing model")
-    refine_decoder(cfg, args.seed + 400, vae)
-    T["vae_decoder_refine"] = time.time() - t0
-    tmp = Path(tempfile.mkdtemp(prefix=".vae.", dir=model_dir))
-    vae.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
-    replace_dir(tmp, model_dir / "vae")
-    extra["vae_scaling_factor"] = vae.config.scaling_factor
     return evaluate(cfg, args, out, clf, T, t_all, extra)
 
 
