@@ -9,6 +9,7 @@ The CLI turns both into one line on stderr; the library only raises them.
 
 class DtkError(Exception):
     exit_code = 1
+    label = "error"   # the word after "dtk <command>:" on stderr
 
 
 class BadInput(DtkError):

@@ -99,7 +99,13 @@ def man_page(name: str, command: click.Command, parent: str | None) -> str:
             sub_cmd = cli.get_command(ctx, sub)
             parts.append(f".TP\n.B dtk {sub}\n{_roff(sub_cmd.get_short_help_str(200))}\nSee \\fBdtk-{sub}\\fR(1).")
     parts.append(".SH EXIT STATUS")
-    for code, meaning in EXIT_STATUS:
+    codes = list(EXIT_STATUS)
+    if any("--resume" in p.opts for p in params):
+        from dtk.train.config import EXIT_PREEMPTED
+
+        codes.append((str(EXIT_PREEMPTED), "stopped by SIGTERM or SIGUSR1 (Slurm preemption) after saving a "
+                      "checkpoint; requeue and run again with --resume auto"))
+    for code, meaning in codes:
         parts.append(f".TP\n.B {code}\n{meaning}")
     see = ", ".join(f"\\fBdtk-{s}\\fR(1)" for s in COMMANDS if s != name)
     parts.append(".SH SEE ALSO\n" + ("\\fBdtk\\fR(1), " if parent else "") + see)

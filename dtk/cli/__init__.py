@@ -27,6 +27,8 @@ from dtk.errors import DtkError
 # name -> module; the module defines ``command``. One line per command.
 COMMANDS = {
     "sample": "dtk.cli.sample",
+    "reflow-pairs": "dtk.cli.reflow_pairs",
+    "train-reflow": "dtk.cli.train_reflow",
     "score": "dtk.cli.score",
     "eval": "dtk.cli.eval",
 }
@@ -79,7 +81,7 @@ class LazyGroup(click.Group):
             print(f"{_where(args)}: terminated", file=sys.stderr)
             code = EXIT_TERMINATED
         except DtkError as e:
-            _fail(_where(args), str(e), debug)
+            _fail(_where(args), str(e), debug, label=e.label)
             code = e.exit_code
         except Exception as e:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             _fail(_where(args), f"unexpected {type(e).__name__}: {e}", debug, hint=True)
@@ -106,13 +108,13 @@ def _where(args: list[str]) -> str:
     return "dtk"
 
 
-def _fail(where: str, message: str, debug: bool, hint: bool = False) -> None:
+def _fail(where: str, message: str, debug: bool, hint: bool = False, label: str = "error") -> None:
     if debug:
         traceback.print_exc()
     message = " ".join(str(message).split())  # one line, always
     if hint and not debug:
         message += " (run with --debug for the traceback)"
-    print(f"{where}: error: {message}", file=sys.stderr)
+    print(f"{where}: {label}: {message}", file=sys.stderr)
 
 
 @click.group(name="dtk", cls=LazyGroup, context_settings={"auto_envvar_prefix": "DTK", "help_option_names": ["-h", "--help"]})

@@ -82,6 +82,8 @@ def _from_dir(spec: str, path: Path) -> ModelRef:
         raise BadInput(f"--model {spec}: not a diffusers pipeline (no model_index.json) nor a dtk model dir (no dtk.json)")
     ref.manifest = manifest
     ref.sampler = {**ref.sampler, **manifest.get("sampler", {})}
+    if manifest.get("unet"):
+        ref.loras = []  # a saved full UNet already holds its base model's LoRAs (fused before training)
     for entry in manifest.get("loras", []):
         lora_path = path / entry["path"]
         if not lora_path.exists():
@@ -183,6 +185,9 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
         from diffusers import UNet2DConditionModel
 
         pipe.unet = UNet2DConditionModel.from_pretrained(str(ref.unet_dir), torch_dtype=dtype)
+    schedule = ref.sampler.get("schedule")
+    if schedule:  # a model retrained under another noise schedule (e.g. train-reflow --beta-schedule)
+        pipe.scheduler = pipe.scheduler.from_config({**pipe.scheduler.config, **schedule})
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(ref=ref, pipe=pipe, device=device, dtype=dtype)

@@ -77,12 +77,13 @@ def initial_noise(model: LoadedModel, seeds: list[int], height: int, width: int)
 
 
 @torch.no_grad()
-def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Request]) -> torch.Tensor:
-    """Run the sampler for one batch; returns final latents."""
+def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Request],
+            noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the sampler for one batch from ``noise`` (default: drawn from each request's seed); final latents."""
     sampler = make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps,
                            settings.timesteps, model.device)
-    latents, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
-    latents = latents * sampler.init_noise_sigma
+    drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
+    latents = (drawn if noise is None else noise.to(model.device, model.dtype)) * sampler.init_noise_sigma
     cfg = settings.guidance > 1.0  # as diffusers: guidance ≤ 1 runs the conditional branch only
     cond = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width)
     if cfg:

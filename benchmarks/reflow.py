@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Benchmark: Rectified Diffusion on the demo model — teacher vs rectified vs phased, with `dtk eval`.
+
+    python benchmarks/reflow.py --work /tmp/reflow-bench [--save]
+
+Runs, as a user would (every step is a dtk command, printed before it runs):
+
+1. `python -m dtk.demo.shapes`: a folder of training-split shapes images with captions;
+2. `dtk reflow-pairs`: teacher pairs for those captions (DPM-Solver 25 steps, the teacher's guidance);
+3. `dtk train-reflow` on the pairs, and `dtk train-reflow --phased 4` on the images;
+4. `dtk eval`: the teacher (DDIM trailing) at 1/2/4/25 steps, rectified at 1/2/4, phased at 4.
+
+Prints a markdown table (and with --save writes benchmarks/results/reflow.md):
+FD-real, FD-teacher and accuracy per model and step count, training images
+seen and wall time, against the targets of the paper's SD1.5 ratios
+(rectified 1-step FD-real ≤ 1.5× the teacher's 25-step, 2-step ≤ 1.2×).
+Steps already done in --work (their dtk.json exists) are not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_speed import machine  # noqa: E402
+
+
+def step(cmd: list, done: Path, times: dict, name: str) -> None:
+    print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), file=sys.stderr, flush=True)
+    if done.exists():
+        print(f"  (done already: {done})", file=sys.stderr)
+        times.setdefault(name, None)
+        return
+    t0 = time.time()
+    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
+    times[name] = time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True, help="working directory (data, runs, evals)")
+    ap.add_argument("--images", type=int, default=10000, help="training images for the phased variant")
+    ap.add_argument("--pairs", type=int, default=10000)
+    ap.add_argument("--guidance", type=float, default=None, help="teacher guidance for pairs [the teacher's]")
+    ap.add_argument("--train-steps", type=int, default=3000)
+    ap.add_argument("--phased-steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--num-images", type=int, default=1000, help="benchmark images per model and step count")
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args()
+
+    from dtk.diffusion.loading import resolve_model
+
+    teacher_guidance = args.guidance or resolve_model(None).sampler["guidance"]
+    w = Path(args.work)
+    dtk = [sys.executable, "-m", "dtk"]
+    times: dict = {}
+    step([sys.executable, "-m", "dtk.demo.shapes", "--out", w / "images", "--num", args.images, "--seed", 7],
+         w / "images" / "captions.txt", times, "images")
+    step([*dtk, "reflow-pairs", "--prompts", w / "images" / "captions.txt", "--num", args.pairs, "--guidance",
+          teacher_guidance, "--batch-size", 64, "--out", w / "pairs"], w / "pairs" / "dtk.json", times, "pairs")
+    train = ["--full", "--batch-size", args.batch_size, "--lr", args.lr, "--ema-decay", 0.999,
+             "--lr-schedule", "cosine", "--warmup-steps", 100, "--checkpoint-every", 500, "--log-every", 100]
+    step([*dtk, "train-reflow", "--data", w / "pairs", "--out", w / "reflow", "--max-steps", args.train_steps, *train],
+         w / "reflow" / "dtk.json", times, "reflow")
+    step([*dtk, "train-reflow", "--data", w / "images", "--phased", 4, "--out", w / "phased", "--max-steps",
+          args.phased_steps, *train], w / "phased" / "dtk.json", times, "phased")
+    evals = {"teacher": (["--scheduler", "ddim-trailing", "--steps", "1,2,4,25"], "demo"),
+             "reflow": (["--model", w / "reflow", "--steps", "1,2,4"], "reflow"),
+             "phased": (["--model", w / "phased", "--steps", "4"], "phased")}
+    for name, (opts, _) in evals.items():
+        step([*dtk, "eval", *opts, "--num-images", args.num_images, "--out", w / f"eval-{name}"],
+             w / f"eval-{name}" / "eval.json", times, f"eval-{name}")
+
+    results = {name: json.loads((w / f"eval-{name}" / "eval.json").read_text()) for name in evals}
+    teacher25 = next(r for r in results["teacher"]["rows"] if r["steps"] == 25)
+    trained = {name: json.loads((w / name / "dtk.json").read_text())["training"] for name in ("reflow", "phased")}
+    rows = []
+    for name, res in results.items():
+        for r in res["rows"]:
+            seen = trained[name]["examples_seen"] if name in trained else None
+            secs = trained[name]["seconds"] if name in trained else None
+            rows.append(f"| {name} | {r['steps']} | {r['fd_real']:.1f} | {r['fd_real'] / teacher25['fd_real']:.2f} | "
+                        f"{r['fd_teacher']:.1f} | {r['accuracy']:.3f} | "
+                        f"{seen if seen is not None else '—'} | {f'{secs / 60:.0f} min' if secs else '—'} |")
+    ratio = {r["steps"]: r["fd_real"] / teacher25["fd_real"] for r in results["reflow"]["rows"]}
+    pairs_min = times.get("pairs")
+    lines = [
+        f"demo teacher, shapes-v1 benchmark ({args.num_images} images per row; FD noise floor "
+        f"{results['teacher']['noise_floor']:.1f}); sampling: the teacher with DDIM trailing at its guidance "
+        f"{teacher_guidance:g}, the retrained models with their dtk.json recommendation",
+        f"pairs: {args.pairs} from {args.images} training captions, DPM-Solver 25 steps, guidance {teacher_guidance:g}"
+        + (f" ({pairs_min / 60:.0f} min)" if pairs_min else ""),
+        f"training: full UNet, batch {args.batch_size}, lr {args.lr:g} cosine, EMA 0.999; "
+        f"rectified {args.train_steps} steps, phased (K=4, online teacher) {args.phased_steps} steps",
+        f"machine: {machine()}",
+        "",
+        "| model | steps | FD-real | ÷ teacher 25-step | FD-teacher | accuracy | training images | training time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"targets: rectified 1-step FD-real ≤ 1.5× teacher 25-step: {ratio.get(1, float('nan')):.2f}× "
+        f"({'met' if ratio.get(1, 9) <= 1.5 else 'NOT met'}); "
+        f"2-step ≤ 1.2×: {ratio.get(2, float('nan')):.2f}× ({'met' if ratio.get(2, 9) <= 1.2 else 'NOT met'})",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.save:
+        out = Path(__file__).parent / "results" / "reflow.md"
+        cmd = "python benchmarks/reflow.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "save")
+        out.write_text(f"# Rectified Diffusion on the demo model\n\nCommand: `{cmd}`\n\n{table}\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""``dtk reflow-pairs``: noise → sample pairs from a teacher ODE, in safetensors shards.
+
+Rectified Diffusion (Wang et al., ICLR 2025) retrains a model on matched
+pairs (z, x₀): z the initial latent noise, x₀ the latent the teacher's ODE
+solver reaches from it. Pair ``i`` uses prompt ``i mod P`` and noise from
+``(seed, i)``, so any sharding gives the same pairs.
+
+Layout of an output directory::
+
+    pairs-000000.safetensors   pairs [0, S), S = --pairs-per-shard
+    pairs-000001.safetensors   pairs [S, 2S) ...
+    dtk.json                   (dtk.shard-I-of-N.json per process of a sharded run)
+
+A shard holds ``noise`` and ``latent`` [n, C, h, w] (latents already scaled by
+the VAE factor), ``index`` [n] and for SDXL ``time_ids`` [n, 6]; its metadata
+holds the prompts and the generation settings. Shards are written whole
+(atomic rename) in a fixed batch layout, so a shard's bytes do not depend on
+how the work was split; a re-run with the same arguments skips finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dtk.errors import BadInput
+
+log = logging.getLogger("dtk")
+
+SHARD_GLOB = "pairs-*.safetensors"
+# --solver → dtk sampler. All start at t = 999 (trailing/linspace spacing): the
+# stored noise is then the ODE's starting point, the x_T of training.
+SOLVERS = {"dpm-solver": "dpm-solver", "ddim": "ddim-trailing", "euler": "euler"}
+
+
+def shard_name(chunk: int) -> str:
+    return f"pairs-{chunk:06d}.safetensors"
+
+
+def is_pair_dir(path: Path) -> bool:
+    return any(path.glob(SHARD_GLOB))
+
+
+# ---------------------------------------------------------------------------
+# Model probe: "were these pairs made by this model?" without trusting paths.
+
+
+def model_probe(model) -> list[float]:
+    """The UNet's ε̂ on a fixed input (8×8 latent, t = 500, empty prompt), pooled to 4×4 per channel.
+
+    Equal models (whatever their path, dtype or device) give close values;
+    different weights give clearly different ones.
+    """
+    import torch
+
+    from dtk.diffusion.conditioning import encode_prompts
+
+    f = model.vae_scale_factor
+    g = torch.Generator("cpu").manual_seed(0)
+    x = torch.randn(1, model.unet.config.in_channels, 8, 8, generator=g).to(model.device, model.dtype)
+    cond = encode_prompts(model, [""], 8 * f, 8 * f)
+    with torch.no_grad():
+        out = model.unet(x, torch.tensor([500], device=model.device), return_dict=False, **cond.unet_kwargs())[0]
+    return [round(v, 4) for v in torch.nn.functional.avg_pool2d(out.float(), 2).flatten().tolist()]
+
+
+def probes_match(a: list[float], b: list[float]) -> bool:
+    import torch
+
+    a_t, b_t = torch.tensor(a), torch.tensor(b)
+    return a_t.shape == b_t.shape and bool(((a_t - b_t).abs() <= 0.02 * a_t.abs().max() + 2e-3).all())
+
+
+# ---------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class PairOptions:
+    prompts: list                       # dtk.sample.PromptItem
+    model: str | None = None
+    model_config: str | None = None
+    out: str = "pairs"
+    num: int | None = None              # default: one pair per prompt
+    solver: str = "dpm-solver"
+    steps: int = 25
+    guidance: float = 5.0
+    negative_prompt: str = ""
+    seed: int = 0
+    batch_size: int = 8
+    pairs_per_shard: int = 256
+    height: int | None = None
+    width: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+
+
+def _settings_record(opts: PairOptions, model, settings, num: int, prompts_hash: str) -> dict:
+    """What makes the pairs what they are: equal records ⇔ interchangeable shards."""
+    return {"model": model.ref.spec, "family": model.family, "solver": opts.solver, "scheduler": settings.scheduler,
+            "steps": settings.steps, "guidance": settings.guidance, "negative_prompt": opts.negative_prompt,
+            "seed": opts.seed, "num": num, "pairs_per_shard": opts.pairs_per_shard,
+            "height": settings.height, "width": settings.width,
+            "latent_shape": [model.unet.config.in_channels, settings.height // model.vae_scale_factor,
+                             settings.width // model.vae_scale_factor],
+            "prompts_sha256": prompts_hash}
+
+
+def run_pairs(opts: PairOptions) -> list[dict]:
+    from dtk.device import resolve_device, resolve_dtype
+    from dtk.diffusion.loading import check_size, open_model, resolve_model, vae_factor_of
+    from dtk.diffusion.sampling import SamplerSettings
+    from dtk.io import emit, run_record, write_json
+    from dtk.logs import progress_enabled
+    from dtk.progress import Progress
+    from dtk.sample import shard_suffix
+    from dtk.seeds import shard_indices
+
+    if opts.solver not in SOLVERS:
+        raise BadInput(f"--solver {opts.solver}: unknown (choose from {', '.join(SOLVERS)})")
+    num = opts.num if opts.num is not None else len(opts.prompts)
+    if num < 1:
+        raise BadInput(f"--num {num}: need at least one pair")
+    ref = resolve_model(opts.model)
+    check_size(vae_factor_of(ref), opts.height, opts.width)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    model = open_model(ref, device, dtype, opts.model_config)
+    for m in (model.unet, model.vae, model.pipe.text_encoder):
+        m.eval()
+    size = model.default_size
+    settings = SamplerSettings(scheduler=SOLVERS[opts.solver], steps=opts.steps, guidance=opts.guidance,
+                               height=opts.height or size, width=opts.width or size)
+    from dtk.diffusion.schedulers import make_sampler
+
+    make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, None, device)
+    prompts_hash = hashlib.sha256(json.dumps([[p.prompt, p.negative_prompt, p.seed] for p in opts.prompts])
+                                  .encode()).hexdigest()
+    record = _settings_record(opts, model, settings, num, prompts_hash)
+    record["probe"] = model_probe(model)
+    _check_existing(out, record, opts.overwrite)
+
+    chunks = math.ceil(num / opts.pairs_per_shard)
+    mine = shard_indices(chunks, opts.shard)
+    todo = [c for c in mine if not (out / shard_name(c)).exists()]
+    if len(todo) < len(mine):
+        log.info("reflow-pairs: %d of %d shard(s) already finished, skipped", len(mine) - len(todo), len(mine))
+    total = sum(min(num, (c + 1) * opts.pairs_per_shard) - c * opts.pairs_per_shard for c in todo)
+    log.info("reflow-pairs: %d pair(s) in %d shard(s)%s with %s, %s %d steps, guidance %.2f, %dx%d on %s",
+             total, len(todo), f" (shard {opts.shard[0]}/{opts.shard[1]})" if opts.shard[1] > 1 else "",
+             ref.spec, opts.solver, settings.steps, settings.guidance, settings.width, settings.height, device)
+    written = []
+    with Progress(total, "reflow-pairs", unit="pair", enabled=progress_enabled()) as bar:
+        for chunk in mine:
+            path = out / shard_name(chunk)
+            first, last = chunk * opts.pairs_per_shard, min(num, (chunk + 1) * opts.pairs_per_shard)
+            if chunk in todo:
+                _write_shard(path, model, settings, opts, range(first, last), record, bar)
+            line = {"path": str(path), "shard": chunk, "first_index": first, "pairs": last - first}
+            emit(line)
+            written.append(line)
+    suffix = shard_suffix(opts.shard)
+    args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
+    write_json(out / f"dtk{suffix}.json", run_record(
+        "reflow-pairs", args, kind="pairs", settings=record, shards=chunks, shard=list(opts.shard),
+        files=[Path(w["path"]).name for w in written]))
+    return written
+
+
+def _check_existing(out: Path, record: dict, overwrite: bool) -> None:
+    """Shards already in ``out`` must come from the same settings; --overwrite removes them."""
+    existing = sorted(out.glob(SHARD_GLOB)) if out.is_dir() else []
+    if not existing:
+        return
+    if overwrite:
+        for f in existing:
+            f.unlink()
+        for f in out.glob("dtk*.json"):
+            f.unlink()
+        return
+    theirs = read_shard_meta(existing[0])["settings"]
+    diff = [k for k in record if k not in ("probe", "model") and theirs.get(k) != record[k]]
+    if not probes_match(theirs.get("probe", []), record["probe"]):
+        diff.insert(0, "model")
+    if diff:
+        raise BadInput(f"--out {out}: holds pairs made with other settings ({', '.join(diff)}); "
+                       "pass --overwrite to replace them or choose another directory")
+
+
+def _write_shard(path: Path, model, settings, opts: PairOptions, indices: range, record: dict, bar) -> None:
+    import torch
+
+    from dtk.diffusion.conditioning import encode_prompts
+    from dtk.diffusion.sampling import Request, denoise, initial_noise
+    from dtk.io import save_safetensors
+    from dtk.seeds import derive_seed
+
+    requests = []
+    for i in indices:
+        item = opts.prompts[i % len(opts.prompts)]
+        cycle = i // len(opts.prompts)
+        seed = item.seed + cycle if item.seed is not None else derive_seed(opts.seed, i)
+        neg = item.negative_prompt if item.negative_prompt is not None else opts.negative_prompt
+        requests.append(Request(prompt=item.prompt, seed=seed, negative_prompt=neg, meta={"index": i}))
+    noise, latents, time_ids = [], [], []
+    for start in range(0, len(requests), opts.batch_size):
+        batch = requests[start:start + opts.batch_size]
+        z, _ = initial_noise(model, [r.seed for r in batch], settings.height, settings.width)
+        noise.append(z.cpu())
+        latents.append(denoise(model, settings, batch, noise=z).cpu())
+        if model.family == "sdxl":
+            time_ids.append(encode_prompts(model, [""] * len(batch), settings.height, settings.width).time_ids.cpu())
+        bar.update(len(batch))
+    tensors = {"noise": torch.cat(noise), "latent": torch.cat(latents),
+               "index": torch.tensor(list(indices), dtype=torch.int64)}
+    if time_ids:
+        tensors["time_ids"] = torch.cat(time_ids)
+    if not torch.isfinite(tensors["latent"].float()).all():
+        from dtk.errors import RunFailure
+
+        raise RunFailure(f"{path.name}: the teacher produced non-finite latents (try --dtype fp32 or bf16)")
+    # one metadata key: safetensors keeps metadata in a hash map, and one key keeps the bytes reproducible
+    meta = {"dtk.pairs": json.dumps({"settings": record, "prompts": [r.prompt for r in requests],
+                                     "seeds": [r.seed for r in requests]})}
+    save_safetensors(path, tensors, meta)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def read_shard_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            n = f.get_slice("index").get_shape()[0] if "index" in keys else 0
+        info = json.loads(meta["dtk.pairs"])
+        settings, prompts = info["settings"], info["prompts"]
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, or not ours
+        raise BadInput(f"{path}: not a readable pair shard ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    missing = {"noise", "latent", "index"} - keys
+    if missing:
+        raise BadInput(f"{path}: not a pair shard (no {', '.join(sorted(missing))} tensor)")
+    if n == 0 or len(prompts) != n:
+        raise BadInput(f"{path}: empty pair shard" if n == 0 else f"{path}: {n} pairs but {len(prompts)} prompts")
+    return {"settings": settings, "prompts": prompts, "pairs": n, "keys": keys}
+
+
+class PairDataset:
+    """All pair shards of a directory (a Slurm array's shards included) as one dataset."""
+
+    kind = "pairs"
+
+    def __init__(self, path: Path):
+        self.name = str(path)
+        files = sorted(path.glob(SHARD_GLOB))
+        metas = [read_shard_meta(f) for f in files]
+        self.settings = metas[0]["settings"]
+        for f, m in zip(files, metas):
+            diff = [k for k in self.settings if k != "probe" and m["settings"].get(k) != self.settings.get(k)]
+            if diff:
+                raise BadInput(f"--data {path}: {f.name} was made with other settings than {files[0].name} "
+                               f"({', '.join(diff)})")
+        expected = math.ceil(self.settings["num"] / self.settings["pairs_per_shard"])
+        present = {int(f.stem.split("-")[1]) for f in files}
+        missing = sorted(set(range(expected)) - present)
+        if missing:
+            raise BadInput(f"--data {path}: {len(missing)} of {expected} pair shards missing (e.g. "
+                           f"{shard_name(missing[0])}); the generation is unfinished: rerun dtk reflow-pairs "
+                           "with the same arguments to complete it")
+        self.rows: list[tuple[Path, int, str]] = []
+        for f, m in zip(files, metas):
+            self.rows.extend((f, j, p) for j, p in enumerate(m["prompts"]))
+        self._handles: dict[Path, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _open(self, f: Path):
+        from safetensors import safe_open
+
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(f), "pt")
+        return self._handles[f]
+
+    def __getitem__(self, i: int) -> dict:
+        f, j, prompt = self.rows[i]
+        h = self._open(f)
+        ex = {"noise": h.get_slice("noise")[j].float(), "latent": h.get_slice("latent")[j].float(), "caption": prompt}
+        if self.settings.get("family") == "sdxl":
+            ex["time_ids"] = h.get_slice("time_ids")[j].float()
+        return ex
+
+    def describe(self) -> dict:
+        return {"data": self.name, "format": "reflow-pairs", "examples": len(self),
+                "teacher": self.settings.get("model"), "solver": self.settings.get("solver"),
+                "steps": self.settings.get("steps"), "guidance": self.settings.get("guidance")}

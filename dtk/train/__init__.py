@@ -1,0 +1,1 @@
+"""The one training engine every training command uses (see ``dtk.train.engine``)."""

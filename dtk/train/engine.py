@@ -1,0 +1,700 @@
+"""THE training loop: one engine for every training command.
+
+A method (``dtk.methods.*``) says what is specific to its paper — how a batch
+becomes a loss, what a frozen teacher is, which sampler the result wants —
+and the engine owns everything else: model loading, LoRA or full
+fine-tuning, accelerate (DDP, mixed precision), gradient accumulation and
+clipping, the optimiser and LR schedule, EMA, data order, checkpoints and
+exact resume, preemption, NaN guards, metrics, validation images and export.
+
+Randomness: every random draw a method makes for an example comes from that
+example's own generator, seeded from (seed, position of the example in the
+data stream). Results therefore do not depend on the batch split across
+processes or accumulation steps, and a resumed run draws what the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtk.errors import BadInput, DtkError, RunFailure
+from dtk.train.config import EXIT_PREEMPTED, TrainConfig
+
+log = logging.getLogger("dtk")
+
+
+class Preempted(DtkError):
+    """SIGTERM/SIGUSR1: a checkpoint was saved; a requeued job continues with --resume auto."""
+
+    exit_code = EXIT_PREEMPTED
+    label = "stopped"
+
+
+# ---------------------------------------------------------------------------
+# What a method sees
+
+
+class PerExample:
+    """Random draws with one generator per example (see the module docstring)."""
+
+    def __init__(self, seeds: list[int], device):
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
+
+    def rand(self) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(self.device)
+
+    def randint(self, low: int, high: int) -> torch.Tensor:
+        """Integers in [low, high) per example; ``high`` may be a tensor of per-example bounds."""
+        highs = high.tolist() if isinstance(high, torch.Tensor) else [high] * len(self)
+        lows = low.tolist() if isinstance(low, torch.Tensor) else [low] * len(self)
+        return torch.cat([torch.randint(int(lo), int(hi), (1,), generator=g)
+                          for g, lo, hi in zip(self.generators, lows, highs)]).to(self.device)
+
+
+@dataclass
+class Run:
+    """The state a method works with. ``unet`` is the trained UNet as the engine wraps it (DDP);
+    ``raw_unet`` the same weights unwrapped, for passes without gradients."""
+
+    config: TrainConfig
+    model: Any                        # dtk.diffusion.loading.LoadedModel: frozen VAE / text encoders
+    accelerator: Any
+    data: Any
+    unet: Any = None
+    raw_unet: Any = None
+    step: int = 0
+    rng: PerExample | None = None
+    abar: torch.Tensor | None = None  # ᾱ_t, float64, on the device
+    weight_dtype: torch.dtype = torch.float32
+    _prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def prediction_type(self) -> str:
+        return self.model.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example (α_t, σ_t) as [B,1,1,1] float32; t = −1 means ᾱ = 1 (clean)."""
+        abar = torch.where(t >= 0, self.abar[t.clamp(min=0)], torch.ones_like(self.abar[0]))
+        view = (-1, 1, 1, 1)
+        return abar.sqrt().float().view(view), (1 - abar).sqrt().float().view(view)
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str], height: int | None = None, width: int | None = None):
+        """Conditioning for ``captions`` (frozen text encoders), cached per distinct caption."""
+        from dtk.diffusion.conditioning import Conditioning, encode_prompts
+
+        h, w = height or self.resolution, width or self.resolution
+        distinct = [c for c in dict.fromkeys(captions) if (c, h, w) not in self._prompt_cache]
+        if distinct:
+            if len(self._prompt_cache) + len(distinct) > 4096:  # bounded: big caption sets are not cached whole
+                self._prompt_cache.clear()
+                distinct = list(dict.fromkeys(captions))
+            cond = encode_prompts(self.model, distinct, h, w)
+            for i, c in enumerate(distinct):
+                self._prompt_cache[(c, h, w)] = Conditioning(
+                    cond.embeds[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1],
+                    None if cond.time_ids is None else cond.time_ids[i:i + 1])
+        return Conditioning.cat([self._prompt_cache[(c, h, w)] for c in captions])
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → scaled latents (the posterior mean, so the same image gives the same latent)."""
+        vae = self.model.vae
+        latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
+        return (latents * vae.config.scaling_factor).float()
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution or self.model.default_size
+
+    def predict(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """One UNet evaluation → its raw output (ε, v or x₀ as the model predicts)."""
+        return unet(x_t, t, return_dict=False, **cond.unet_kwargs())[0].float()
+
+    def to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        from dtk.diffusion.schedule import to_x0_eps
+
+        alpha, sigma = self.alpha_sigma(t)
+        return to_x0_eps(output, x_t, alpha, sigma, self.prediction_type)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The base model inside: with LoRA training, the trained adapter switched off."""
+        if self.config.full:
+            raise RuntimeError("adapters_disabled() needs LoRA training; full fine-tuning keeps a frozen copy")
+        self.raw_unet.disable_adapters()
+        try:
+            yield self.raw_unet
+        finally:
+            self.raw_unet.enable_adapters()
+
+    def frozen_copy(self):
+        """A frozen copy of the UNet as it is now (call in ``Method.setup``, before training)."""
+        import copy
+
+        unet = copy.deepcopy(self.raw_unet).requires_grad_(False).eval()
+        return unet.to(self.weight_dtype)
+
+
+class Method:
+    """What a paper contributes. Subclasses override ``loss`` and ``sampler``; the rest is optional."""
+
+    name = "train"                    # the command, e.g. "train-reflow"
+    data_kind = "images"              # "images" or "pairs"
+
+    def check_data(self, data, run: Run) -> None:
+        """Reject data this method cannot use (BadInput naming what and where)."""
+
+    def setup(self, run: Run) -> None:
+        """Called once the model exists and before any step: build teachers, constants."""
+
+    def loss(self, batch: dict, run: Run) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def sampler(self, run: Run) -> dict:
+        """The recommended way to sample the result (dtk.json ``sampler``)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> dict:
+        """The method's settings, recorded in dtk.json."""
+        return {}
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the loop
+
+
+class EMA:
+    """Exponential moving average of the trained parameters (fp32 shadow copies)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.decay = decay
+        self.params = named_params
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params:
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The EMA weights in the model for the duration (validation, export)."""
+        saved = {n: p.detach().clone() for n, p in self.params}
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params:
+                    p.copy_(saved[n])
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return f
+
+
+def make_optimizer(params: list, config: TrainConfig):
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise BadInput("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 (Slurm preemption) only set a flag; the loop checkpoints at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("train: received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class _Metrics:
+    """Windowed means of the logs, to stderr, metrics.jsonl and (when installed) TensorBoard."""
+
+    def __init__(self, out: Path, name: str, main: bool, resume_step: int):
+        self.name, self.main, self.window = name, main, {}
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if main:
+            self._truncate_after(resume_step)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (the resumed run logs them again)."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        from dtk.io import atomic_write
+
+        with atomic_write(self.path, "w") as f:
+            f.write("".join(ln + "\n" for ln in keep))
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            self.window.setdefault(k, []).append(float(v))
+
+    def flush(self, step: int, total: int, extra: dict, accelerator) -> dict:
+        means = {k: sum(v) / len(v) for k, v in self.window.items()}
+        if accelerator.num_processes > 1:  # every process logs the same keys: the mean over all of them
+            values = accelerator.reduce(torch.tensor(list(means.values()), device=accelerator.device), "mean")
+            means = dict(zip(means, values.tolist()))
+        record = {"step": step, **means, **extra}
+        self.window = {}
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self.writer.add_scalar(k, v, step)
+            shown = " ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step")
+            log.info("%s: step %d/%d %s", self.name, step, total, shown)
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------
+# Setting up
+
+
+def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
+    """Check ``--out`` against ``--resume``/``--overwrite``; the checkpoint to resume from, if any."""
+    from dtk.train.checkpoint import checkpoint_root, complete_checkpoints, find_resume
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    finished = (out / "dtk.json").exists()
+    if finished and not config.overwrite:
+        raise BadInput(f"--out {out}: holds a finished model (dtk.json); pass --overwrite to replace it "
+                       "(with --resume auto to continue from its last checkpoint)")
+    resume = find_resume(out, config.resume)
+    existing = complete_checkpoints(out)
+    if resume is None and existing and config.resume is None and not config.overwrite:
+        raise BadInput(f"--out {out}: holds checkpoints of an unfinished run (newest {existing[-1].name}); "
+                       "pass --resume auto to continue it or --overwrite to start over")
+    if main and config.overwrite:
+        from dtk.io import prepare_out_dir
+
+        if finished:
+            prepare_out_dir(out, overwrite=True)
+        if resume is None:
+            import shutil
+
+            shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+            for name in ("metrics.jsonl", "validation", "tensorboard"):
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    return resume
+
+
+def _load_model(config: TrainConfig, accelerator, weight_dtype):
+    """The pipeline with its LoRAs fused (they become part of the base), frozen, on the device."""
+    from dtk.diffusion.loading import open_model, resolve_model
+
+    ref = resolve_model(config.model)
+    model = open_model(ref, accelerator.device, torch.float32, config.model_config)
+    pipe = model.pipe
+    if ref.loras:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+            if name != "unet" or not config.full:
+                module.to(weight_dtype)
+    model.dtype = weight_dtype
+    return model
+
+
+def _add_trainable(unet, config: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    """Full fine-tuning: every UNet parameter; LoRA: a peft adapter on ``--lora-targets`` (fp32)."""
+    if config.full:
+        unet.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
+        full_names = {n for n, _ in unet.named_modules()}
+        unknown = [t for t in config.lora_targets
+                   if t not in names and not any(fn.endswith("." + t) for fn in full_names)]
+        if unknown:
+            raise BadInput(f"--lora-targets: no module of this UNet is named {', '.join(unknown)}")
+        present = [t for t in config.lora_targets if t not in unknown]
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                    target_modules=present))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    unet.train()
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def train(method: Method, config: TrainConfig) -> dict:
+    from accelerate import Accelerator
+
+    from dtk.logs import quiet_libraries
+    from dtk.train.data import BatchOrder, collate, open_dataset
+
+    config.check()
+    quiet_libraries()
+    t_start = time.monotonic()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+    if config.device not in ("auto", "cpu") and accelerator.num_processes == 1:
+        from dtk.device import resolve_device
+
+        resolve_device(config.device)  # a clear error for an impossible --device
+    main = accelerator.is_main_process
+    out = Path(config.out)
+    resume_from = _prepare_out(out, config, main)
+    accelerator.wait_for_everyone()
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    model = _load_model(config, accelerator, weight_dtype)
+    data = open_dataset(config.data, resolution=config.resolution or model.default_size,
+                        allow_missing_captions=config.allow_missing_captions)
+    if data.kind != method.data_kind:
+        raise BadInput(f"--data {config.data}: {method.name} needs {method.data_kind}, this is {data.kind}")
+    from dtk.diffusion.schedule import alphas_cumprod
+
+    run = Run(config=config, model=model, accelerator=accelerator, data=data, weight_dtype=weight_dtype,
+              abar=alphas_cumprod(model.pipe.scheduler.config).to(accelerator.device))
+    method.check_data(data, run)
+    unet = model.unet
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    from dtk.seeds import derive_seed
+
+    torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA initialisation: the same on every process and run
+    named = _add_trainable(unet, config)
+    run.raw_unet = unet
+    method.setup(run)
+    params = [p for _, p in named]
+    optimizer = make_optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, config.max_steps))
+    run.unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = EMA(named, config.ema_decay) if config.ema_decay else None
+
+    step, seen = 0, 0
+    if resume_from is not None:
+        step, seen = _restore(resume_from, config, named, optimizer, scheduler, ema, method, accelerator)
+        log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
+    order = BatchOrder(len(data), config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
+    metrics = _Metrics(out, method.name, main, step)
+    if main:
+        n_train = sum(p.numel() for p in params)
+        log.info("%s: %s on %s (%d examples), %s %.2fM trainable parameters, global batch %d, %d steps, %d process(es) on %s",
+                 method.name, model.ref.spec, data.name, len(data),
+                 "full UNet" if config.full else f"LoRA rank {config.lora_rank} alpha {config.alpha:g},",
+                 n_train / 1e6, order.global_batch, config.max_steps, accelerator.num_processes, accelerator.device)
+
+    last_record: dict = {}
+    window_start, window_examples = time.monotonic(), 0
+    with _StopSignals() as stop:
+        while step < config.max_steps:
+            loss_value, grad_norm = _one_step(run, method, order, data, collate, optimizer, params, metrics, step)
+            scheduler.step()
+            if ema is not None:
+                ema.update()
+            step += 1
+            seen += order.global_batch
+            window_examples += order.global_batch
+            run.step = step
+            if step % config.log_every == 0 or step == config.max_steps:
+                elapsed = time.monotonic() - window_start
+                extra = {"lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / max(elapsed, 1e-9)}
+                if grad_norm is not None:
+                    extra["grad_norm"] = grad_norm
+                last_record = metrics.flush(step, config.max_steps, extra, accelerator)
+                window_start, window_examples = time.monotonic(), 0
+            if config.validate_every and step % config.validate_every == 0 and main:
+                _validate(run, method, ema, out, step)
+            stopping = _any_process(accelerator, stop.requested)
+            if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
+                path = _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out)
+                if stopping:
+                    metrics.close()
+                    raise Preempted(f"checkpoint {path} saved at step {step}; rerun with --resume auto to continue "
+                                    f"(exit {EXIT_PREEMPTED})")
+    metrics.close()
+    result = {}
+    if main:
+        result = _export(run, method, named, ema, out, step, seen, time.monotonic() - t_start, last_record)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _one_step(run, method, order, data, collate, optimizer, params, metrics, step) -> tuple[float, float | None]:
+    """One optimizer step over grad_accum micro-batches; NaN/Inf stops the run before any update."""
+    accelerator, config = run.accelerator, run.config
+    rank = accelerator.process_index
+    total = 0.0
+    for micro in range(config.grad_accum):
+        positions = order.positions(step, micro, rank)
+        batch = collate([data[i] for i in order.indices(step, micro, rank)])
+        from dtk.seeds import derive_seed
+
+        run.rng = PerExample([derive_seed(config.seed, f"example-{p}") for p in positions], accelerator.device)
+        sync = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.unet):
+            with accelerator.autocast():
+                loss, logs = method.loss(batch, run)
+            if _any_process(accelerator, not bool(torch.isfinite(loss.detach()).all())):
+                raise RunFailure(_nan_message("loss", loss, step + 1, run.config))
+            accelerator.backward(loss / config.grad_accum)
+        total += float(loss.detach()) / config.grad_accum
+        metrics.add({"loss": float(loss.detach()), **logs})
+    grad_norm = None
+    if config.max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+        if not math.isfinite(grad_norm) and config.mixed_precision != "fp16":  # fp16: the scaler skips the step
+            raise RunFailure(_nan_message("gradient norm", grad_norm, step + 1, run.config))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+def _nan_message(what: str, value, step: int, config: TrainConfig) -> str:
+    from dtk.train.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(Path(config.out))
+    kept = (f"the last good checkpoint is {found[-1]} (continue with --resume auto, e.g. with a lower --lr)"
+            if found else "no checkpoint was written yet")
+    value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else value
+    return f"{what} is {value} at step {step}; stopped before updating the weights; {kept}"
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, validation, export
+
+
+def _state_of(named) -> dict:
+    return {n: p.detach().float().cpu().contiguous() for n, p in named}
+
+
+def _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out) -> Path:
+    from dtk.train.checkpoint import checkpoint_name, checkpoint_root, save_checkpoint
+
+    accelerator = run.accelerator
+    path = checkpoint_root(out) / checkpoint_name(step)
+    if accelerator.is_main_process:
+        state = {"step": step, "examples_seen": seen, "world_size": accelerator.num_processes,
+                 "config": _resume_keys(run.config), "method": method.name}
+        save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
+                        optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                         "torch_rng": torch.get_rng_state()},
+                        method_state=method.state_dict(), state=state, keep=run.config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _resume_keys(config: TrainConfig) -> dict:
+    """Settings a checkpoint cannot be resumed under different values of."""
+    return {"full": config.full, "lora_rank": config.lora_rank, "lora_alpha": config.alpha,
+            "lora_targets": list(config.lora_targets), "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum, "seed": config.seed, "ema": config.ema_decay > 0}
+
+
+def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator) -> tuple[int, int]:
+    from dtk.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    state = ckpt["state"]
+    saved = state.get("config", {})
+    now = _resume_keys(config)
+    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if saved.get("world_size", accelerator.num_processes) * saved.get("batch_size", 0) != \
+            accelerator.num_processes * config.batch_size and "batch_size" not in diff:
+        diff.append("processes × batch size")
+    if diff:
+        raise BadInput(f"--resume {path}: saved with other {', '.join(diff)} than this run "
+                       f"({', '.join(f'{k}={saved.get(k)}' for k in diff if k in saved)})")
+    params = dict(named)
+    missing = set(params) - set(ckpt["trainable"])
+    if missing:
+        raise BadInput(f"--resume {path}: lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ckpt["trainable"][n].to(p.device, p.dtype))
+    optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+    torch.set_rng_state(ckpt["optimizer"]["torch_rng"])
+    if ema is not None:
+        if ckpt["ema"] is None:
+            raise BadInput(f"--resume {path}: has no EMA state but --ema-decay is set")
+        ema.shadow = {n: t.to(accelerator.device) for n, t in ckpt["ema"].items()}
+    if ckpt["method"]:
+        method.load_state_dict(ckpt["method"])
+    return int(state["step"]), int(state["examples_seen"])
+
+
+def validation_settings(run, method):
+    from dtk.diffusion.sampling import SamplerSettings
+
+    rec = {"scheduler": "dpm++2m", "steps": 25, "guidance": 7.5, **method.sampler(run)}
+    ts = rec.get("timesteps")
+    return SamplerSettings(scheduler=rec["scheduler"], steps=len(ts) if ts else int(rec["steps"]),
+                           guidance=float(rec["guidance"]), height=run.resolution, width=run.resolution,
+                           timesteps=list(ts) if ts else None)
+
+
+def validation_prompts(run) -> list[str]:
+    if run.config.validation_prompts:
+        return list(run.config.validation_prompts)
+    captions = getattr(run.data, "captions", None)
+    pool = captions() if callable(captions) else [run.data[i]["caption"] for i in range(min(len(run.data), 64))]
+    return list(dict.fromkeys(c for c in pool if c))[:4] or [""]
+
+
+@torch.no_grad()
+def _validate(run, method, ema, out: Path, step: int) -> None:
+    """A grid of validation images with the method's recommended sampler (EMA weights when kept)."""
+    from PIL import Image
+
+    from dtk.diffusion.sampling import Request, generate, to_uint8
+    from dtk.sample import write_grid
+    from dtk.seeds import derive_seed
+
+    unet = run.raw_unet
+    unet.eval()
+    try:
+        with ema.swapped() if ema is not None else contextlib.nullcontext(), run.accelerator.autocast():
+            prompts = validation_prompts(run)
+            requests = [Request(prompt=p, seed=derive_seed(run.config.seed, i)) for i, p in enumerate(prompts)]
+            images = to_uint8(generate(run.model, validation_settings(run, method), requests))
+    finally:
+        unet.train()
+    write_grid(out / "validation" / f"step-{step:08d}.png", [Image.fromarray(a) for a in images], len(images))
+
+
+def _export(run, method, named, ema, out: Path, step: int, seen: int, seconds: float, last: dict) -> dict:
+    """The model directory: weights (LoRA or UNet) and dtk.json, which is written last."""
+    import shutil
+
+    from dtk.diffusion.lora import LORA_FILE, save_kohya, save_lora
+    from dtk.io import emit, run_record, write_json
+
+    config, unet = run.config, run.raw_unet
+    files, manifest = [], {}
+    with ema.swapped() if ema is not None else contextlib.nullcontext():
+        if config.full:
+            tmp = out / ".unet.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            unet.save_pretrained(str(tmp), safe_serialization=True)
+            shutil.rmtree(out / "unet", ignore_errors=True)
+            os.replace(tmp, out / "unet")
+            manifest["unet"] = "unet"
+            files += [f"unet/{p.name}" for p in (out / "unet").iterdir()]
+        elif config.export_format == "kohya":
+            save_kohya(out / "lora-kohya.safetensors", unet)
+            manifest["loras"] = [{"path": "lora-kohya.safetensors", "scale": 1.0}]
+            files.append("lora-kohya.safetensors")
+        else:
+            save_lora(out, unet, run.family, metadata={"method": method.name})
+            manifest["loras"] = [{"path": LORA_FILE, "scale": 1.0}]
+            files.append(LORA_FILE)
+    base = run.model.ref.spec
+    base_path = Path(base).expanduser()
+    if base != "demo" and base_path.exists():
+        base = str(base_path.resolve())  # so the model dir works from any directory
+    summary = {"steps": step, "examples_seen": seen, "seconds": round(seconds, 1),
+               "processes": run.accelerator.num_processes, "final": last}
+    args = {k: v for k, v in asdict(config).items() if k != "extra"}
+    write_json(out / "dtk.json", run_record(
+        method.name, {**args, **config.extra}, kind="model", base_model=base, sampler=method.sampler(run),
+        method=method.describe(), data=run.data.describe(), training=summary, files=files, **manifest))
+    result = {"out": str(out), "model": str(out), "steps": step, "examples_seen": seen,
+              "loss": last.get("loss"), "seconds": round(seconds, 1)}
+    emit(result)
+    return result
