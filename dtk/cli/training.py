@@ -37,7 +37,7 @@ def training_options(*, lr: float, max_steps: int, batch_size: int, lora_rank: i
         click.option("--full", is_flag=True, help="Fine-tune the whole UNet instead of a LoRA."),
         click.option("--lora-rank", type=int, default=lora_rank, show_default=True),
         click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (scale = alpha/rank) [= rank]."),
-        click.option("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS), show_default=True,
+        click.option("--lora-targets", default=", ".join(DEFAULT_LORA_TARGETS), show_default=True,
                      help="Comma-separated UNet module names that get LoRA layers."),
         click.option("--checkpoint-every", type=int, default=500, show_default=True),
         click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Newest checkpoints kept."),
