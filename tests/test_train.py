@@ -298,3 +298,14 @@ def test_kohya_export_and_full_export(tiny_sd, sd_pairs, tmp_path):
     assert meta["unet"] == "unet" and (full / "unet/diffusion_pytorch_model.safetensors").exists()
     r = dtk_subprocess("sample", "--model", full, "--out", tmp_path / "s2", "x")
     assert r.returncode == 0, r.stderr
+
+
+def test_bf16_autocast_and_gradient_checkpointing(tiny_sd, sd_pairs, tmp_path):
+    """The same run in fp32, under bf16 autocast, and with activations recomputed: close losses."""
+    losses = {}
+    for name, kw in (("fp32", {}), ("bf16", {"mixed_precision": "bf16"}), ("ckpt", {"gradient_checkpointing": True})):
+        train(RectifiedDiffusion(), config(tmp_path / name, tiny_sd, sd_pairs, max_steps=2, **kw))
+        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert losses["ckpt"] == pytest.approx(losses["fp32"], rel=1e-5)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05) and losses["bf16"] != losses["fp32"]
+    assert all(t.dtype == torch.float32 for t in trained(tmp_path / "bf16").values())

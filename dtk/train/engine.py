@@ -422,11 +422,18 @@ def train(method: Method, config: TrainConfig) -> dict:
     config.check()
     quiet_libraries()
     t_start = time.monotonic()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process-wide singleton: let a second run in one process choose again
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     if config.device not in ("auto", "cpu") and accelerator.num_processes == 1:
         from dtk.device import resolve_device
 
         resolve_device(config.device)  # a clear error for an impossible --device
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # checkpoints and export read whole parameters from the main process: that needs DDP
+        raise BadInput(f"accelerate is configured for {accelerator.distributed_type.name}; dtk's checkpoints "
+                       "and export support DDP (the multi-GPU default): run `accelerate launch` with a DDP config")
     main = accelerator.is_main_process
     out = Path(config.out)
     resume_from = _prepare_out(out, config, main)
