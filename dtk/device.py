@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dtk.errors import BadInput
 
 
@@ -10,7 +12,9 @@ def resolve_device(spec: str = "auto"):
 
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # one GPU per process when a launcher (torchrun, srun) started several on a node
+            local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID"))
+            return torch.device("cuda", int(local) % torch.cuda.device_count()) if local else torch.device("cuda")
         return torch.device("cpu")
     try:
         device = torch.device(spec)

@@ -36,10 +36,14 @@ def test_stored_latent_is_the_teachers_ode_from_the_stored_noise(run_dtk, tiny_s
     pairs(run_dtk, tiny_sd, tmp_path / "p", "--num", 2, "--guidance", 5, prompts=("a red circle",))
     with safe_open(str(tmp_path / "p" / "pairs-000000.safetensors"), "pt") as f:
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
-        assert json.loads(f.metadata()["dtk.pairs"])["prompts"] == ["a red circle"] * 2
+        info = json.loads(f.metadata()["dtk.pairs"])
+    assert info["prompts"] == ["a red circle"] * 2
+    # the tiny model's config says "leading" spacing (as SD1.5's does); pairs start at the top anyway
+    assert info["settings"]["timesteps"] == [999, 666, 332]
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min")
+        pipe.scheduler.config, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min",
+        timestep_spacing="trailing")
     ref = pipe(["a red circle"] * 2, latents=noise, num_inference_steps=3, guidance_scale=5.0,
                output_type="latent").images
     assert torch.allclose(latent, ref, atol=1e-5)
@@ -59,7 +63,7 @@ def test_rerun_skips_finished_shards_and_rejects_other_settings(run_dtk, tiny_sd
     assert len(lines) == 2
     r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", out, "--steps", 4, "--num", 6, "--pairs-per-shard", 3,
                 "a red circle", "a blue square", "a green star")
-    assert r.exit_code == 2 and "other settings (steps)" in r.stderr and "--overwrite" in r.stderr
+    assert r.exit_code == 2 and "other settings (steps, timesteps)" in r.stderr and "--overwrite" in r.stderr
     r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", out, "--steps", 4, "--num", 6, "--pairs-per-shard", 3,
                 "--overwrite", "a red circle", "a blue square", "a green star")
     assert r.exit_code == 0 and first.stat().st_mtime_ns != stamp

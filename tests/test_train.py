@@ -170,9 +170,18 @@ def test_resume_errors(tiny_sd, sd_pairs, tmp_path):
                                            overwrite=True))
     with pytest.raises(BadInput, match="--lora-rank 0"):
         train(RectifiedDiffusion(), config(tmp_path / "x", tiny_sd, sd_pairs, lora_rank=0))
-    # a finished run continues with more steps from its last checkpoint
-    train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=4, resume="auto", overwrite=True))
+    with pytest.raises(BadInput, match="--device cuda:1: .*CUDA_VISIBLE_DEVICES"):
+        train(RectifiedDiffusion(), config(tmp_path / "x", tiny_sd, sd_pairs, device="cuda:1"))
+    # a finished run continues with more steps (and, here, a new learning rate) from its last checkpoint
+    train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=4, resume="auto", overwrite=True, lr=5e-4))
     assert json.loads((out / "dtk.json").read_text())["training"]["steps"] == 4
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1e-3, 1e-3, 5e-4, 5e-4]
+    # resuming from an older checkpoint starts a new branch: the newer one is set aside, not rotated in
+    train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=3, checkpoint_every=1, overwrite=True,
+                                       resume=str(out / "checkpoints" / "step-00000002"), keep_checkpoints=1))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-00000003", "step-00000004.abandoned", "step-00000009"]  # 9: the incomplete one
 
 
 class NanAt(RectifiedDiffusion):

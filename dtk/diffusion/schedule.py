@@ -14,6 +14,14 @@ def alphas_cumprod(config: dict) -> torch.Tensor:
     """ᾱ_t for t = 0..T−1 from a diffusers scheduler config (float64)."""
     n = config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
     kind = config.get("beta_schedule", "linear")
+    if config.get("rescale_betas_zero_snr") or kind not in ("linear", "scaled_linear"):
+        # cosine (squaredcos_cap_v2), zero-terminal-SNR rescaling, ...: exactly as diffusers computes them
+        from diffusers import DDPMScheduler
+
+        try:
+            return DDPMScheduler.from_config(dict(config)).alphas_cumprod.double()
+        except NotImplementedError:
+            raise ValueError(f"unsupported beta_schedule {kind!r}") from None
     b0, b1 = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
     if config.get("trained_betas") is not None:
         betas = torch.tensor(config["trained_betas"], dtype=torch.float64)

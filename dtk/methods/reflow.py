@@ -132,6 +132,8 @@ class RectifiedDiffusion(Method):
         self.teacher = None
         if phased and (phased < 1 or TEACHER_GRID % phased):
             raise BadInput(f"--phased {phased}: must divide the {TEACHER_GRID}-step teacher grid (1, 2, 4, 5, 8, 10, 20, 40)")
+        if phased and beta_schedule:
+            raise BadInput("--beta-schedule works on pairs only: the phased variant's online teacher runs on its own schedule")
 
     def check_data(self, data, run: Run) -> None:
         if self.phased:

@@ -4,7 +4,7 @@
 
     trainable.safetensors   the trained parameters (LoRA or full UNet), fp32
     ema.safetensors         their EMA, when --ema-decay > 0
-    optimizer.pt            optimizer and LR-schedule state (tensors and numbers only)
+    optimizer.pt            optimizer, LR-schedule, RNG and fp16 grad-scaler state (tensors and numbers only)
     method.pt               the method's own state (e.g. a discriminator), if any
     state.json              step, examples seen, RNG, config — written last: the completeness marker
 
@@ -80,13 +80,14 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict, ema: dict | None, 
         save_safetensors(tmp / "trainable.safetensors", trainable)
         if ema is not None:
             save_safetensors(tmp / "ema.safetensors", ema)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
         if method_state:
-            torch.save(method_state, tmp / "method.pt")
+            _torch_save(method_state, tmp / "method.pt")
         _write_json(tmp / MARKER, state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -95,8 +96,33 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict, ema: dict | None, 
             raise RunFailure(f"could not write checkpoint {final} ({e.strerror or e}); {kept}") from None
         raise
     for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Checkpoints whose writing was killed (``.step-N.tmp-PID``): never complete, only taking space."""
+    root = checkpoint_root(out)
+    if root.is_dir():
+        for tmp in root.glob(".step-*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside_newer(out: Path, resume: Path) -> list[Path]:
+    """Resuming from an older checkpoint starts a new branch: newer ones are renamed ``*.abandoned``
+    (kept, but no longer found by ``--resume auto`` nor rotated against the new branch)."""
+    moved = []
+    step = int(_NAME.match(resume.name).group(1)) if _NAME.match(resume.name) else None
+    if step is None or resume.parent.resolve() != checkpoint_root(out).resolve():
+        return moved
+    for p in complete_checkpoints(out):
+        if int(_NAME.match(p.name).group(1)) > step:
+            target = p.with_name(p.name + ".abandoned")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(p, target)
+            moved.append(target)
+    return moved
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -106,14 +132,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / MARKER).read_text())
         ckpt = {"state": state, "trainable": load_file(str(path / "trainable.safetensors")),
-                "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")}
+                "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu", mmap=True)}
         ema = path / "ema.safetensors"
         ckpt["ema"] = load_file(str(ema)) if ema.exists() else None
         method = path / "method.pt"
-        ckpt["method"] = torch.load(method, weights_only=True, map_location="cpu") if method.exists() else None
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BadInput(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt["method"] = (torch.load(method, weights_only=True, map_location="cpu", mmap=True)
+                          if method.exists() else None)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt files of any kind
+        raise BadInput(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:200]}); resume from an earlier one") from None
     return ckpt
+
+
+def _torch_save(obj, path: Path) -> None:
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -128,7 +128,8 @@ class Run:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] → scaled latents (the posterior mean, so the same image gives the same latent)."""
         vae = self.model.vae
-        latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
+        with torch.autocast(self.device.type, enabled=False):  # the VAE runs in its own dtype (fp32 for SDXL)
+            latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
         return (latents * vae.config.scaling_factor).float()
 
     @property
@@ -293,7 +294,13 @@ class _Metrics:
         """On resume, drop lines logged after the checkpoint (the resumed run logs them again)."""
         if not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= step:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a crash
         from dtk.io import atomic_write
 
         with atomic_write(self.path, "w") as f:
@@ -362,7 +369,13 @@ def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if main:
+        from dtk.train.checkpoint import remove_stale_temporaries, set_aside_newer
+
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        if resume is not None:
+            for p in set_aside_newer(out, resume):
+                log.warning("train: resuming from %s: the newer checkpoint is kept as %s", resume.name, p)
     return resume
 
 
@@ -380,7 +393,9 @@ def _load_model(config: TrainConfig, accelerator, weight_dtype):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval()
-            if name != "unet" or not config.full:
+            if name == "vae" and module.config.get("force_upcast", False):
+                module.to(torch.float32)  # the SDXL VAE overflows in fp16
+            elif name != "unet" or not config.full:
                 module.to(weight_dtype)
     model.dtype = weight_dtype
     return model
@@ -426,15 +441,16 @@ def train(method: Method, config: TrainConfig) -> dict:
 
     AcceleratorState._reset_state()  # a process-wide singleton: let a second run in one process choose again
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
-    if config.device not in ("auto", "cpu") and accelerator.num_processes == 1:
-        from dtk.device import resolve_device
-
-        resolve_device(config.device)  # a clear error for an impossible --device
+    if config.device not in ("auto", "cpu"):
+        raise BadInput(f"--device {config.device}: training takes cpu or auto (accelerate's choice, one GPU per "
+                       "process); choose GPUs with CUDA_VISIBLE_DEVICES")
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # checkpoints and export read whole parameters from the main process: that needs DDP
         raise BadInput(f"accelerate is configured for {accelerator.distributed_type.name}; dtk's checkpoints "
                        "and export support DDP (the multi-GPU default): run `accelerate launch` with a DDP config")
     main = accelerator.is_main_process
+    if config.data == "-" and accelerator.num_processes > 1:
+        raise BadInput("--data -: stdin cannot be shared by several processes; give a file")
     out = Path(config.out)
     resume_from = _prepare_out(out, config, main)
     accelerator.wait_for_everyone()
@@ -468,7 +484,8 @@ def train(method: Method, config: TrainConfig) -> dict:
 
     step, seen = 0, 0
     if resume_from is not None:
-        step, seen = _restore(resume_from, config, named, optimizer, scheduler, ema, method, accelerator)
+        step, seen = _restore(resume_from, config, named, optimizer, scheduler, ema, method, accelerator, len(data))
+        run.step = step
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
     order = BatchOrder(len(data), config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
     metrics = _Metrics(out, method.name, main, step)
@@ -484,9 +501,10 @@ def train(method: Method, config: TrainConfig) -> dict:
     with _StopSignals() as stop:
         while step < config.max_steps:
             loss_value, grad_norm = _one_step(run, method, order, data, collate, optimizer, params, metrics, step)
-            scheduler.step()
-            if ema is not None:
-                ema.update()
+            if not optimizer.step_was_skipped:  # fp16: the grad scaler skipped an overflowing step
+                scheduler.step()
+                if ema is not None:
+                    ema.update()
             step += 1
             seen += order.global_batch
             window_examples += order.global_batch
@@ -577,10 +595,12 @@ def _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out) 
     path = checkpoint_root(out) / checkpoint_name(step)
     if accelerator.is_main_process:
         state = {"step": step, "examples_seen": seen, "world_size": accelerator.num_processes,
-                 "config": _resume_keys(run.config), "method": method.name}
+                 "config": {**_resume_keys(run.config), "data_examples": len(run.data)}, "method": method.name}
         save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
                         optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                         "torch_rng": torch.get_rng_state()},
+                                         "torch_rng": torch.get_rng_state(),
+                                         **({"grad_scaler": accelerator.scaler.state_dict()}
+                                            if accelerator.scaler is not None else {})},
                         method_state=method.state_dict(), state=state, keep=run.config.keep_checkpoints)
     accelerator.wait_for_everyone()
     return path
@@ -590,16 +610,17 @@ def _resume_keys(config: TrainConfig) -> dict:
     """Settings a checkpoint cannot be resumed under different values of."""
     return {"full": config.full, "lora_rank": config.lora_rank, "lora_alpha": config.alpha,
             "lora_targets": list(config.lora_targets), "batch_size": config.batch_size,
-            "grad_accum": config.grad_accum, "seed": config.seed, "ema": config.ema_decay > 0}
+            "grad_accum": config.grad_accum, "seed": config.seed, "ema": config.ema_decay > 0,
+            "optimizer": config.optimizer}
 
 
-def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator) -> tuple[int, int]:
+def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator, data_size) -> tuple[int, int]:
     from dtk.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     state = ckpt["state"]
     saved = state.get("config", {})
-    now = _resume_keys(config)
+    now = {**_resume_keys(config), "data_examples": data_size}
     diff = [k for k in now if k in saved and saved[k] != now[k]]
     if saved.get("world_size", accelerator.num_processes) * saved.get("batch_size", 0) != \
             accelerator.num_processes * config.batch_size and "batch_size" not in diff:
@@ -616,7 +637,13 @@ def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator
             p.copy_(ckpt["trainable"][n].to(p.device, p.dtype))
     optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
     scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+    # this run's --lr and --weight-decay apply from here on (e.g. a lower --lr after a NaN)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+        group.update(initial_lr=config.lr, lr=config.lr * factor, weight_decay=config.weight_decay)
     torch.set_rng_state(ckpt["optimizer"]["torch_rng"])
+    if accelerator.scaler is not None and "grad_scaler" in ckpt["optimizer"]:
+        accelerator.scaler.load_state_dict(ckpt["optimizer"]["grad_scaler"])
     if ema is not None:
         if ckpt["ema"] is None:
             raise BadInput(f"--resume {path}: has no EMA state but --ema-decay is set")
@@ -649,17 +676,19 @@ def _validate(run, method, ema, out: Path, step: int) -> None:
     """A grid of validation images with the method's recommended sampler (EMA weights when kept)."""
     from PIL import Image
 
-    from dtk.diffusion.sampling import Request, generate, to_uint8
+    from dtk.diffusion.sampling import Request, decode, denoise, to_uint8
     from dtk.sample import write_grid
     from dtk.seeds import derive_seed
 
     unet = run.raw_unet
     unet.eval()
     try:
-        with ema.swapped() if ema is not None else contextlib.nullcontext(), run.accelerator.autocast():
+        with ema.swapped() if ema is not None else contextlib.nullcontext():
             prompts = validation_prompts(run)
             requests = [Request(prompt=p, seed=derive_seed(run.config.seed, i)) for i, p in enumerate(prompts)]
-            images = to_uint8(generate(run.model, validation_settings(run, method), requests))
+            with run.accelerator.autocast():  # trained fp32 weights beside frozen half-precision ones
+                latents = denoise(run.model, validation_settings(run, method), requests)
+            images = to_uint8(decode(run.model, latents))
     finally:
         unet.train()
     write_grid(out / "validation" / f"step-{step:08d}.png", [Image.fromarray(a) for a in images], len(images))
