@@ -10,8 +10,10 @@ Steps (all on CPU, fixed seeds, ``torch.set_num_threads(2)``):
 4. a word-level ``CLIPTokenizer``, a tiny ``CLIPTextModel`` and a tiny
    ``UNet2DConditionModel`` trained jointly (epsilon prediction, SD 1.5 noise
    schedule, 10% caption dropout for classifier-free guidance, Min-SNR-5,
-   EMA), 4,500 steps, then 1,800 steps with offset noise 0.1
-   (``--offset-finetune`` runs only this second stage on an existing model);
+   EMA) in the stages of ``UNET_STAGES``: 4,500 steps from scratch, then
+   1,800 and 3,000 steps with offset noise 0.1 (``--from-stage K`` runs
+   stages K.. on the existing model, so a build can be extended without
+   starting over);
 5. the ``StableDiffusionPipeline`` is saved (fp16 safetensors) to
    ``<out>/model/`` and evaluated: guidance is picked on training captions,
    then attribute accuracy is measured on held-out and training captions, and
@@ -41,18 +43,29 @@ from . import shapes as S
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
     vae_images=8000, vae_steps=900, vae_batch=32,
-    unet_images=20000, unet_steps=4500, unet_batch=32, offset_steps=1800,
+    unet_images=20000, unet_batch=32, unet_steps=None,
     eval_heldout=200, eval_train=200, eval_select=100, eval_clf=600,
     guidances=(2.0, 4.0, 7.5), steps=25, timing_repeats=5, timing_warmup=2,
 )
 QUICK = dict(
     clf_images=64, clf_steps=2, clf_batch=16,
     vae_images=32, vae_steps=2, vae_batch=8,
-    unet_images=64, unet_steps=2, unet_batch=8, offset_steps=2,
+    unet_images=64, unet_batch=8, unet_steps=2,
     eval_heldout=2, eval_train=2, eval_select=2, eval_clf=16,
     guidances=(3.0,), steps=2, timing_repeats=1, timing_warmup=0,
 )
 STEPS = 25
+
+# Training stages of the text encoder + UNet, run in order; a stage starts from
+# the previous stage's weights as saved (fp16), so a build resumed with
+# --from-stage and a from-scratch build are the same computation. Offset noise
+# (Guttenberg 2023): SD's schedule leaks the latent mean at t = 999, and
+# without it the model cannot choose a flat background colour from the prompt.
+UNET_STAGES = (
+    dict(steps=4500, lr=1e-3, warmup=200, noise_offset=0.0, seed=300),
+    dict(steps=1800, lr=3e-4, warmup=50, noise_offset=0.1, seed=500),
+    dict(steps=3000, lr=2e-4, warmup=50, noise_offset=0.1, seed=600, batch=64),
+)
 SCHEDULER = "dpm++2m"
 MAX_LENGTH = 24
 
@@ -175,6 +188,29 @@ def build_tokenizer(dirpath: Path):
 
 
 # ------------------------------------------------------------------ classifier
+def degrade(x, g):
+    """The flaws of generated images, at random strengths, so that the classifier
+    reads attributes the way a person would and not only on clean renderings:
+    blur, pixel noise, a global colour cast, and blotchy low-frequency colour
+    noise (what an under-trained diffusion model leaves on flat backgrounds)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+
+    def strength(scale):
+        return torch.rand(b, 1, 1, 1, generator=g) * scale
+
+    a = strength(0.6)
+    x = (1 - a) * x + a * F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    x = x + torch.randn(x.shape, generator=g) * strength(0.06)
+    x = x + (torch.rand(b, 3, 1, 1, generator=g) * 2 - 1) * strength(0.12)
+    for cells in (4, 8):
+        field = torch.randn(b, 3, cells, cells, generator=g)
+        x = x + F.interpolate(field, size=x.shape[-2:], mode="bilinear", align_corners=False) * strength(0.08)
+    return x.clamp(0, 1)
+
+
 def train_classifier(cfg, seed, outdir: Path):
     import torch
     import torch.nn.functional as F
@@ -196,11 +232,8 @@ def train_classifier(cfg, seed, outdir: Path):
             pg["lr"] = lr_at(step, cfg["clf_steps"], 2e-3, 50)
         idx = torch.randint(0, n, (cfg["clf_batch"],), generator=g)
         x = x_all[idx]
-        # robustness to generated images: random blur and noise
-        a = torch.rand(x.shape[0], 1, 1, 1, generator=g) * 0.6
-        x = (1 - a) * x + a * F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        x = (x + torch.randn(x.shape, generator=g) * torch.rand(x.shape[0], 1, 1, 1, generator=g) * 0.05).clamp(0, 1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # AMX: ~4x faster than fp32 here
+        x = degrade(x, g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(x)
         loss = sum(F.cross_entropy(logits[k].float(), y_all[k][idx]) for k in logits)
         opt.zero_grad(set_to_none=True)
@@ -299,12 +332,10 @@ def tokenize(tok, captions):
 
 
 def train_unet(cfg, seed, vae, tok, scaling_factor, unet=None, te=None, steps=None, lr=1e-3, warmup=200,
-               noise_offset=0.0):
+               noise_offset=0.0, batch=None):
     """Train (or, given ``unet``/``te``, continue training) the text encoder + UNet.
 
-    ``noise_offset`` adds a per-channel constant to the noise (offset noise,
-    Guttenberg 2023): SD's schedule leaks the latent mean at t=999, so a model
-    trained without it cannot choose a flat background colour from the prompt."""
+    ``noise_offset`` adds a per-channel constant to the noise (offset noise)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -327,7 +358,7 @@ def train_unet(cfg, seed, vae, tok, scaling_factor, unet=None, te=None, steps=No
     g = torch.Generator().manual_seed(seed)
     n = latents.shape[0]
     t0 = time.time()
-    steps, bs = steps or cfg["unet_steps"], cfg["unet_batch"]
+    steps, bs = cfg["unet_steps"] or steps, batch or cfg["unet_batch"]
     ema = None
     for step in range(steps):
         for pg in opt.param_groups:
@@ -439,8 +470,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(DEMO_DIR), help="directory receiving model/ and classifier/")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (a few steps)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--offset-finetune", action="store_true",
-                    help="resume: run only the offset-noise stage on the existing <out>/model, then evaluate")
+    ap.add_argument("--from-stage", type=int, default=1, metavar="K",
+                    help=f"run UNet stages K..{len(UNET_STAGES)} on the existing <out>/model (keeping its VAE), "
+                    "then evaluate; 1 = build from scratch")
     ap.add_argument("--reuse-classifier", action="store_true",
                     help="keep <out>/classifier if present instead of retraining it (it is still evaluated)")
     args = ap.parse_args(argv)
@@ -471,73 +503,59 @@ def main(argv=None):
     T["classifier"] = time.time() - t0
     log(f"  classifier accuracy: held-out combos {clf_acc_heldout:.4f}, all {clf_acc_all:.4f} {clf_per}")
 
-    if args.offset_finetune:
-        return resume_offset(cfg, args, out, clf, T, t_all, {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
-                                                             "classifier_accuracy_all_procedural": clf_acc_all})
-
-    log("[2/5] VAE")
-    t0 = time.time()
-    vae = train_vae(cfg, seed + 200)
-    imgs, _, _ = S.make_split(min(512, cfg["unet_images"]), seed=seed + 10_002, split="all")
-    lat = encode_latents(vae, imgs)
-    scaling_factor = float(1.0 / lat.std())
-    with torch.no_grad():
-        rec = vae.decode(lat[:64]).sample.clamp(-1, 1)
-    rec_mse = float(((rec + 1) / 2 - to_tensor(imgs[:64])).pow(2).mean())
-    rec_acc, _ = attribute_accuracy(clf, (rec + 1) / 2, [S.caption(a) for a in
-                                                          S.make_split(64, seed=seed + 10_002, split="all")[2]])
-    T["vae"] = time.time() - t0
-    log(f"  latent std {lat.std().item():.3f} -> scaling_factor {scaling_factor:.4f}; recon mse {rec_mse:.5f}, "
-        f"classifier accuracy on reconstructions {rec_acc:.4f}")
-
-    log("[3/5] tokenizer, text encoder + UNet")
-    t0 = time.time()
+    extra = {"classifier_accuracy_heldout_procedural": clf_acc_heldout,
+             "classifier_accuracy_all_procedural": clf_acc_all}
+    model_dir = out / "model"
     tokdir = Path(tempfile.mkdtemp(prefix=".tok."))
-    tok = build_tokenizer(tokdir)
-    unet, te = train_unet(cfg, seed + 300, vae, tok, scaling_factor)
-    if cfg["offset_steps"]:
-        # stage B from the weights as they are saved (fp16), so that a resumed
-        # build (--offset-finetune) and a from-scratch build are the same computation
-        unet, te, vae = (m.to(torch.float16).to(torch.float32) for m in (unet, te, vae))
-        unet, te = train_unet(cfg, seed + 500, vae, tok, scaling_factor, unet=unet, te=te,
-                              steps=cfg["offset_steps"], lr=3e-4, warmup=50, noise_offset=0.1)
+    if not 1 <= args.from_stage <= len(UNET_STAGES):
+        raise SystemExit(f"--from-stage must be in 1..{len(UNET_STAGES)}")
+    if args.from_stage > 1:
+        vae, tok, te, unet = load_parts(model_dir, tokdir)
+        scaling_factor = vae.config.scaling_factor
+    else:
+        log("[2/5] VAE")
+        t0 = time.time()
+        vae = train_vae(cfg, seed + 200)
+        imgs, _, _ = S.make_split(min(512, cfg["unet_images"]), seed=seed + 10_002, split="all")
+        lat = encode_latents(vae, imgs)
+        scaling_factor = float(1.0 / lat.std())
+        T["vae"] = time.time() - t0
+        log(f"  latent std {lat.std().item():.3f} -> scaling_factor {scaling_factor:.4f}")
+        tok, te, unet = build_tokenizer(tokdir), None, None
+
+    log("[3/5] text encoder + UNet")
+    t0 = time.time()
+    for k in range(args.from_stage, len(UNET_STAGES) + 1):
+        stage = UNET_STAGES[k - 1]
+        log(f"  stage {k}/{len(UNET_STAGES)}: {stage}")
+        if unet is not None:  # continue from the weights as they are saved (fp16)
+            unet, te, vae = (m.to(torch.float16).to(torch.float32) for m in (unet, te, vae))
+        unet, te = train_unet(cfg, seed + stage["seed"], vae, tok, scaling_factor, unet=unet, te=te,
+                              steps=stage["steps"], lr=stage["lr"], warmup=stage["warmup"],
+                              noise_offset=stage["noise_offset"], batch=stage.get("batch"))
     T["unet"] = time.time() - t0
 
     log("[4/5] save pipeline")
     save_pipeline(out, vae, te, tok, unet, scaling_factor)
     shutil.rmtree(tokdir, ignore_errors=True)
-    model_dir = out / "model"
-
-    extra = {"vae_reconstruction_mse": rec_mse, "vae_reconstruction_classifier_accuracy": rec_acc,
-             "vae_scaling_factor": scaling_factor,
-             "classifier_accuracy_heldout_procedural": clf_acc_heldout,
-             "classifier_accuracy_all_procedural": clf_acc_all}
+    extra["vae_scaling_factor"] = scaling_factor
     return evaluate(cfg, args, out, clf, T, t_all, extra)
 
 
-def resume_offset(cfg, args, out, clf, T, t_all, extra):
-    """--offset-finetune: stage B (offset noise) on an already built model, then save and evaluate."""
+def load_parts(model_dir: Path, tokdir: Path):
+    """The VAE, tokenizer, text encoder and UNet of an existing build (fp32).
+
+    The tokenizer is copied to ``tokdir`` first: ``model_dir`` is replaced when
+    the new pipeline is saved."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    model_dir = out / "model"
-    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"), torch_dtype=torch.float32)
-    te = CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"), torch_dtype=torch.float32)
-    tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-    sf = vae.config.scaling_factor
-    t0 = time.time()
-    log("[3/5] offset-noise stage of the text encoder + UNet")
-    unet, te = train_unet(cfg, args.seed + 500, vae, tok, sf, unet=unet, te=te,
-                          steps=cfg["offset_steps"], lr=3e-4, warmup=50, noise_offset=0.1)
-    T["unet_offset_stage"] = time.time() - t0
-    tokdir = Path(tempfile.mkdtemp(prefix=".tok."))
-    tok.save_pretrained(str(tokdir))
-    save_pipeline(out, vae, te, CLIPTokenizer.from_pretrained(str(tokdir)), unet, sf)
-    shutil.rmtree(tokdir, ignore_errors=True)
-    extra["vae_scaling_factor"] = sf
-    return evaluate(cfg, args, out, clf, T, t_all, extra)
+    shutil.copytree(model_dir / "tokenizer", tokdir, dirs_exist_ok=True)
+    return (AutoencoderKL.from_pretrained(str(model_dir / "vae"), torch_dtype=torch.float32),
+            CLIPTokenizer.from_pretrained(str(tokdir)),
+            CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"), torch_dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(str(model_dir / "unet"), torch_dtype=torch.float32))
 
 
 def evaluate(cfg, args, out, clf, T, t_all, extra):
