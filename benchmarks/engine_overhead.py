@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_speed import machine  # noqa: E402
+from common import machine, save  # noqa: E402
 
 
 def make_pairs(model_spec, out: Path, n: int) -> None:
@@ -152,13 +152,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.save:
-        out = Path(__file__).parent / "results" / f"engine_overhead{'-lora' if args.lora else ''}.md"
-        cmd = "python benchmarks/engine_overhead.py " + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items() if v not in (None, False) and k != "save")
-        out.write_text(f"# training engine overhead\n\nCommand: `{cmd}`\n\n{table}\n")
-        print(f"wrote {out}")
-
+        save(f"engine_overhead{'-lora' if args.lora else ''}", "training engine overhead", args, table)
 
 if __name__ == "__main__":
     main()

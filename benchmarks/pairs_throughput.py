@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_speed import machine  # noqa: E402
+from common import machine, save  # noqa: E402
 
 
 def main() -> None:
@@ -93,12 +93,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.save:
-        out = Path(__file__).parent / "results" / "pairs_throughput.md"
-        cmd = "python benchmarks/pairs_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "save")
-        out.write_text(f"# reflow pair generation throughput\n\nCommand: `{cmd}`\n\n{table}\n")
-        print(f"wrote {out}")
-
+        save("pairs_throughput", "reflow pair generation throughput", args, table)
 
 if __name__ == "__main__":
     main()

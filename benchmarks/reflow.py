@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_speed import machine  # noqa: E402
+from common import machine, save  # noqa: E402
 
 
 def step(cmd: list, done: Path, times: dict, name: str) -> None:
@@ -113,12 +113,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.save:
-        out = Path(__file__).parent / "results" / "reflow.md"
-        cmd = "python benchmarks/reflow.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "save")
-        out.write_text(f"# Rectified Diffusion on the demo model\n\nCommand: `{cmd}`\n\n{table}\n")
-        print(f"wrote {out}")
-
+        save("reflow", "Rectified Diffusion on the demo model", args, table)
 
 if __name__ == "__main__":
     main()

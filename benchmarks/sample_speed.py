@@ -12,26 +12,13 @@ benchmarks/results/sample_speed.md together with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, save  # noqa: E402
 
 
 def main() -> None:
@@ -100,11 +87,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.save:
-        out = Path(__file__).parent / "results" / "sample_speed.md"
-        cmd = "python benchmarks/sample_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "save" and v is not False)
-        out.write_text(f"# sample speed\n\nCommand: `{cmd}`\n\n{table}\n")
-        print(f"wrote {out}")
+        save("sample_speed", "sample speed", args, table)
 
 
 if __name__ == "__main__":

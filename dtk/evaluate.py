@@ -61,7 +61,7 @@ def shapes_benchmark(num_images: int, device) -> Benchmark:
     import numpy as np
 
     from dtk.demo import shapes
-    from dtk.demo.classifier import features, load_classifier
+    from dtk.demo.classifier import features
     from dtk.eval.rewards import ShapesReward, images_to_tensor
     from dtk.seeds import derive_seed
 

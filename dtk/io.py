@@ -91,6 +91,28 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
         yield from parse_jsonl(f, "<stdin>" if path == "-" else path)
 
 
+def read_manifest(data: str) -> list[dict]:
+    """A manifest of images (``path`` + ``prompt`` per line, as ``dtk sample`` prints; ``-`` = stdin): its
+    lines with ``_file`` (the path, resolved against the manifest's folder when relative) and ``_line``.
+    Every image must exist and have a prompt."""
+    name = "<stdin>" if data == "-" else data
+    base = None if data == "-" else Path(data).resolve().parent
+    rows = []
+    for lineno, rec in read_jsonl(data):
+        path, prompt = rec.get("path"), rec.get("prompt", rec.get("caption"))
+        if not isinstance(path, str) or not isinstance(prompt, str):
+            raise BadInput(f"{name}:{lineno}: needs 'path' and 'prompt' strings (a `dtk sample` manifest line)")
+        file = Path(path)
+        if not file.exists() and base is not None and not file.is_absolute() and (base / file).exists():
+            file = base / file
+        if not file.is_file():
+            raise BadInput(f"{name}:{lineno}: image {path}: no such file")
+        rows.append({**rec, "_line": lineno, "_file": file})
+    if not rows:
+        raise BadInput(f"{name}: no images in the manifest")
+    return rows
+
+
 def read_json(path: str | os.PathLike) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

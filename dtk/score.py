@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtk.errors import BadInput
-from dtk.io import emit, read_jsonl
+from dtk.io import emit, read_manifest
 
 log = logging.getLogger("dtk")
 
@@ -25,26 +25,6 @@ class ScoreOptions:
     batch_size: int = 32
     device: str = "auto"
     overwrite: bool = False
-
-
-def read_manifest(data: str) -> list[dict]:
-    """Manifest lines with a resolved ``_file``; every image must exist and have a prompt."""
-    name = "<stdin>" if data == "-" else data
-    base = None if data == "-" else Path(data).resolve().parent
-    rows = []
-    for lineno, rec in read_jsonl(data):
-        path, prompt = rec.get("path"), rec.get("prompt", rec.get("caption"))
-        if not isinstance(path, str) or not isinstance(prompt, str):
-            raise BadInput(f"{name}:{lineno}: needs 'path' and 'prompt' strings (a `dtk sample` manifest line)")
-        file = Path(path)
-        if not file.exists() and base is not None and not file.is_absolute() and (base / file).exists():
-            file = base / file
-        if not file.is_file():
-            raise BadInput(f"{name}:{lineno}: image {path}: no such file")
-        rows.append({**rec, "_line": lineno, "_file": file})
-    if not rows:
-        raise BadInput(f"{name}: no images in the manifest")
-    return rows
 
 
 def _open_image(row: dict, name: str):

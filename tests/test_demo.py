@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dtk.demo import CLASSIFIER_DIR, DEMO_DIR, DEMO_MODEL_DIR
 from dtk.demo import shapes as S

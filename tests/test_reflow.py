@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 
-from conftest import dtk_subprocess
 from dtk.methods.reflow import ddim_jump, paired_noising, phase_bounds, pseudo_huber
 
 

@@ -107,3 +107,17 @@ def shard_option(f: Callable) -> Callable:
 def seed_option(default: int = 0) -> Callable:
     return click.option("--seed", type=int, default=default, show_default=True,
                         help="Base seed; each item's seed derives from (seed, global index).")
+
+
+def prompt_inputs(f: Callable) -> Callable:
+    """PROMPT arguments, or --prompts FILE|- (plain text or JSONL)."""
+    f = click.option("--prompts", "prompts_file", metavar="FILE|-",
+                     help="Prompts, one per line, or JSONL with prompt / negative_prompt / seed (- = stdin).")(f)
+    return click.argument("prompt", nargs=-1)(f)
+
+
+def size_options(f: Callable) -> Callable:
+    """--height and --width (default: the model's native size)."""
+    f = click.option("--width", type=click.IntRange(min=1), default=None, help="Image width [model's native size].")(f)
+    return click.option("--height", type=click.IntRange(min=1), default=None,
+                        help="Image height [model's native size].")(f)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import config_option, device_options, model_option, seed_option, shard_option
+from dtk.cli.common import (config_option, device_options, model_option, prompt_inputs, seed_option,
+                            shard_option, size_options)
 
 
 @click.command("reflow-pairs", short_help="Noise→sample pairs from a teacher ODE (Rectified Diffusion data).")
-@click.argument("prompt", nargs=-1)
-@click.option("--prompts", "prompts_file", metavar="FILE|-",
-              help="Prompts, one per line, or JSONL with prompt / negative_prompt / seed (- = stdin).")
+@prompt_inputs
 @model_option(help="The teacher: diffusers dir, hub id (local cache), single-file .safetensors or dtk model dir "
               "[the bundled demo model].")
 @click.option("--model-config", metavar="DIR", help="Diffusers config dir for a single-file --model (offline).")
@@ -26,8 +25,7 @@ from dtk.cli.common import config_option, device_options, model_option, seed_opt
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per UNet batch.")
 @click.option("--pairs-per-shard", type=click.IntRange(min=1), default=256, show_default=True,
               help="Pairs per output file (the unit of sharding and of skipping finished work).")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height [model's native size].")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width [model's native size].")
+@size_options
 @shard_option
 @device_options
 @click.option("--out", default="pairs", show_default=True, type=click.Path(file_okay=False), help="Output directory.")

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import config_option, device_options, model_option, seed_option, shard_option
+from dtk.cli.common import (config_option, device_options, model_option, prompt_inputs, seed_option,
+                            shard_option, size_options)
 
 SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m",
               "dpm++2m-karras", "dpm-solver", "unipc", "lcm", "tcd"]
 
 
 @click.command("sample", short_help="Generate images from prompts.")
-@click.argument("prompt", nargs=-1)
-@click.option("--prompts", "prompts_file", metavar="FILE|-",
-              help="Prompts, one per line, or JSONL with prompt / negative_prompt / seed (- = stdin).")
+@prompt_inputs
 @model_option()
 @click.option("--model-config", metavar="DIR", help="Diffusers config dir for a single-file --model (offline).")
 @click.option("--num-per-prompt", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
@@ -28,8 +27,7 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
               help="LoRA file or dir (diffusers/peft or kohya layout); repeatable.")
 @seed_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per UNet batch.")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height [model's native size].")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width [model's native size].")
+@size_options
 @shard_option
 @device_options
 @click.option("--out", default="samples", show_default=True, type=click.Path(file_okay=False), help="Output directory.")

@@ -66,8 +66,6 @@ def find_resume(out: Path, resume: str | None) -> Path | None:
 def save_checkpoint(out: Path, step: int, *, trainable: dict, ema: dict | None, optimizer_state: dict,
                     method_state: dict | None, state: dict, keep: int) -> Path:
     """Write checkpoint ``step`` atomically, then keep only the newest ``keep``."""
-    import torch
-
     from dtk.io import save_safetensors
 
     root = checkpoint_root(out)

@@ -129,21 +129,11 @@ def image_folder(path: Path, resolution: int, allow_missing_captions: bool) -> I
 
 
 def manifest(path: str, resolution: int) -> ImageCaptionDataset:
-    from dtk.io import read_jsonl
+    from dtk.io import read_manifest
 
     name = "<stdin>" if path == "-" else path
-    base = Path.cwd() if path == "-" else Path(path).resolve().parent
-    items = []
-    for lineno, rec in read_jsonl(path):
-        file, caption = rec.get("path"), rec.get("prompt", rec.get("caption"))
-        if not isinstance(file, str) or not isinstance(caption, str):
-            raise BadInput(f"{name}:{lineno}: needs 'path' and 'prompt' strings")
-        f = Path(file)
-        if not f.is_absolute() and not f.exists():
-            f = base / f
-        if not f.is_file():
-            raise BadInput(f"{name}:{lineno}: image {file}: no such file")
-        items.append(_Item(load=lambda f=f: f, caption=caption, where=f"{name}:{lineno} ({file})"))
+    items = [_Item(load=lambda f=row["_file"]: f, caption=row.get("prompt", row.get("caption")),
+                   where=f"{name}:{row['_line']} ({row['path']})") for row in read_manifest(path)]
     return ImageCaptionDataset(name, items, resolution)
 
 
