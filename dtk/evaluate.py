@@ -141,10 +141,6 @@ def _sample_set(model, bench: Benchmark, steps: int, scheduler, guidance, batch_
     from dtk.diffusion.sampling import Request, generate, settings_for, to_uint8
 
     settings = settings_for(model, scheduler=scheduler, steps=steps, guidance=guidance)
-    # A model whose recommendation is an explicit timestep list of this length keeps it (e.g. PCM's phase edges).
-    recommended = model.ref.sampler.get("timesteps")
-    if scheduler is None and recommended and len(recommended) == steps:
-        settings = settings_for(model, timesteps=recommended, guidance=guidance)
     images = []
     for start in range(0, len(bench.captions), batch_size):
         reqs = [Request(c, s) for c, s in zip(bench.captions[start:start + batch_size], bench.seeds[start:start + batch_size])]

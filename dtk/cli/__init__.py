@@ -29,6 +29,7 @@ COMMANDS = {
     "sample": "dtk.cli.sample",
     "reflow-pairs": "dtk.cli.reflow_pairs",
     "train-reflow": "dtk.cli.train_reflow",
+    "distill-pcm": "dtk.cli.distill_pcm",
     "score": "dtk.cli.score",
     "eval": "dtk.cli.eval",
 }

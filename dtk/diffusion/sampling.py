@@ -33,9 +33,10 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
                  height: int | None = None, width: int | None = None) -> SamplerSettings:
     """Explicit choices, else the model's recommendation (its dtk.json), else dtk's defaults.
 
-    A model's recommended explicit timesteps apply only when neither steps,
-    scheduler nor timesteps were chosen. The sampler is built once here so
-    that a bad combination fails before any work.
+    A model's recommended explicit timesteps apply when neither the scheduler
+    nor timesteps were chosen and the step count is theirs (or unset); its
+    ``timesteps_for_steps`` table covers other step counts. The sampler is
+    built once here so that a bad combination fails before any work.
     """
     from dtk.diffusion.loading import check_size
     from dtk.errors import BadInput
@@ -45,8 +46,13 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
     def pick(name, value):
         return value if value is not None else recommended.get(name, DEFAULT_SAMPLER.get(name))
 
-    if timesteps is None and steps is None and scheduler is None:
-        timesteps = recommended.get("timesteps")
+    if timesteps is None and scheduler is None:
+        # a model's own timesteps (e.g. a PCM's phase tops), also per step count when it lists them
+        own, table = recommended.get("timesteps"), recommended.get("timesteps_for_steps", {})
+        if steps is None or (own and len(own) == steps):
+            timesteps = own
+        else:
+            timesteps = table.get(str(steps))
     if timesteps and steps is not None and steps != len(timesteps):
         raise BadInput(f"--steps {steps} disagrees with --timesteps ({len(timesteps)} values)")
     height, width = height or model.default_size, width or model.default_size

@@ -94,7 +94,7 @@ def phased_loss(run: Run, batch: dict, teacher, phases: int, guidance: float, hu
                 empty_prompt_prob: float) -> tuple[torch.Tensor, dict]:
     """Phased Rectified Diffusion: the student crosses a teacher's phase segment in one DDIM jump."""
     starts, ends = phase_bounds(phases, len(run.abar))
-    x0 = run.encode_images(batch["image"])
+    x0 = run.latents(batch)
     phase = run.rng.randint(0, phases)
     s = torch.tensor(starts, device=run.device)[phase]
     e = torch.tensor(ends, device=run.device)[phase]
@@ -124,7 +124,7 @@ class RectifiedDiffusion(Method):
                  beta_schedule: str | None = None, teacher_guidance: float | None = None,
                  sample_steps: int | None = None, sample_guidance: float = 1.5, allow_other_teacher: bool = False):
         self.phased = phased
-        self.data_kind = "images" if phased else "pairs"
+        self.data_kinds = ("images", "pairs") if phased else ("pairs",)
         self.huber_c, self.empty_prompt_prob = huber_c, empty_prompt_prob
         self.beta_schedule, self.teacher_guidance = beta_schedule, teacher_guidance
         self.sample_steps, self.sample_guidance = sample_steps, sample_guidance
@@ -193,6 +193,11 @@ class _AdapterOff:
 
     def __init__(self, run: Run):
         self.run = run
+
+    @property
+    def module(self):
+        """The UNet itself (for hooks on its blocks)."""
+        return self.run.raw_unet
 
     def __call__(self, *args, **kwargs):
         with self.run.adapters_disabled() as base:

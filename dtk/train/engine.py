@@ -124,6 +124,12 @@ class Run:
                     None if cond.time_ids is None else cond.time_ids[i:i + 1])
         return Conditioning.cat([self._prompt_cache[(c, h, w)] for c in captions])
 
+    def latents(self, batch: dict) -> torch.Tensor:
+        """The clean latents x₀ of a batch: encoded images, or the final latents of reflow pairs."""
+        if "latent" in batch:
+            return batch["latent"].to(self.device)
+        return self.encode_images(batch["image"])
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] → scaled latents (the posterior mean, so the same image gives the same latent)."""
@@ -169,7 +175,7 @@ class Method:
     """What a paper contributes. Subclasses override ``loss`` and ``sampler``; the rest is optional."""
 
     name = "train"                    # the command, e.g. "train-reflow"
-    data_kind = "images"              # "images" or "pairs"
+    data_kinds: tuple[str, ...] = ("images",)   # what --data may hold: "images", "pairs"
 
     def check_data(self, data, run: Run) -> None:
         """Reject data this method cannot use (BadInput naming what and where)."""
@@ -179,6 +185,10 @@ class Method:
 
     def loss(self, batch: dict, run: Run) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def after_step(self, run: Run) -> dict[str, float]:
+        """Called after each optimizer step: a second player's update (e.g. a discriminator); its logs."""
+        return {}
 
     def sampler(self, run: Run) -> dict:
         """The recommended way to sample the result (dtk.json ``sampler``)."""
@@ -459,8 +469,9 @@ def train(method: Method, config: TrainConfig) -> dict:
     model = _load_model(config, accelerator, weight_dtype)
     data = open_dataset(config.data, resolution=config.resolution or model.default_size,
                         allow_missing_captions=config.allow_missing_captions)
-    if data.kind != method.data_kind:
-        raise BadInput(f"--data {config.data}: {method.name} needs {method.data_kind}, this is {data.kind}")
+    if data.kind not in method.data_kinds:
+        raise BadInput(f"--data {config.data}: {method.name} needs {' or '.join(method.data_kinds)}, "
+                       f"this is {data.kind}")
     from dtk.diffusion.schedule import alphas_cumprod
 
     run = Run(config=config, model=model, accelerator=accelerator, data=data, weight_dtype=weight_dtype,
@@ -560,6 +571,7 @@ def _one_step(run, method, order, data, collate, optimizer, params, metrics, ste
             raise RunFailure(_nan_message("gradient norm", grad_norm, step + 1, run.config))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    metrics.add(method.after_step(run))
     return total, grad_norm
 
 

@@ -1,0 +1,329 @@
+"""Phased Consistency Models (Wang et al., NeurIPS 2024), with LCM beside it (``dtk.methods.lcm``).
+
+The ODE is split into K phases; within a phase the model is a consistency
+function that maps any point to the phase's lower edge, by a DDIM jump with
+its own ε̂ (so F(x_s, s, s) = x_s needs no c_skip/c_out). Sampling with K
+steps visits the phase tops and is deterministic edge to edge.
+
+One training step (METHODS.md "distill-pcm"):
+  index ~ U{0..N−1}, t = grid[index], t' = t − 1000/N, s = edge(index);
+  x_t = α_t x₀ + σ_t ε;
+  student  = jump_s(x_t, ε_θ(x_t, t));
+  x_t'     = teacher DDIM step t → t' with CFG ε_c + w(ε_c − ε_u), w ~ U[w_min, w_max];
+  target   = jump_s(x_t', sg ε_θ(x_t', t'));
+  loss     = ρ(student, target)  (+ the adversarial term with --adversarial).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dtk.errors import BadInput
+from dtk.methods.reflow import drop_captions, pseudo_huber
+from dtk.train.engine import Method, Run
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+# ---------------------------------------------------------------------------
+# The discretisation
+
+
+def ddim_grid(n: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """The N-step DDIM grid [1..N]·r − 1, r = T/N (N = 50: 19, 39, …, 999)."""
+    r = num_train_timesteps // n
+    return [(i + 1) * r - 1 for i in range(n)]
+
+
+def phase_starts(n: int, k: int) -> list[int]:
+    """Grid indices where the K phases start: floor(linspace(0, N, K, endpoint=False))."""
+    return [math.floor(i * n / k) for i in range(k)]
+
+
+def phase_edges(n: int, k: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """Each phase's lower edge: the timestep just below its first grid point (N=50, K=4: 0, 239, 499, 739)."""
+    grid, r = ddim_grid(n, num_train_timesteps), num_train_timesteps // n
+    return [max(0, grid[i] - r) for i in phase_starts(n, k)]
+
+
+def edge_of(index: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The lower edge (a timestep) of the phase each grid index belongs to."""
+    starts = torch.tensor(phase_starts(n, k), device=index.device)
+    edges = torch.tensor(phase_edges(n, k), device=index.device)
+    phase = (index[:, None] >= starts[None, :]).sum(1) - 1
+    return edges[phase]
+
+
+def sampling_timesteps(n: int, k: int, steps: int) -> list[int]:
+    """Timesteps for ``steps`` sampling steps of a K-phase model: the phase tops (999, 739, 499, 239 for
+    N=50, K=4), each phase split evenly on the grid for more steps, every ⌈K/steps⌉-th phase for fewer."""
+    grid, starts = ddim_grid(n), phase_starts(n, k) + [n]
+    tops = [(starts[p], starts[p + 1] - 1) for p in range(k)]  # (first, last) grid index of each phase
+    if steps < k:
+        chosen = sorted({k - 1 - (j * k) // steps for j in range(steps)}, reverse=True)
+        return [grid[tops[p][1]] for p in chosen]
+    out = []
+    for p in reversed(range(k)):
+        sub = steps // k + (1 if (k - 1 - p) < steps % k else 0)  # the extra steps go to the noisiest phases
+        first, last = tops[p]
+        span = last - first + 1
+        out += [grid[last - (j * span) // sub] for j in range(sub)]
+    return out
+
+
+def check_discretisation(n: int, k: int) -> None:
+    if n < 1 or NUM_TRAIN_TIMESTEPS % n:
+        raise BadInput(f"--ddim-steps {n}: must divide {NUM_TRAIN_TIMESTEPS} (e.g. 20, 25, 40, 50, 100)")
+    if k < 1 or 2 * k > n:
+        raise BadInput(f"--phases {k}: must be between 1 and --ddim-steps/2 = {n // 2}, so that every phase "
+                       "has at least two grid steps")
+
+
+# ---------------------------------------------------------------------------
+# The objective
+
+
+def edge_jump(x: torch.Tensor, eps: torch.Tensor, run: Run, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """F(x_t, t, s) = α_s x̂₀ + σ_s ε̂: the DDIM jump from t to the edge s (F(x_s, s, s) = x_s)."""
+    (a_t, s_t), (a_s, s_s) = run.alpha_sigma(t), run.alpha_sigma(s)
+    x0 = (x - s_t * eps) / a_t
+    return a_s * x0 + s_s * eps
+
+
+def eps_of(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    return run.to_x0_eps(run.predict(unet, x, t, cond), x, t)[1]
+
+
+@torch.no_grad()
+def teacher_step(run: Run, teacher, x_t, t, t_prev, cond, uncond, w: torch.Tensor) -> torch.Tensor:
+    """One DDIM step t → t' of the frozen teacher, CFG in the LCM convention ε_c + w(ε_c − ε_u)."""
+    eps = run.to_x0_eps(run.predict(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                    type(cond).cat([uncond, cond])), torch.cat([x_t, x_t]), torch.cat([t, t]))[1]
+    eps_u, eps_c = eps.chunk(2)
+    guided = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
+    (a_t, s_t), (a_p, s_p) = run.alpha_sigma(t), run.alpha_sigma(t_prev)
+    return a_p * (x_t - s_t * guided) / a_t + s_p * guided
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
+    return pseudo_huber(a, b, huber_c) if loss == "huber" else torch.mean((a.float() - b.float()) ** 2)
+
+
+def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
+             empty_prompt_prob: float, loss: str, huber_c: float):
+    """PCM's consistency loss for one batch; returns (loss, logs, (student edge output, target, edge))."""
+    r = NUM_TRAIN_TIMESTEPS // n
+    x0 = run.latents(batch)
+    index = run.rng.randint(0, n)
+    t = (index + 1) * r - 1
+    t_prev = (t - r).clamp(min=0)
+    s = edge_of(index, n, k)
+    alpha, sigma = run.alpha_sigma(t)
+    x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
+    w = w_range[0] + (w_range[1] - w_range[0]) * run.rng.rand() if cfg_solver else torch.zeros(len(t), device=run.device)
+    captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
+    cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(captions))
+    student = edge_jump(x_t, eps_of(run, run.unet, x_t, t, cond), run, t, s)
+    x_prev = teacher_step(run, teacher, x_t, t, t_prev, cond, uncond, w)
+    with torch.no_grad():
+        target = edge_jump(x_prev, eps_of(run, run.raw_unet, x_prev, t_prev, cond), run, t_prev, s)
+    return consistency_distance(student, target, loss, huber_c), {}, (student, target, s, cond)
+
+
+# ---------------------------------------------------------------------------
+# The adversarial consistency loss
+
+
+class DiscriminatorHeads(nn.Module):
+    """Small trainable heads on the frozen teacher UNet's down/mid/up block features (one logit map each)."""
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        self.heads = nn.ModuleList(self._head(c) for c in channels)
+
+    @staticmethod
+    def _head(c: int) -> nn.Module:
+        groups = math.gcd(32, c)
+        body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU(),
+                             nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU())
+        return nn.ModuleDict({"body": body, "out": nn.Conv2d(c, 1, 1)})
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Per-example score: the mean logit over heads and positions."""
+        scores = [h["out"](f + h["body"](f)).mean((1, 2, 3)) for h, f in zip(self.heads, features)]
+        return torch.stack(scores).mean(0)
+
+
+def block_features(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
+    """Outputs of every down block, the mid block and every up block of ``unet`` at (x, t)."""
+    base = getattr(unet, "module", unet)
+    blocks = [*base.down_blocks, base.mid_block, *base.up_blocks]
+    found: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: found.append((o[0] if isinstance(o, tuple) else o).float()))
+             for b in blocks]
+    try:
+        run.predict(unet, x, t, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def feature_channels(unet) -> list[int]:
+    c = unet.config.block_out_channels
+    return [*c, c[-1], *reversed(c)]
+
+
+def renoise(x_s: torch.Tensor, s: torch.Tensor, s_to: torch.Tensor, noise: torch.Tensor, run: Run) -> torch.Tensor:
+    """Forward diffusion from timestep s to s' ≥ s: q(x_s' | x_s) = N(√(ᾱ_s'/ᾱ_s) x_s, (1 − ᾱ_s'/ᾱ_s) I)."""
+    (a_s, _), (a_to, _) = run.alpha_sigma(s), run.alpha_sigma(s_to)
+    ratio = a_to / a_s
+    return ratio * x_s + (1 - ratio**2).clamp(min=0).sqrt() * noise
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+
+
+def hinge_g_loss(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+# ---------------------------------------------------------------------------
+# The method, for the engine
+
+
+class PhasedConsistency(Method):
+    name = "distill-pcm"
+    data_kinds = ("images", "pairs")
+
+    def __init__(self, *, phases: int = 4, ddim_steps: int = 50, cfg_range: tuple[float, float] | None = None,
+                 cfg_solver: bool = True, empty_prompt_prob: float | None = None, loss: str = "huber",
+                 huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
+                 method: str = "pcm", sample_guidance: float | None = None):
+        if method not in ("pcm", "lcm"):
+            raise BadInput(f"--method {method}: choose pcm or lcm")
+        self.method = method
+        self.phases = 1 if method == "lcm" else phases
+        self.ddim_steps = ddim_steps
+        check_discretisation(ddim_steps, self.phases)
+        if cfg_range is not None and cfg_range[0] > cfg_range[1]:
+            raise BadInput(f"--cfg-range {cfg_range[0]:g},{cfg_range[1]:g}: the minimum is above the maximum")
+        if loss not in ("huber", "l2"):
+            raise BadInput(f"--loss {loss}: choose huber or l2")
+        if adversarial and method == "lcm":
+            raise BadInput("--adversarial is PCM's: it does not apply to --method lcm")
+        self.cfg_range, self.cfg_solver = cfg_range, cfg_solver
+        # the normal-CFG variant trains the unconditional branch too: 10% empty captions by default
+        self.empty_prompt_prob = empty_prompt_prob if empty_prompt_prob is not None else (0.0 if cfg_solver else 0.1)
+        self.loss_kind, self.huber_c = loss, huber_c
+        self.adversarial, self.adv_weight, self.adv_lr = adversarial, adv_weight, adv_lr
+        self.sample_guidance = sample_guidance
+        self.teacher = None
+        self.heads = self.d_optimizer = None
+        self._for_discriminator = None
+        self._teacher_guidance = 1.0
+
+    def check_data(self, data, run: Run) -> None:
+        kind = run.prediction_type
+        if kind not in ("epsilon", "v_prediction", "sample"):
+            raise BadInput(f"--teacher {run.model.ref.spec}: prediction_type {kind!r} is not supported "
+                           "(epsilon, v_prediction or sample)")
+        captions = data.captions() if hasattr(data, "captions") else None
+        if captions is not None and not any(captions):
+            raise BadInput(f"--data {data.name}: no captions at all; distillation of a text-to-image teacher needs "
+                           "captioned data")
+
+    def setup(self, run: Run) -> None:
+        if self.cfg_range is None:  # LCM/PCM defaults: w ∈ [4, 5] for SD1.x, [6, 7] for SDXL (METHODS.md)
+            self.cfg_range = (6.0, 7.0) if run.family == "sdxl" else (4.0, 5.0)
+        self._teacher_guidance = float(run.model.ref.sampler.get("guidance", 7.5))
+        self.teacher = run.frozen_copy() if run.config.full else None
+        if self.adversarial:
+            self.heads = DiscriminatorHeads(feature_channels(run.raw_unet)).to(run.device)
+            self.d_optimizer = torch.optim.AdamW(self.heads.parameters(), lr=self.adv_lr, betas=(0.0, 0.999))
+            self.heads, self.d_optimizer = run.accelerator.prepare(self.heads, self.d_optimizer)
+
+    def _teacher(self, run: Run):
+        from dtk.methods.reflow import _AdapterOff
+
+        return self.teacher if self.teacher is not None else _AdapterOff(run)
+
+    def loss(self, batch: dict, run: Run):
+        if self.method == "lcm":
+            from dtk.methods.lcm import lcm_loss
+
+            return lcm_loss(run, batch, self._teacher(run), n=self.ddim_steps, w_range=self.cfg_range,
+                            cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob,
+                            loss=self.loss_kind, huber_c=self.huber_c)
+        loss, logs, (student, target, s, cond) = pcm_loss(
+            run, batch, self._teacher(run), n=self.ddim_steps, k=self.phases, w_range=self.cfg_range,
+            cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob, loss=self.loss_kind,
+            huber_c=self.huber_c)
+        logs["consistency_loss"] = float(loss.detach())
+        if self.adversarial:
+            # real (the target) and fake (the student) noised to the same s' ~ U[s, s + T/K) with the same noise
+            width = NUM_TRAIN_TIMESTEPS // self.phases
+            s_to = (s + (run.rng.rand() * width).long()).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
+            noise = run.rng.randn(*student.shape[1:])
+            fake, real = renoise(student, s, s_to, noise, run), renoise(target, s, s_to, noise, run)
+            self.heads.requires_grad_(False)
+            g = hinge_g_loss(self.heads(block_features(run, self._teacher(run), fake, s_to, cond)))
+            self.heads.requires_grad_(True)
+            loss = loss + self.adv_weight * g
+            logs["g_loss"] = float(g.detach())
+            self._for_discriminator = (fake.detach(), real.detach(), s_to, cond)
+        return loss, logs
+
+    def after_step(self, run: Run) -> dict:
+        """The discriminator's step, alternating with the student's: hinge loss on real vs fake."""
+        if not self.adversarial or self._for_discriminator is None:
+            return {}
+        fake, real, s_to, cond = self._for_discriminator
+        self._for_discriminator = None
+        teacher = self._teacher(run)
+        with torch.no_grad():
+            f_fake = block_features(run, teacher, fake, s_to, cond)
+            f_real = block_features(run, teacher, real, s_to, cond)
+        with run.accelerator.autocast():
+            d = hinge_d_loss(self.heads(f_real), self.heads(f_fake))
+        run.accelerator.backward(d)
+        self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        return {"d_loss": float(d.detach())}
+
+    def sampler(self, run: Run) -> dict:
+        if self.method == "lcm":
+            return {"scheduler": "lcm", "steps": 4, "guidance": self._recommended_guidance()}
+        table = {str(m): sampling_timesteps(self.ddim_steps, self.phases, m) for m in range(1, 17)}
+        return {"scheduler": "ddim", "timesteps": sampling_timesteps(self.ddim_steps, self.phases, self.phases),
+                "guidance": self._recommended_guidance(), "timesteps_for_steps": table}
+
+    def _recommended_guidance(self) -> float:
+        if self.sample_guidance is not None:
+            return self.sample_guidance
+        return 1.0 if self.cfg_solver else self._teacher_guidance  # guidance is baked in, or still needed
+
+    def state_dict(self) -> dict:
+        if not self.adversarial:
+            return {}
+        heads = getattr(self.heads, "module", self.heads)
+        return {"heads": heads.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.adversarial and state:
+            getattr(self.heads, "module", self.heads).load_state_dict(state["heads"])
+            self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+    def describe(self) -> dict:
+        paper = ("Latent Consistency Models (Luo et al. 2023)" if self.method == "lcm"
+                 else "Phased Consistency Models (Wang et al., NeurIPS 2024)")
+        return {"paper": paper, "method": self.method, "phases": self.phases, "ddim_steps": self.ddim_steps,
+                "edges": phase_edges(self.ddim_steps, self.phases), "cfg_solver": self.cfg_solver,
+                "cfg_range_lcm_w": list(self.cfg_range) if self.cfg_solver else None,
+                "empty_prompt_prob": self.empty_prompt_prob, "loss": self.loss_kind, "huber_c": self.huber_c,
+                "adversarial": self.adversarial, **({"adv_weight": self.adv_weight, "adv_lr": self.adv_lr}
+                                                    if self.adversarial else {})}

@@ -1,0 +1,233 @@
+"""dtk distill-pcm: PCM's discretisation and objective against closed forms and diffusers, LCM, the
+adversarial loss, exact resume on SD and SDXL, exports and sampling."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dtk.diffusion.schedule import alphas_cumprod
+from dtk.methods.lcm import boundary_scalings
+from dtk.methods.pcm import (DiscriminatorHeads, ddim_grid, edge_jump, edge_of, hinge_d_loss, phase_edges,
+                             sampling_timesteps, teacher_step)
+from dtk.train.engine import Run
+
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+
+
+def schedule_run():
+    """Just enough of a Run for the schedule maths."""
+    ns = SimpleNamespace(abar=alphas_cumprod(SD_SCHEDULE))
+    ns.alpha_sigma = lambda t: Run.alpha_sigma(ns, t)
+    ns.to_x0_eps = lambda out, x, t: Run.to_x0_eps(SimpleNamespace(alpha_sigma=ns.alpha_sigma,
+                                                                   prediction_type="epsilon"), out, x, t)
+    ns.predict = lambda unet, x, t, cond: unet(x, t, cond)
+    return ns
+
+
+def test_phase_edges_and_sampling_timesteps():
+    assert ddim_grid(50)[:2] == [19, 39] and ddim_grid(50)[-1] == 999
+    assert phase_edges(50, 4) == [0, 239, 499, 739]
+    assert phase_edges(40, 4) == [0, 249, 499, 749]
+    assert phase_edges(50, 1) == [0]
+    grid = torch.tensor(ddim_grid(50))
+    edges = edge_of(torch.arange(50), 50, 4)
+    assert set(edges.tolist()) == {0, 239, 499, 739}
+    assert (edges < grid).all() and (edges[grid > 739] == 739).all() and (edges[grid <= 239] == 0).all()
+    assert sampling_timesteps(50, 4, 4) == [999, 739, 499, 239]
+    assert sampling_timesteps(50, 4, 2) == [999, 499] and sampling_timesteps(50, 4, 1) == [999]
+    eight = sampling_timesteps(50, 4, 8)
+    assert len(eight) == 8 and set([999, 739, 499, 239]) <= set(eight) and eight == sorted(eight, reverse=True)
+    # every sampling timestep of a phase jumps to that phase's edge: 4 steps end exactly on the edges
+    tops = torch.tensor([(t + 1) // 20 - 1 for t in sampling_timesteps(50, 4, 4)])
+    assert edge_of(tops, 50, 4).tolist() == [739, 499, 239, 0]
+
+
+def test_edge_jump_boundary_and_teacher_step_against_diffusers():
+    from diffusers import DDIMScheduler
+
+    run = schedule_run()
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    s = torch.tensor([0, 239, 739])
+    assert torch.allclose(edge_jump(x, eps, run, s, s), x, atol=1e-5)  # F(x_s, s, s) = x_s
+    # a jump to the edge is the DDIM step there: α_s x̂₀ + σ_s ε̂
+    t = torch.tensor([999, 499, 759])
+    (a_t, s_t), (a_s, s_s) = run.alpha_sigma(t), run.alpha_sigma(s)
+    assert torch.allclose(edge_jump(x, eps, run, t, s), a_s * (x - s_t * eps) / a_t + s_s * eps, atol=1e-6)
+
+    # the teacher's step t → t − 20 equals diffusers' DDIM step (η = 0) on the guided ε
+    eps_c, eps_u = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+
+    class Teacher:
+        def __call__(self, x_in, t_in, cond):
+            return torch.cat([eps_u, eps_c])  # rows: unconditional, then conditional
+
+    class Cond:
+        @staticmethod
+        def cat(parts):
+            return None
+
+    w = torch.tensor([4.0, 4.5, 0.0])
+    t = torch.tensor([999, 999, 999])
+    ours = teacher_step(run, Teacher(), x, t, t - 20, Cond(), Cond(), w)
+    sched = DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False, clip_sample=False, timestep_spacing="trailing")
+    sched.set_timesteps(50)
+    for i in range(3):
+        guided = eps_c[i:i + 1] + w[i] * (eps_c[i:i + 1] - eps_u[i:i + 1])
+        ref = sched.step(guided, 999, x[i:i + 1], eta=0.0).prev_sample
+        assert torch.allclose(ours[i:i + 1], ref, atol=1e-5)
+
+
+def test_lcm_boundary_scalings_match_diffusers():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(**SD_SCHEDULE)
+    for t in (0, 19, 259, 999):
+        c_skip, c_out = boundary_scalings(torch.tensor([t]))
+        ref_skip, ref_out = sched.get_scalings_for_boundary_condition_discrete(t)
+        assert float(c_skip) == pytest.approx(ref_skip, rel=1e-6) and float(c_out) == pytest.approx(ref_out, rel=1e-6)
+    assert boundary_scalings(torch.tensor([0])) == (1.0, 0.0)
+
+
+def test_discriminator_hinge_loss_falls_on_separable_inputs():
+    torch.manual_seed(0)
+    heads = DiscriminatorHeads([8, 16])
+    real = [torch.randn(6, 8, 4, 4) + 2, torch.randn(6, 16, 2, 2) + 2]
+    fake = [torch.randn(6, 8, 4, 4) - 2, torch.randn(6, 16, 2, 2) - 2]
+    assert hinge_d_loss(torch.zeros(3), torch.zeros(3)) == 2.0  # an undecided D
+    opt = torch.optim.AdamW(heads.parameters(), lr=1e-2, betas=(0.0, 0.999))
+    losses = []
+    for _ in range(30):
+        loss = hinge_d_loss(heads(real), heads(fake))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert heads(real).mean() > 0 > heads(fake).mean()  # real scores up, fake down: the signs are right
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from dtk.demo.shapes import write_folder
+
+    out = tmp_path_factory.mktemp("pcm-data") / "images"
+    write_folder(out, 6, seed=2)
+    return out
+
+
+def distill(run_dtk, model, data, out, *extra):
+    r = run_dtk("distill-pcm", "--teacher", model, "--data", data, "--out", out, "--resolution", 16, "--batch-size", 2,
+                "--lora-rank", 4, "--ddim-steps", 20, "--log-every", 1, "--device", "cpu", *extra)
+    assert r.exit_code in (0, 75), r.stderr
+    return r
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, images, tmp_path):
+    """Student, EMA and the discriminator (state in the checkpoint) continue as if never stopped."""
+    model = tiny_sd if family == "sd" else tiny_sdxl
+    common = ("--adversarial", "--adv-lr", "1e-3", "--checkpoint-every", 2, "--ema-decay", 0.9)
+    distill(run_dtk, model, images, tmp_path / "a", "--max-steps", 4, *common)
+    distill(run_dtk, model, images, tmp_path / "b", "--max-steps", 2, *common)
+    distill(run_dtk, model, images, tmp_path / "b", "--max-steps", 4, "--resume", "auto", "--overwrite", *common)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a/checkpoints/step-00000004/trainable.safetensors"))
+    b = load_file(str(tmp_path / "b/checkpoints/step-00000004/trainable.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    la = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert {"consistency_loss", "g_loss", "d_loss"} <= set(la[0])
+    assert [x["d_loss"] for x in la] == pytest.approx([x["d_loss"] for x in lb], rel=1e-5)
+    if family == "sd":
+        # bit for bit; with SDXL the pooled text embedding differs in the 7th digit with the batch
+        # it was encoded in, and Adam with β1 = 0 turns that into lr-sized steps of near-zero gradients
+        da = torch.load(tmp_path / "a/checkpoints/step-00000004/method.pt", weights_only=True)
+        db = torch.load(tmp_path / "b/checkpoints/step-00000004/method.pt", weights_only=True)
+        assert all(torch.allclose(da["heads"][k], db["heads"][k], atol=1e-6) for k in da["heads"])
+
+
+def test_pcm_sampling_uses_the_phase_tops_and_kohya_export_matches_diffusers(run_dtk, tiny_sd, images, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.sampling import Request, denoise, settings_for
+
+    out = tmp_path / "pcm"
+    distill(run_dtk, tiny_sd, images, out, "--max-steps", 2, "--lr", "3e-2", "--lora-alpha", 1,
+            "--export-format", "kohya")
+    meta = json.loads((out / "dtk.json").read_text())
+    assert meta["sampler"]["timesteps"] == [999, 749, 499, 249] and meta["sampler"]["guidance"] == 1.0
+    assert meta["method"]["edges"] == [0, 249, 499, 749]
+    r = run_dtk("sample", "--model", out, "--out", tmp_path / "s", "x")
+    assert json.loads(r.stdout)["timesteps"] == [999, 749, 499, 249]
+    r = run_dtk("sample", "--model", out, "--steps", 2, "--out", tmp_path / "s2", "x")
+    assert json.loads(r.stdout)["timesteps"] == [999, 499]
+
+    # the kohya file in diffusers (alpha 1, rank 4: scale 1/4, not 1) gives dtk's latents
+    model = open_model(resolve_model(str(out)), torch.device("cpu"), torch.float32)
+    settings = settings_for(model)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = denoise(model, settings, [Request("a red circle", 0)], noise=noise)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
+    pipe.load_lora_weights(str(out / "lora-kohya.safetensors"))
+    # diffusers' DDIM takes no explicit timesteps; for N=20, K=4 the phase tops are its trailing 4-step grid
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    ref = pipe("a red circle", latents=noise, num_inference_steps=4, guidance_scale=1.0, output_type="latent").images
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    assert torch.allclose(ours, ref, atol=1e-4)
+    base = denoise(open_model(resolve_model(str(tiny_sd)), torch.device("cpu"), torch.float32), settings,
+                   [Request("a red circle", 0)], noise=noise)
+    assert (ours - base).abs().max() > 1e-3
+
+
+def test_lcm_and_normal_cfg_variants(run_dtk, tiny_sd, images, tmp_path):
+    distill(run_dtk, tiny_sd, images, tmp_path / "lcm", "--max-steps", 1, "--method", "lcm")
+    meta = json.loads((tmp_path / "lcm/dtk.json").read_text())
+    assert meta["sampler"] == {"scheduler": "lcm", "steps": 4, "guidance": 1.0} and meta["method"]["phases"] == 1
+    r = run_dtk("sample", "--model", tmp_path / "lcm", "--out", tmp_path / "s", "x")
+    assert r.exit_code == 0 and json.loads(r.stdout)["scheduler"] == "lcm"
+    distill(run_dtk, tiny_sd, images, tmp_path / "normal", "--max-steps", 1, "--no-cfg-solver")
+    meta = json.loads((tmp_path / "normal/dtk.json").read_text())
+    assert meta["method"]["cfg_solver"] is False and meta["method"]["empty_prompt_prob"] == 0.1
+    assert meta["sampler"]["guidance"] == 7.5  # the teacher's: CFG still does its work
+
+
+def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
+    r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", tmp_path / "p", "--steps", 2, "a", "b")
+    assert r.exit_code == 0, r.stderr
+    distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "pcm", "--max-steps", 1)
+    assert json.loads((tmp_path / "pcm/dtk.json").read_text())["data"]["format"] == "reflow-pairs"
+
+
+def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
+    def bad(*extra, data=images, model=tiny_sd):
+        r = run_dtk("distill-pcm", "--teacher", model, "--data", data, "--out", tmp_path / "x", "--max-steps", 1,
+                    "--resolution", 16, *extra)
+        assert r.exit_code == 2, r.stderr
+        assert not (tmp_path / "x" / "dtk.json").exists()
+        return r.stderr
+
+    assert "--phases 30: must be between 1 and --ddim-steps/2 = 25" in bad("--phases", 30)
+    assert "--ddim-steps 30: must divide 1000" in bad("--ddim-steps", 30)
+    assert "--cfg-range 5,4: the minimum is above the maximum" in bad("--cfg-range", "5,4")
+    assert "expected W_MIN,W_MAX" in bad("--cfg-range", "5")
+    assert "--adversarial is PCM's" in bad("--method", "lcm", "--adversarial")
+    flow = tmp_path / "flow-model"
+    shutil.copytree(tiny_sd, flow)
+    cfg = json.loads((flow / "scheduler/scheduler_config.json").read_text())
+    (flow / "scheduler/scheduler_config.json").write_text(json.dumps({**cfg, "prediction_type": "flow"}))
+    assert "prediction_type 'flow' is not supported" in bad(model=flow)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in sorted(images.glob("*.png"))[:2]:
+        shutil.copy(f, bare / f.name)
+    assert "--allow-missing-captions" in bad(data=bare)
+    assert "no captions at all" in bad("--allow-missing-captions", data=bare)
