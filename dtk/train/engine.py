@@ -440,20 +440,21 @@ def _add_trainable(unet, config: TrainConfig) -> list[tuple[str, torch.nn.Parame
 
 def train(method: Method, config: TrainConfig) -> dict:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    from dtk.diffusion.schedule import alphas_cumprod
     from dtk.logs import quiet_libraries
+    from dtk.seeds import derive_seed
     from dtk.train.data import BatchOrder, collate, open_dataset
 
     config.check()
-    quiet_libraries()
-    t_start = time.monotonic()
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()  # a process-wide singleton: let a second run in one process choose again
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     if config.device not in ("auto", "cpu"):
         raise BadInput(f"--device {config.device}: training takes cpu or auto (accelerate's choice, one GPU per "
                        "process); choose GPUs with CUDA_VISIBLE_DEVICES")
+    quiet_libraries()
+    t_start = time.monotonic()
+    AcceleratorState._reset_state()  # a process-wide singleton: let a second run in one process choose again
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # checkpoints and export read whole parameters from the main process: that needs DDP
         raise BadInput(f"accelerate is configured for {accelerator.distributed_type.name}; dtk's checkpoints "
@@ -472,16 +473,12 @@ def train(method: Method, config: TrainConfig) -> dict:
     if data.kind not in method.data_kinds:
         raise BadInput(f"--data {config.data}: {method.name} needs {' or '.join(method.data_kinds)}, "
                        f"this is {data.kind}")
-    from dtk.diffusion.schedule import alphas_cumprod
-
     run = Run(config=config, model=model, accelerator=accelerator, data=data, weight_dtype=weight_dtype,
               abar=alphas_cumprod(model.pipe.scheduler.config).to(accelerator.device))
     method.check_data(data, run)
     unet = model.unet
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    from dtk.seeds import derive_seed
-
     torch.manual_seed(derive_seed(config.seed, "init"))  # LoRA initialisation: the same on every process and run
     named = _add_trainable(unet, config)
     run.raw_unet = unet
@@ -511,7 +508,7 @@ def train(method: Method, config: TrainConfig) -> dict:
     window_start, window_examples = time.monotonic(), 0
     with _StopSignals() as stop:
         while step < config.max_steps:
-            loss_value, grad_norm = _one_step(run, method, order, data, collate, optimizer, params, metrics, step)
+            grad_norm = _one_step(run, method, order, data, collate, optimizer, params, metrics, step)
             if not optimizer.step_was_skipped:  # fp16: the grad scaler skipped an overflowing step
                 scheduler.step()
                 if ema is not None:
@@ -544,16 +541,16 @@ def train(method: Method, config: TrainConfig) -> dict:
     return result
 
 
-def _one_step(run, method, order, data, collate, optimizer, params, metrics, step) -> tuple[float, float | None]:
-    """One optimizer step over grad_accum micro-batches; NaN/Inf stops the run before any update."""
+def _one_step(run, method, order, data, collate, optimizer, params, metrics, step) -> float | None:
+    """One optimizer step over grad_accum micro-batches; NaN/Inf stops the run before any update.
+    Returns the gradient norm (before clipping) when clipping."""
+    from dtk.seeds import derive_seed
+
     accelerator, config = run.accelerator, run.config
     rank = accelerator.process_index
-    total = 0.0
     for micro in range(config.grad_accum):
         positions = order.positions(step, micro, rank)
         batch = collate([data[i] for i in order.indices(step, micro, rank)])
-        from dtk.seeds import derive_seed
-
         run.rng = PerExample([derive_seed(config.seed, f"example-{p}") for p in positions], accelerator.device)
         sync = micro == config.grad_accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.unet):
@@ -562,7 +559,6 @@ def _one_step(run, method, order, data, collate, optimizer, params, metrics, ste
             if _any_process(accelerator, not bool(torch.isfinite(loss.detach()).all())):
                 raise RunFailure(_nan_message("loss", loss, step + 1, run.config))
             accelerator.backward(loss / config.grad_accum)
-        total += float(loss.detach()) / config.grad_accum
         metrics.add({"loss": float(loss.detach()), **logs})
     grad_norm = None
     if config.max_grad_norm > 0:
@@ -572,7 +568,7 @@ def _one_step(run, method, order, data, collate, optimizer, params, metrics, ste
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     metrics.add(method.after_step(run))
-    return total, grad_norm
+    return grad_norm
 
 
 def _nan_message(what: str, value, step: int, config: TrainConfig) -> str:
