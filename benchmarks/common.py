@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -33,3 +36,15 @@ def save(name: str, title: str, args, table: str) -> Path:
     out.write_text(f"# {title}\n\nCommand: `python benchmarks/{Path(sys.argv[0]).name} {flags}`\n\n{table}\n")
     print(f"wrote {out}")
     return out
+
+
+def step(cmd: list, done: Path, times: dict, name: str) -> None:
+    """Run one command of a benchmark pipeline (printed first), unless ``done`` exists; record its wall time."""
+    print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), file=sys.stderr, flush=True)
+    if done.exists():
+        print(f"  (done already: {done})", file=sys.stderr)
+        times.setdefault(name, None)
+        return
+    t0 = time.time()
+    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
+    times[name] = time.time() - t0

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark: a training step through dtk's engine vs a bare hand-written loop, side by side.
 
-    python benchmarks/engine_overhead.py [--model demo] [--batch-size 32] [--steps 60] [--lora] [--save]
+    python benchmarks/engine_overhead.py [--objective reflow|pcm] [--model demo] [--batch-size 32] [--lora] [--save]
 
-Both loops train the same UNet on the same reflow pairs with the same
-objective (Rectified Diffusion's x₀ pseudo-Huber loss, per-example noise
-and timesteps), AdamW and gradient clipping. The engine run also does its
-data order, metrics, EMA bookkeeping and the checks it makes every step.
+Both loops train the same UNet on the same data (reflow pairs; their latents
+for PCM) with the same objective — Rectified Diffusion's x₀ pseudo-Huber loss,
+or PCM's consistency loss (teacher CFG step, online target, edge jumps) —
+AdamW and gradient clipping. The engine run also does its data order,
+per-example randomness, metrics and the checks it makes every step.
 Reported: median seconds per step after warm-up, and the engine's overhead.
-`--save` writes benchmarks/results/engine_overhead.md.
+`--save` writes benchmarks/results/engine_overhead-OBJECTIVE.md.
 """
 
 from __future__ import annotations
@@ -35,18 +36,21 @@ def make_pairs(model_spec, out: Path, n: int) -> None:
 
 
 def engine_times(model_spec, pairs: Path, out: Path, args) -> list[float]:
+    from dtk.methods.pcm import PhasedConsistency
     from dtk.methods.reflow import RectifiedDiffusion
     from dtk.train.config import TrainConfig
     from dtk.train.engine import train
 
     stamps: list[float] = []
+    base = RectifiedDiffusion if args.objective == "reflow" else PhasedConsistency
 
-    class Timed(RectifiedDiffusion):
+    class Timed(base):
         def loss(self, batch, run):
             stamps.append(time.perf_counter())
             return super().loss(batch, run)
 
-    train(Timed(empty_prompt_prob=0.0), TrainConfig(
+    method = Timed(empty_prompt_prob=0.0) if args.objective == "reflow" else Timed(cfg_range=(1.0, 1.0))
+    train(method, TrainConfig(
         out=str(out), model=model_spec, data=str(pairs), max_steps=args.warmup + args.steps + 1,
         batch_size=args.batch_size, lr=1e-5, full=not args.lora, lora_rank=16, checkpoint_every=10**9,
         log_every=10, device="cpu"))
@@ -84,6 +88,12 @@ def bare_times(model_spec, pairs: Path, args) -> list[float]:
         captions += read_shard_meta(f)["prompts"]
     noise, latent = torch.cat(noise), torch.cat(latent)
     abar = pipe.scheduler.alphas_cumprod.double()
+    teacher = None
+    if args.objective == "pcm":
+        import copy
+
+        teacher = copy.deepcopy(unet).requires_grad_(False).eval() if not args.lora else None
+        uncond = pipe.encode_prompt("", "cpu", 1, False)[0]
     cache = {}
     times = []
     g = torch.Generator().manual_seed(0)
@@ -96,13 +106,16 @@ def bare_times(model_spec, pairs: Path, args) -> list[float]:
                 cache[c] = pipe.encode_prompt(c, "cpu", 1, False)[0]
         cond = torch.cat([cache[c] for c in caps])
         gens = [torch.Generator().manual_seed(step * 1000 + j) for j in range(args.batch_size)]
-        ts = torch.cat([torch.randint(0, 1000, (1,), generator=gg) for gg in gens])
-        a = abar[ts].float().view(-1, 1, 1, 1)
-        x0, z = latent[idx], noise[idx]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * z
-        eps = unet(x_t, ts, encoder_hidden_states=cond).sample
-        x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        loss = (torch.sqrt((x0_hat - x0) ** 2 + 1e-6) - 1e-3).mean()
+        if args.objective == "reflow":
+            ts = torch.cat([torch.randint(0, 1000, (1,), generator=gg) for gg in gens])
+            a = abar[ts].float().view(-1, 1, 1, 1)
+            x0, z = latent[idx], noise[idx]
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * z
+            eps = unet(x_t, ts, encoder_hidden_states=cond).sample
+            x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+            loss = (torch.sqrt((x0_hat - x0) ** 2 + 1e-6) - 1e-3).mean()
+        else:
+            loss = bare_pcm_loss(unet, teacher, latent[idx], cond, uncond.expand_as(cond), abar, gens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -112,8 +125,43 @@ def bare_times(model_spec, pairs: Path, args) -> list[float]:
     return times[args.warmup:]
 
 
+def bare_pcm_loss(unet, teacher, x0, cond, uncond, abar, gens, n=50, k=4, w=1.0):
+    """PCM's consistency loss written out by hand (N = 50, K = 4, edges 0/239/499/739, online target)."""
+    import torch
+
+    idx = torch.cat([torch.randint(0, n, (1,), generator=gg) for gg in gens])
+    t = (idx + 1) * (1000 // n) - 1
+    t_prev = (t - 1000 // n).clamp(min=0)
+    s = torch.tensor([0, 239, 499, 739])[(idx[:, None] >= torch.tensor([0, 12, 25, 37])).sum(1) - 1]
+    eps0 = torch.stack([torch.randn(x0.shape[1:], generator=gg) for gg in gens])
+
+    def a_s(tt):
+        ab = abar[tt].float().view(-1, 1, 1, 1)
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def jump(x, eps, t_from, t_to):
+        (a1, s1), (a2, s2) = a_s(t_from), a_s(t_to)
+        return a2 * (x - s1 * eps) / a1 + s2 * eps
+
+    a, sg = a_s(t)
+    x_t = a * x0 + sg * eps0
+    student = jump(x_t, unet(x_t, t, encoder_hidden_states=cond).sample, t, s)
+    with torch.no_grad():
+        net = teacher if teacher is not None else unet
+        if teacher is None:
+            unet.disable_adapters()
+        e_u, e_c = net(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                       encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        if teacher is None:
+            unet.enable_adapters()
+        x_prev = jump(x_t, e_c + w * (e_c - e_u), t, t_prev)
+        target = jump(x_prev, unet(x_prev, t_prev, encoder_hidden_states=cond).sample, t_prev, s)
+    return (torch.sqrt((student - target) ** 2 + 1e-6) - 1e-3).mean()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--objective", choices=("reflow", "pcm"), default="reflow")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=60)
@@ -145,14 +193,15 @@ def main() -> None:
         "| loop | s/step (median) | s/step (best) |",
         "|---|---:|---:|",
         f"| bare hand-written loop | {b:.4f} | {min(bare):.4f} |",
-        f"| dtk engine (train-reflow objective) | {e:.4f} | {min(engine):.4f} |",
+        f"| dtk engine ({'train-reflow' if args.objective == 'reflow' else 'distill-pcm'} objective) | {e:.4f} | "
+        f"{min(engine):.4f} |",
         "",
         f"engine overhead: {100 * (e / b - 1):+.1f}% (median), target ≤ 5%",
     ]
     table = "\n".join(lines)
     print(table)
     if args.save:
-        save(f"engine_overhead{'-lora' if args.lora else ''}", "training engine overhead", args, table)
+        save(f"engine_overhead-{args.objective}{'-lora' if args.lora else ''}", "training engine overhead", args, table)
 
 if __name__ == "__main__":
     main()

@@ -21,25 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
-
-
-def step(cmd: list, done: Path, times: dict, name: str) -> None:
-    print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), file=sys.stderr, flush=True)
-    if done.exists():
-        print(f"  (done already: {done})", file=sys.stderr)
-        times.setdefault(name, None)
-        return
-    t0 = time.time()
-    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
-    times[name] = time.time() - t0
+from common import machine, save, step  # noqa: E402
 
 
 def main() -> None:

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Benchmark: PCM (K = 1, 2, 4; adversarial; normal CFG) against LCM on the demo teacher, equal budgets.
+
+    python benchmarks/pcm.py --work /tmp/pcm-bench [--steps 2000] [--save]
+
+Every run distils the demo teacher on the same captioned shapes images with the
+same number of steps, batch, learning rate and full fine-tuning; then
+`dtk eval` measures each at 1/2/4/8 steps (each with its dtk.json sampler:
+DDIM over the phase tops for PCM, the LCM scheduler for LCM), against the
+teacher's 25-step DDIM row. Printed as a markdown table, with the targets
+that mirror the paper's SD1.5 table; --save writes benchmarks/results/pcm.md.
+Steps already done in --work are not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, save, step  # noqa: E402
+
+RUNS = {
+    "lcm": ["--method", "lcm"],
+    "pcm-k1": ["--phases", "1"],
+    "pcm-k2": ["--phases", "2"],
+    "pcm-k4": ["--phases", "4"],
+    "pcm-k1-adv": ["--phases", "1", "--adversarial", "--adv-lr", "1e-4"],
+    "pcm-k4-normal-cfg": ["--phases", "4", "--no-cfg-solver"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=2000, help="training steps of every run")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--cfg-range", default="1,1",
+                    help="teacher CFG w in the LCM convention: 1,1 = diffusers scale 2.0, the demo teacher's own")
+    ap.add_argument("--num-images", type=int, default=1000)
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args()
+
+    w = Path(args.work)
+    dtk = [sys.executable, "-m", "dtk"]
+    times: dict = {}
+    step([sys.executable, "-m", "dtk.demo.shapes", "--out", w / "images", "--num", args.images, "--seed", 7],
+         w / "images" / "captions.txt", times, "images")
+    common = ["--data", w / "images", "--full", "--max-steps", args.steps, "--batch-size", args.batch_size,
+              "--lr", args.lr, "--cfg-range", args.cfg_range, "--checkpoint-every", 500, "--log-every", 100]
+    for name, extra in RUNS.items():
+        step([*dtk, "distill-pcm", *common, *extra, "--out", w / name], w / name / "dtk.json", times, name)
+    step([*dtk, "eval", "--scheduler", "ddim-trailing", "--steps", "25", "--num-images", args.num_images,
+          "--out", w / "eval-teacher"], w / "eval-teacher" / "eval.json", times, "eval-teacher")
+    for name in RUNS:
+        step([*dtk, "eval", "--model", w / name, "--steps", "1,2,4,8", "--num-images", args.num_images,
+              "--out", w / f"eval-{name}"], w / f"eval-{name}" / "eval.json", times, f"eval-{name}")
+
+    teacher = json.loads((w / "eval-teacher" / "eval.json").read_text())
+    t25 = teacher["rows"][0]
+    res = {name: {r["steps"]: r for r in json.loads((w / f"eval-{name}" / "eval.json").read_text())["rows"]}
+           for name in RUNS}
+    trained = {name: json.loads((w / name / "dtk.json").read_text())["training"] for name in RUNS}
+    rows = [f"| teacher (DDIM) | 25 | {t25['fd_real']:.1f} | {t25['fd_teacher']:.1f} | {t25['accuracy']:.3f} | "
+            f"{t25['consistency']:.3f} | — |"]
+    for name in RUNS:
+        for n, r in sorted(res[name].items()):
+            rows.append(f"| {name} | {n} | {r['fd_real']:.1f} | {r['fd_teacher']:.1f} | {r['accuracy']:.3f} | "
+                        f"{r['consistency']:.3f} | {trained[name]['seconds'] / 60:.0f} min |")
+
+    def fd_t(name, n):
+        return res[name][n]["fd_teacher"]
+
+    best_pcm = [n for n in (1, 2, 4, 8) if min(fd_t(p, n) for p in RUNS if p.startswith("pcm")) < fd_t("lcm", n)]
+    k4_ratio = res["pcm-k4"][4]["fd_real"] / t25["fd_real"]
+    adv_gain = fd_t("lcm", 1) / fd_t("pcm-k1-adv", 1)
+    cons = {name: res[name][1]["consistency"] for name in RUNS}
+    lines = [
+        f"demo teacher (guidance {teacher['rows'][0]['guidance']:g}), shapes-v1 ({args.num_images} images per row, "
+        f"FD noise floor {teacher['noise_floor']:.1f}); every run: {args.images} captioned training images, "
+        f"full UNet, {args.steps} steps × batch {args.batch_size}, lr {args.lr:g}, teacher CFG w ∈ [{args.cfg_range}] "
+        "(LCM convention), N = 50; consistency = feature cosine of each step count's samples to the 8-step ones",
+        f"machine: {machine()}",
+        "",
+        "| model | steps | FD-real | FD-teacher | accuracy | consistency | training time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "targets (mirroring the paper's SD1.5 table):",
+        f"- PCM beats LCM on FD-teacher at every step count: at {best_pcm} of [1, 2, 4, 8] "
+        f"({'met' if len(best_pcm) == 4 else 'NOT met'})",
+        f"- PCM (K=4) 4-step FD-real within 1.2× of the teacher's 25-step: {k4_ratio:.2f}× "
+        f"({'met' if k4_ratio <= 1.2 else 'NOT met'})",
+        f"- adversarial PCM 1-step FD-teacher ≥ 3× better than LCM 1-step: {adv_gain:.2f}× "
+        f"({'met' if adv_gain >= 3 else 'NOT met'})",
+        f"- PCM consistency (1 vs 8 steps) above LCM's: PCM K=4 {cons['pcm-k4']:.3f}, LCM {cons['lcm']:.3f} "
+        f"({'met' if cons['pcm-k4'] > cons['lcm'] else 'NOT met'})",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.save:
+        save("pcm", "PCM vs LCM on the demo teacher", args, table)
+
+
+if __name__ == "__main__":
+    main()
