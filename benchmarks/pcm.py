@@ -36,8 +36,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True)
     ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--data", default=None,
+                    help="training data for every run, e.g. the reflow benchmark's pairs (their latents: no VAE "
+                    "encoding) [a folder of --images captioned shapes images, made here]")
     ap.add_argument("--steps", type=int, default=2000, help="training steps of every run")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--cfg-range", default="1,1",
                     help="teacher CFG w in the LCM convention: 1,1 = diffusers scale 2.0, the demo teacher's own")
@@ -48,9 +51,11 @@ def main() -> None:
     w = Path(args.work)
     dtk = [sys.executable, "-m", "dtk"]
     times: dict = {}
-    step([sys.executable, "-m", "dtk.demo.shapes", "--out", w / "images", "--num", args.images, "--seed", 7],
-         w / "images" / "captions.txt", times, "images")
-    common = ["--data", w / "images", "--full", "--max-steps", args.steps, "--batch-size", args.batch_size,
+    data = Path(args.data) if args.data else w / "images"
+    if not args.data:
+        step([sys.executable, "-m", "dtk.demo.shapes", "--out", data, "--num", args.images, "--seed", 7],
+             data / "captions.txt", times, "images")
+    common = ["--data", data, "--full", "--max-steps", args.steps, "--batch-size", args.batch_size,
               "--lr", args.lr, "--cfg-range", args.cfg_range, "--checkpoint-every", 500, "--log-every", 100]
     for name, extra in RUNS.items():
         step([*dtk, "distill-pcm", *common, *extra, "--out", w / name], w / name / "dtk.json", times, name)
@@ -81,7 +86,7 @@ def main() -> None:
     cons = {name: res[name][1]["consistency"] for name in RUNS}
     lines = [
         f"demo teacher (guidance {teacher['rows'][0]['guidance']:g}), shapes-v1 ({args.num_images} images per row, "
-        f"FD noise floor {teacher['noise_floor']:.1f}); every run: {args.images} captioned training images, "
+        f"FD noise floor {teacher['noise_floor']:.1f}); every run: data {args.data or f'{args.images} shapes images'}, "
         f"full UNet, {args.steps} steps × batch {args.batch_size}, lr {args.lr:g}, teacher CFG w ∈ [{args.cfg_range}] "
         "(LCM convention), N = 50; consistency = feature cosine of each step count's samples to the 8-step ones",
         f"machine: {machine()}",
