@@ -1,0 +1,135 @@
+"""The EDM view of VP models (dtk.diffusion.edm) and the ECT/SCT objectives (dtk.methods.sct)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dtk.diffusion.edm import VPDenoiser, consistency_output, sigma_to_t, vp_sigmas
+from dtk.diffusion.schedule import alphas_cumprod
+from dtk.methods.sct import ect_loss, ect_r, ect_stage, ect_t, ect_weight, stable_point
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+
+
+def test_sigma_to_t_matches_diffusers():
+    from diffusers import EulerDiscreteScheduler
+
+    sched = EulerDiscreteScheduler(**SD)
+    abar = alphas_cumprod(SD)
+    sigmas = torch.tensor([0.001, 0.0292, 0.1, 0.5, 1.0, 3.7, 14.6, 80.0])
+    log_sigmas = vp_sigmas(abar).log().numpy()
+    ref = torch.from_numpy(sched._sigma_to_t(sigmas.double().numpy(), log_sigmas))
+    assert torch.allclose(sigma_to_t(sigmas, abar), ref.float(), atol=1e-3)
+    # the table's own σ_t come back as the integer t
+    assert torch.allclose(sigma_to_t(vp_sigmas(abar)[[0, 250, 999]], abar), torch.tensor([0.0, 250.0, 999.0]),
+                          atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_wrapped_model_reproduces_its_ddim_sample(tiny_sd, tmp_path, prediction_type):
+    """Euler steps of D(x, σ) through the DDIM timesteps' σ are DDIM (METHODS.md): the same final sample."""
+    from dtk.diffusion.loading import load_model, resolve_model
+    from dtk.diffusion.sampling import Request, SamplerSettings, denoise
+    from dtk.diffusion.conditioning import encode_prompts
+
+    path = tmp_path / "m"
+    shutil.copytree(tiny_sd, path)
+    cfg_file = path / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "prediction_type": prediction_type}))
+    model = load_model(resolve_model(str(path)), torch.device("cpu"), torch.float32)
+    timesteps = [999, 749, 499, 249, 99]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ddim = denoise(model, SamplerSettings("ddim", 5, 1.0, 16, 16, timesteps), [Request("a", 0), Request("b", 1)],
+                   noise=noise)
+
+    abar = alphas_cumprod(model.pipe.scheduler.config)
+    sig = vp_sigmas(abar)
+    denoiser = VPDenoiser(model.unet, abar, prediction_type)
+    cond = encode_prompts(model, ["a", "b"], 16, 16).unet_kwargs()
+    levels = [float(sig[t]) for t in timesteps] + [float(sig[0])]   # DDIM ends at ᾱ₀ (set_alpha_to_one false)
+    x = noise * (1 + levels[0] ** 2) ** 0.5                          # x_edm = x_vp·√(1+σ²)
+    with torch.no_grad():
+        for s, s_next in zip(levels, levels[1:]):
+            d = denoiser(x, torch.full((2,), s), **cond)
+            x = x + (s_next - s) * (x - d) / s
+    edm = x / (1 + levels[-1] ** 2) ** 0.5
+    assert torch.allclose(edm, ddim, atol=1e-4)
+
+
+def test_denoiser_boundary_and_consistency_function():
+    unet = lambda x, t, return_dict=False: (torch.sin(x) + t.view(-1, 1, 1, 1) / 1000,)  # noqa: E731
+    abar = alphas_cumprod(SD)
+    x = torch.randn(3, 4, 4, 4)
+    for kind in ("epsilon", "v_prediction"):
+        d = VPDenoiser(unet, abar, kind)
+        assert torch.allclose(d(x, torch.zeros(3)), x, atol=1e-6)  # D(x, 0) = x
+    denoised = VPDenoiser(unet, abar, "epsilon")(x, torch.tensor([0.002, 1.0, 80.0]))
+    sigma = torch.tensor([0.002, 1.0, 80.0])
+    f = consistency_output(denoised, x, sigma, sigma_data=0.5, sigma_min=0.002)
+    assert torch.allclose(f[0], x[0], atol=1e-6)                               # f(x, σ_min) = x exactly
+    assert torch.allclose(f[2], denoised[2], rtol=1e-3, atol=1e-3)              # far from σ_min: ≈ D
+    assert torch.equal(consistency_output(denoised, x, sigma, 0.5, 0.0), denoised)  # training: f = D
+    from dtk.errors import BadInput
+
+    with pytest.raises(BadInput, match="prediction_type 'flow' cannot be wrapped"):
+        VPDenoiser(unet, abar, "flow")
+
+
+def test_ect_schedule():
+    t = ect_t(torch.linspace(-3, 3, 101))
+    assert t.min() > 0
+    for stage in range(4):
+        r = ect_r(t, stage, q=4.0)
+        assert (r >= 0).all() and (r < t).all()
+        ratio = (t - r) / t
+        keep = r > 0   # where r was not clamped, Δt/t = n(t)/q^(stage+1), n(t) = 1 + 8 sigmoid(−t)
+        assert torch.allclose(ratio[keep], ((1 + 8 * torch.sigmoid(-t)) / 4 ** (stage + 1))[keep], atol=1e-6)
+    assert [ect_stage(i, 25000) for i in (0, 24999, 25000, 80000)] == [0, 0, 1, 3]
+    assert torch.allclose(ect_weight(torch.tensor([2.0]), torch.tensor([1.5]), "inv_dt"), torch.tensor([2.0]))
+    assert torch.allclose(ect_weight(torch.tensor([2.0]), torch.tensor([1.5]), "edm"), torch.tensor([4.25]))
+    a = torch.zeros(2, 3, 4, 4)
+    assert ect_loss(a, a, torch.ones(2), 0.06) == 0
+    assert ect_loss(a, a + 0.5, torch.ones(2), 0.0) == pytest.approx(0.5)   # c = 0: the RMS difference
+
+
+def test_stable_target_with_one_reference_is_ects_point():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    t, r = torch.full((5,), 2.0), torch.full((5,), 1.2)
+    x_t = x0 + t.view(-1, 1, 1, 1) * eps
+    for i in range(5):
+        x_r, x0_hat = stable_point(x_t[i:i + 1], t[i:i + 1], r[i:i + 1], x0[i:i + 1])
+        assert torch.allclose(x0_hat, x0[i:i + 1], atol=1e-6)
+        assert torch.allclose(x_r, x0[i:i + 1] + 1.2 * eps[i:i + 1], atol=1e-5)
+
+
+def test_stable_target_has_lower_variance():
+    """Var of the target around E[x_r | x_t] (the posterior over the whole data set) over many noise draws:
+    ECT's single-sample x_r vs SCT's with the batch (64) as reference set."""
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(512, 2, 2, 2, generator=g)          # the data distribution: 512 points
+    n, t_val, r_val = 64, 1.0, 0.6
+    var_ect, var_sct = [], []
+    for _ in range(20):
+        idx = torch.randint(0, len(data), (n,), generator=g)
+        x0 = data[idx]
+        x_t = x0 + t_val * torch.randn(x0.shape, generator=g)
+        t, r = torch.full((n,), t_val), torch.full((n,), r_val)
+        exact, _ = stable_point(x_t, t, r, data)
+        ect = x_t - (t_val - r_val) * (x_t - x0) / t_val
+        sct, _ = stable_point(x_t, t, r, x0)
+        var_ect.append((ect - exact).pow(2).mean())
+        var_sct.append((sct - exact).pow(2).mean())
+    v_ect, v_sct = torch.stack(var_ect).mean(), torch.stack(var_sct).mean()
+    assert v_sct < 0.7 * v_ect, (float(v_sct), float(v_ect))
+
+
+def test_stable_target_keeps_to_the_class():
+    refs = torch.stack([torch.full((1, 2, 2), -3.0), torch.full((1, 2, 2), 3.0)])
+    x_t = torch.full((1, 1, 2, 2), 2.0)
+    t, r = torch.tensor([1.0]), torch.tensor([0.0])
+    _, free = stable_point(x_t, t, r, refs)
+    _, only_first = stable_point(x_t, t, r, refs, same_class=torch.tensor([[True, False]]))
+    assert free.mean() > 2.5 and torch.allclose(only_first, refs[:1])
