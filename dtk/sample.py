@@ -20,14 +20,20 @@ class PromptItem:
     seed: int | None = None
 
 
-def read_prompts(texts: tuple[str, ...] | list[str], prompts_file: str | None) -> list[PromptItem]:
-    """Prompts from arguments, or from a plain-text / JSONL file (``-`` = stdin)."""
+NO_PROMPTS = "no prompts: give them as arguments or with --prompts FILE (- for stdin)"
+
+
+def read_prompts(texts: tuple[str, ...] | list[str], prompts_file: str | None, required: bool = True) -> list[PromptItem]:
+    """Prompts from arguments, or from a plain-text / JSONL file (``-`` = stdin); none at all is an
+    error unless not ``required`` (an unconditional model needs none)."""
     if texts and prompts_file:
         raise BadInput("give prompts as arguments or with --prompts, not both")
     if texts:
         return [PromptItem(t) for t in texts]
     if not prompts_file:
-        raise BadInput("no prompts: give them as arguments or with --prompts FILE (- for stdin)")
+        if required:
+            raise BadInput(NO_PROMPTS)
+        return []
     name = "<stdin>" if prompts_file == "-" else prompts_file
     with open_text(prompts_file) as f:
         lines = f.read().splitlines()
@@ -113,6 +119,10 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     dtype = resolve_dtype(opts.dtype, device)
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
     model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras)
+    if not opts.prompts:
+        if model.family != "pixel" or model.unet.config.get("num_class_embeds"):
+            raise BadInput(NO_PROMPTS + (" or --class" if model.family == "pixel" else ""))
+        opts.prompts = [PromptItem("")]  # an unconditional model: --num-per-prompt images of nothing in particular
     settings = settings_for(model, scheduler=opts.scheduler, steps=opts.steps, timesteps=opts.timesteps,
                             guidance=opts.guidance, height=opts.height, width=opts.width)
     if settings.guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):

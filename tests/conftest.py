@@ -65,3 +65,17 @@ def dtk_subprocess(*args, input=None, env=None, timeout=300, cwd=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "dtk", *map(str, args)], input=input, capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_pixel_pipeline
+
+    return build_tiny_pixel_pipeline(tmp_path_factory.mktemp("models") / "tiny-pixel")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_classes(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_pixel_pipeline
+
+    return build_tiny_pixel_pipeline(tmp_path_factory.mktemp("models") / "tiny-pixel-classes", num_classes=4)

@@ -105,3 +105,19 @@ def build_tiny_clip(out: Path, seed: int = 0) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out))
     return out
+
+
+def build_tiny_pixel_pipeline(out: Path, num_classes: int | None = None, seed: int = 0) -> Path:
+    """A tiny random DDPMPipeline (pixel-space UNet2DModel, 16×16 RGB), optionally class-conditional:
+    the layout of diffusers' DDPM checkpoints (google/ddpm-cifar10-32)."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       num_class_embeds=num_classes)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out))
+    return out

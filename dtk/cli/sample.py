@@ -14,6 +14,8 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @click.command("sample", short_help="Generate images from prompts.")
 @prompt_inputs
 @model_option()
+@click.option("--class", "classes", multiple=True, metavar="LABEL",
+              help="Class label (index or name) of a class-conditional pixel-space model; repeatable, like a prompt.")
 @click.option("--model-config", metavar="DIR", help="Diffusers config dir for a single-file --model (offline).")
 @click.option("--num-per-prompt", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--negative-prompt", default="", help="Negative prompt for prompts that have none.")
@@ -34,7 +36,7 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @click.option("--grid", is_flag=True, help="Also write a contact sheet grid.png.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
 @config_option
-def command(prompt, prompts_file, model, model_config, num_per_prompt, negative_prompt, steps, guidance,
+def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, negative_prompt, steps, guidance,
             scheduler, timesteps, loras, seed, batch_size, height, width, shard, device, dtype, out, grid,
             overwrite):
     """Generate images from PROMPT arguments or --prompts FILE.
@@ -56,7 +58,7 @@ def command(prompt, prompts_file, model, model_config, num_per_prompt, negative_
     from dtk.seeds import default_shard, parse_shard
 
     run_sample(SampleOptions(
-        prompts=read_prompts(prompt, prompts_file),
+        prompts=read_prompts(tuple(prompt) + tuple(classes), prompts_file, required=False),
         model=model, model_config=model_config, out=out, num_per_prompt=num_per_prompt,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
         timesteps=parse_timesteps(timesteps) if timesteps else None,

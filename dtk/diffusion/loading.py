@@ -11,7 +11,9 @@ Accepted, in the order they are tried:
     dtk never downloads at run time, so Slurm jobs and cron behave the same
     with and without network.
 
-SD1.x/2.x (``sd``) and SDXL (``sdxl``) are both first-class.
+SD1.x/2.x (``sd``) and SDXL (``sdxl``) are both first-class; pixel-space
+``UNet2DModel`` pipelines in the layout of diffusers' DDPM checkpoints
+(``pixel``: unconditional or class-conditional, no VAE, no text) load too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from dtk.errors import BadInput
 from dtk.hub import cached_snapshot, looks_like_hub_id
 
-SD, SDXL = "sd", "sdxl"
+SD, SDXL, PIXEL = "sd", "sdxl", "pixel"
 
 
 @dataclass
@@ -32,7 +34,7 @@ class ModelRef:
 
     spec: str                       # what the user typed ("demo" for the default)
     path: Path                      # a diffusers pipeline dir, or a single file
-    family: str                     # "sd" or "sdxl"
+    family: str                     # "sd", "sdxl" or "pixel"
     single_file: bool = False
     loras: list[tuple[Path, float]] = field(default_factory=list)
     unet_dir: Path | None = None    # full UNet weights replacing the base UNet
@@ -102,6 +104,8 @@ def _pipeline_family(path: Path) -> str:
     index = read_json(path / "model_index.json")
     if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
         return SDXL
+    if "vae" not in index and "text_encoder" not in index:
+        return PIXEL  # DDPMPipeline / DDIMPipeline: a pixel-space UNet2DModel and its scheduler
     return SD
 
 
@@ -128,7 +132,7 @@ def _single_file_family(path: Path) -> str:
 @dataclass
 class LoadedModel:
     ref: ModelRef
-    pipe: Any                 # a diffusers StableDiffusion(XL)Pipeline (never called directly)
+    pipe: Any                 # a diffusers StableDiffusion(XL)/DDPM pipeline (never called directly)
     device: Any
     dtype: Any
 
@@ -142,11 +146,17 @@ class LoadedModel:
 
     @property
     def vae(self):
-        return self.pipe.vae
+        return getattr(self.pipe, "vae", None)  # None: a pixel-space model
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        vae = self.vae
+        return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names of a class-conditional model (its dtk.json), if it names them."""
+        return self.ref.manifest.get("classes")
 
     @property
     def default_size(self) -> int:
@@ -154,9 +164,9 @@ class LoadedModel:
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDPMPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+    return {SDXL: StableDiffusionXLPipeline, PIXEL: DDPMPipeline}.get(family, StableDiffusionPipeline)
 
 
 def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) -> LoadedModel:

@@ -39,6 +39,8 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]]) -> No
     """Load every LoRA as its own adapter and activate them all with their scales."""
     if not loras:
         return
+    if model.family == "pixel":
+        raise BadInput(f"--lora {loras[0][0]}: LoRAs are for SD/SDXL pipelines, {model.ref.spec!r} is a pixel-space model")
     pipe = model.pipe
     names, scales = [], []
     for i, (path, scale) in enumerate(loras):

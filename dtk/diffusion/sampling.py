@@ -43,8 +43,10 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
 
     recommended = model.ref.sampler
 
+    defaults = {**DEFAULT_SAMPLER, **({"guidance": 1.0} if model.family == "pixel" else {})}
+
     def pick(name, value):
-        return value if value is not None else recommended.get(name, DEFAULT_SAMPLER.get(name))
+        return value if value is not None else recommended.get(name, defaults.get(name))
 
     if timesteps is None and scheduler is None:
         # a model's own timesteps (e.g. a PCM's phase tops), also per step count when it lists them
@@ -61,6 +63,9 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
                                steps=len(timesteps) if timesteps else int(pick("steps", steps)),
                                guidance=float(pick("guidance", guidance)), height=height, width=width,
                                timesteps=list(timesteps) if timesteps else None)
+    if model.family == "pixel" and settings.guidance > 1.0:
+        raise BadInput(f"--guidance {settings.guidance:g}: a pixel-space model has no unconditional branch for CFG; "
+                       "use a guidance ≤ 1")
     make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, model.device)
     return settings
 
@@ -101,6 +106,7 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
         if cfg:
             x_in = torch.cat([x_in, x_in])
         out = model.unet(x_in, t, return_dict=False, **unet_kwargs)[0]
+        out = out[:, :latents.shape[1]]  # DDPM UNets with a learned variance output it beside the mean
         if cfg:
             out_u, out_c = out.chunk(2)
             out = out_u + settings.guidance * (out_c - out_u)
@@ -112,6 +118,8 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
 def decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     """Latents → images in [0, 1], float32 [B, 3, H, W]."""
     vae = model.vae
+    if vae is None:  # a pixel-space model: its samples are images in [-1, 1]
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
     if latents.dtype == torch.float16 and vae.config.get("force_upcast", False):
         vae = vae.to(torch.float32)  # the SDXL VAE overflows in fp16
     x = latents.to(vae.dtype) / vae.config.scaling_factor
