@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from dtk.diffusion.edm import VPDenoiser, consistency_output, sigma_to_t, vp_sigmas
 from dtk.diffusion.schedule import alphas_cumprod
@@ -133,3 +134,113 @@ def test_stable_target_keeps_to_the_class():
     _, free = stable_point(x_t, t, r, refs)
     _, only_first = stable_point(x_t, t, r, refs, same_class=torch.tensor([[True, False]]))
     assert free.mean() > 2.5 and torch.allclose(only_first, refs[:1])
+
+
+# ------------------------------------------------------------------ dtk tune-sct end to end
+
+
+@pytest.fixture(scope="module")
+def labelled_images(tmp_path_factory):
+    from dtk.demo.shapes import make_split
+
+    out = tmp_path_factory.mktemp("sct-data") / "images"
+    out.mkdir()
+    images, _, attrs = make_split(8, seed=4, size=16)
+    from dtk.demo.shapes import SHAPES
+
+    for i, (im, a) in enumerate(zip(images, attrs)):
+        Image.fromarray(im).save(out / f"{i}.png")
+        (out / f"{i}.txt").write_text(str(SHAPES.index(a["shapes"][0]["shape"])))
+    return out
+
+
+def tune(run_dtk, model, data, out, *extra):
+    r = run_dtk("tune-sct", "--model", model, "--data", data, "--out", out, "--batch-size", 4, "--log-every", 1,
+                "--device", "cpu", "--checkpoint-every", 2, *extra)
+    assert r.exit_code == 0, r.stderr
+    return r
+
+
+def test_sct_with_a_bank_resumes_exactly(run_dtk, tiny_pixel_classes, labelled_images, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ("--full", "--bank-size", 8, "--double", 2)
+    tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "a", "--max-steps", 4, *common)
+    tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "b", "--max-steps", 2, *common)
+    tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "b", "--max-steps", 4, "--resume", "auto",
+         "--overwrite", *common)
+    a = load_file(str(tmp_path / "a/checkpoints/step-00000004/trainable.safetensors"))
+    b = load_file(str(tmp_path / "b/checkpoints/step-00000004/trainable.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    bank = torch.load(tmp_path / "b/checkpoints/step-00000004/method.pt", weights_only=True)
+    assert bank["bank"].shape == (8, 3, 16, 16) and bank["bank_labels"].shape == (8,)
+    stages = [json.loads(x)["stage"] for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    assert stages == [0, 0, 1, 1]  # --double 2: Δt/t shrinks every 2 iterations
+
+
+def test_consistency_sampling(run_dtk, tiny_pixel_classes, labelled_images, tmp_path):
+    from dtk.diffusion.edm import VPDenoiser, consistency_output
+    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.sampling import Request, denoise, settings_for
+
+    out = tmp_path / "sct"
+    tune(run_dtk, tiny_pixel_classes, labelled_images, out, "--max-steps", 1, "--full", "--target", "ect")
+    meta = json.loads((out / "dtk.json").read_text())
+    assert meta["sampler"]["scheduler"] == "consistency" and meta["method"]["target"] == "ect"
+    model = open_model(resolve_model(str(out)), torch.device("cpu"), torch.float32)
+    noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    one = denoise(model, settings_for(model), [Request("2", 0)], noise=noise)
+    abar = alphas_cumprod(model.pipe.scheduler.config)
+    sigma_max = min(80.0, float(vp_sigmas(abar)[-1]))
+    s = torch.tensor([sigma_max])
+    with torch.no_grad():
+        d = VPDenoiser(model.unet, abar, "epsilon")(noise * sigma_max, s, class_labels=torch.tensor([2]))
+    assert torch.allclose(one, consistency_output(d, noise * sigma_max, s, 0.5, 0.002), atol=1e-5)
+    two = denoise(model, settings_for(model, steps=2), [Request("2", 0)], noise=noise)
+    assert not torch.allclose(one, two)
+    r = run_dtk("sample", "--model", out, "--class", 1, "--steps", 2, "--out", tmp_path / "s")
+    assert r.exit_code == 0 and json.loads(r.stdout)["scheduler"] == "consistency"
+
+
+def test_phased_sct_and_text_conditioned_sd(run_dtk, tiny_pixel_classes, tiny_sd, labelled_images, tmp_path):
+    tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "k2", "--max-steps", 1, "--phases", 2, "--full")
+    meta = json.loads((tmp_path / "k2/dtk.json").read_text())
+    assert meta["sampler"]["steps"] == 2 and len(meta["sampler"]["consistency"]["boundaries"]) == 3
+    r = run_dtk("sample", "--model", tmp_path / "k2", "--class", 0, "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    r = run_dtk("sample", "--model", tmp_path / "k2", "--class", 0, "--steps", 1, "--out", tmp_path / "s1")
+    assert r.exit_code == 2 and "samples with 2 step(s) (one per phase)" in r.stderr
+    from dtk.demo.shapes import write_folder
+
+    write_folder(tmp_path / "captioned", 4, seed=0)
+    tune(run_dtk, tiny_sd, tmp_path / "captioned", tmp_path / "sd", "--max-steps", 1, "--resolution", 16)
+    r = run_dtk("sample", "--model", tmp_path / "sd", "--out", tmp_path / "s2", "a red circle")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_tune_sct_bad_input(run_dtk, tiny_pixel_classes, tiny_pixel, labelled_images, tmp_path):
+    def bad(*extra, model=tiny_pixel_classes, data=labelled_images):
+        r = run_dtk("tune-sct", "--model", model, "--data", data, "--out", tmp_path / "x", "--max-steps", 1,
+                    "--batch-size", 4, *extra)
+        assert r.exit_code == 2, r.stderr
+        return r.stderr
+
+    assert "--bank-size 2: smaller than the batch (4)" in bad("--bank-size", 2)
+    assert "takes no LoRA here: train it with --full" in bad()
+    assert "--bank-size goes with --target stable" in bad("--bank-size", 8, "--target", "ect")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": str(p), "prompt": ""}) + "\n"
+                                              for p in sorted(labelled_images.glob("*.png"))))
+    assert "class-conditional and some examples have no class label" in bad(data=tmp_path / "m.jsonl")
+    flow = tmp_path / "flow"
+    shutil.copytree(tiny_pixel, flow)
+    cfg_file = flow / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "prediction_type": "flow"}))
+    assert "prediction_type 'flow' cannot be wrapped" in bad(model=flow)
+    gray = tmp_path / "gray"
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(gray))
+    assert "examples of shape [3, 16, 16], the model takes [1, 16, 16]" in bad(model=gray)

@@ -30,6 +30,7 @@ COMMANDS = {
     "reflow-pairs": "dtk.cli.reflow_pairs",
     "train-reflow": "dtk.cli.train_reflow",
     "distill-pcm": "dtk.cli.distill_pcm",
+    "tune-sct": "dtk.cli.tune_sct",
     "score": "dtk.cli.score",
     "eval": "dtk.cli.eval",
 }

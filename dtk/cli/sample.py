@@ -8,7 +8,7 @@ from dtk.cli.common import (config_option, device_options, model_option, prompt_
                             shard_option, size_options)
 
 SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m",
-              "dpm++2m-karras", "dpm-solver", "unipc", "lcm", "tcd"]
+              "dpm++2m-karras", "dpm-solver", "unipc", "lcm", "tcd", "consistency"]
 
 
 @click.command("sample", short_help="Generate images from prompts.")

@@ -191,10 +191,8 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
             hint = ("; a single-file checkpoint needs its architecture config: offline, pass --model-config "
                     "with a diffusers pipeline directory of the same architecture")
         raise BadInput(f"--model {ref.spec}: could not load ({type(e).__name__}: {_short(e)}){hint}") from None
-    if ref.unet_dir is not None:
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(ref.unet_dir), torch_dtype=dtype)
+    if ref.unet_dir is not None:  # the same class as the pipeline's own (UNet2DConditionModel, or UNet2DModel)
+        pipe.unet = type(pipe.unet).from_pretrained(str(ref.unet_dir), torch_dtype=dtype)
     schedule = ref.sampler.get("schedule")
     if schedule:  # a model retrained under another noise schedule (e.g. train-reflow --beta-schedule)
         pipe.scheduler = pipe.scheduler.from_config({**pipe.scheduler.config, **schedule})

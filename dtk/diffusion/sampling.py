@@ -23,6 +23,7 @@ class SamplerSettings:
     height: int
     width: int
     timesteps: list[int] | None = None
+    consistency: dict | None = None       # σ_max, σ_min, σ_data, t_mid, boundaries (scheduler "consistency")
 
 
 DEFAULT_SAMPLER = {"scheduler": "dpm++2m", "steps": 25, "guidance": 7.5}
@@ -62,11 +63,15 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
     settings = SamplerSettings(scheduler=pick("scheduler", scheduler),
                                steps=len(timesteps) if timesteps else int(pick("steps", steps)),
                                guidance=float(pick("guidance", guidance)), height=height, width=width,
-                               timesteps=list(timesteps) if timesteps else None)
+                               timesteps=list(timesteps) if timesteps else None,
+                               consistency=recommended.get("consistency"))
     if model.family == "pixel" and settings.guidance > 1.0:
         raise BadInput(f"--guidance {settings.guidance:g}: a pixel-space model has no unconditional branch for CFG; "
                        "use a guidance ≤ 1")
-    make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, model.device)
+    if settings.scheduler == "consistency":
+        check_consistency_steps(settings)
+    else:
+        make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, model.device)
     return settings
 
 
@@ -91,6 +96,8 @@ def initial_noise(model: LoadedModel, seeds: list[int], height: int, width: int)
 def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Request],
             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Run the sampler for one batch from ``noise`` (default: drawn from each request's seed); final latents."""
+    if settings.scheduler == "consistency":
+        return consistency_sample(model, settings, requests, noise)
     sampler = make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps,
                            settings.timesteps, model.device)
     drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
@@ -112,6 +119,59 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
             out = out_u + settings.guidance * (out_c - out_u)
         latents = sampler.step(out, t, latents, generators)
     return latents
+
+
+CONSISTENCY_DEFAULTS = {"sigma_max": 80.0, "sigma_min": 0.002, "sigma_data": 0.5, "t_mid": 1.526}
+
+
+def _consistency_params(settings: SamplerSettings) -> dict:
+    params = {**CONSISTENCY_DEFAULTS, **(settings.consistency or {})}
+    params.setdefault("boundaries", [params["sigma_max"], params["sigma_min"]])
+    return params
+
+
+def check_consistency_steps(settings: SamplerSettings) -> None:
+    from dtk.errors import BadInput
+
+    phases = len(_consistency_params(settings)["boundaries"]) - 1
+    allowed = (1, 2) if phases == 1 else (phases,)
+    if settings.steps not in allowed:
+        raise BadInput(f"--steps {settings.steps}: this consistency model samples with "
+                       f"{' or '.join(map(str, allowed))} step(s)" + (" (one per phase)" if phases > 1 else ""))
+
+
+@torch.no_grad()
+def consistency_sample(model: LoadedModel, settings: SamplerSettings, requests: list[Request],
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Consistency sampling (ECT/SCT): f(σ_max·z, σ_max); a second step re-noises the output to t_mid
+    and applies f again. A K-phase model jumps from each phase top to the next, edge to edge."""
+    from dtk.diffusion.edm import VPDenoiser, consistency_output, vp_sigmas
+    from dtk.diffusion.schedule import alphas_cumprod
+    from dtk.methods.sct import jump_to
+
+    p = _consistency_params(settings)
+    abar = alphas_cumprod(model.pipe.scheduler.config).to(model.device)
+    denoiser = VPDenoiser(model.unet, abar, model.pipe.scheduler.config.get("prediction_type", "epsilon"))
+    drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
+    z = drawn if noise is None else noise.to(model.device, model.dtype)
+    sigma_max = min(p["sigma_max"], float(vp_sigmas(abar)[-1]))
+    tops = p["boundaries"][:-1]
+    phased = len(tops) > 1
+    levels = [sigma_max, *tops[1:]] if phased else [sigma_max, p["t_mid"]][:settings.steps]
+    kwargs = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width).unet_kwargs()
+    x = z.float() * sigma_max
+    for i, sigma in enumerate(levels):
+        s = torch.full((len(requests),), float(sigma), device=model.device)
+        f = consistency_output(denoiser(x.to(model.dtype), s, **kwargs), x, s, p["sigma_data"], p["sigma_min"])
+        nxt = levels[i + 1] if i + 1 < len(levels) else 0.0
+        if phased:
+            x = jump_to(f, x, s, torch.full_like(s, nxt))
+        elif i + 1 < len(levels):
+            fresh = torch.stack([torch.randn(f.shape[1:], generator=g) for g in generators]).to(f.device)
+            x = f + nxt * fresh
+        else:
+            x = f
+    return x.to(model.dtype)
 
 
 @torch.no_grad()

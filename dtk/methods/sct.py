@@ -7,13 +7,17 @@ gap that shrinks in stages; SCT lowers the variance of the target by replacing
 the single-sample estimate of the trajectory through x_t with the score
 identity ∇log p_t(x_t) = E_{x₀|x_t}[∇log p_t(x_t | x₀)] over a reference set.
 
-These are the pure functions, tested against closed forms; the `dtk tune-sct`
-command that will train with them is not built yet. Notation as METHODS.md "tune-sct".
+Notation as METHODS.md "tune-sct". The model is any VP UNet seen as an EDM
+denoiser (``dtk.diffusion.edm``); the consistency function is that denoiser
+(σ_min-shifted at sampling), or with K phases its jump to the phase's lower edge.
 """
 
 from __future__ import annotations
 
 import torch
+
+from dtk.errors import BadInput
+from dtk.train.engine import Method, Run
 
 # ECT's lognormal t (ImageNet settings; CIFAR: −1.1, 2.0)
 P_MEAN, P_STD = -0.8, 1.6
@@ -66,3 +70,159 @@ def ect_loss(f_t: torch.Tensor, f_r: torch.Tensor, weight: torch.Tensor, huber_c
     """Per example Δ = mean squared difference (dimension-normalised), L = w·(√(Δ + c²) − c); the mean."""
     delta = (f_t.float() - f_r.float()).pow(2).flatten(1).mean(1)
     return (weight * ((delta + huber_c**2).sqrt() - huber_c)).mean()
+
+
+# ---------------------------------------------------------------------------
+# Phases (multistep consistency): each phase's points map to its lower edge
+
+
+def phase_sigmas(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """K + 1 phase boundaries from σ_max down to σ_min on EDM's ρ-schedule (one phase: [σ_max, σ_min])."""
+    ramp = [i / phases for i in range(phases + 1)]
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(hi + r * (lo - hi)) ** rho for r in ramp]
+
+
+def phase_edge(sigma: torch.Tensor, boundaries: list[float]) -> torch.Tensor:
+    """The lower edge of the phase each σ lies in: the first inner boundary below it, else 0 (the data)."""
+    edges = torch.tensor(boundaries[1:-1] + [0.0], device=sigma.device, dtype=sigma.dtype)
+    return edges[(sigma[:, None] > edges[None, :]).float().argmax(1)]
+
+
+def jump_to(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+    """The point at σ_edge on the straight EDM path through x and the estimate x̂₀: x̂₀ + (σ_edge/σ)(x − x̂₀)."""
+    ratio = (edge / sigma.clamp(min=1e-12)).view(-1, 1, 1, 1)
+    return denoised + ratio * (x - denoised)
+
+
+# ---------------------------------------------------------------------------
+# The method, for the engine
+
+SIGMA_MIN = 0.002
+
+
+class ConsistencyTuning(Method):
+    """ECT, and SCT's changes as options (``target="stable"``, a reference bank, phases)."""
+
+    name = "tune-sct"
+    data_kinds = ("images", "pairs")
+
+    def __init__(self, *, target: str = "stable", bank_size: int = 0, phases: int = 1, q: float = 4.0,
+                 double_every: int = 2000, p_mean: float = P_MEAN, p_std: float = P_STD, weighting: str = "edm",
+                 huber_c: float = 0.06, sigma_data: float = 0.5, sigma_max: float = 80.0, t_mid: float | None = None,
+                 sample_steps: int | None = None):
+        if target not in ("ect", "stable"):
+            raise BadInput(f"--target {target}: choose ect or stable")
+        if weighting not in ("edm", "inv_dt"):
+            raise BadInput(f"--weighting {weighting}: choose edm (1/t² + 1/σ_d²) or inv_dt (1/(t − r))")
+        if phases < 1:
+            raise BadInput(f"--phases {phases}: must be at least 1")
+        if bank_size and target != "stable":
+            raise BadInput("--bank-size goes with --target stable (ECT's target uses no references)")
+        self.target, self.bank_size, self.phases, self.q, self.double_every = target, bank_size, phases, q, double_every
+        self.p_mean, self.p_std, self.weighting, self.huber_c = p_mean, p_std, weighting, huber_c
+        self.sigma_data, self.sigma_max, self.t_mid, self.sample_steps = sigma_data, sigma_max, t_mid, sample_steps
+        self.bank: torch.Tensor | None = None
+        self.bank_labels: torch.Tensor | None = None
+        self.denoiser = None
+        self.boundaries: list[float] = []
+
+    def check_data(self, data, run: Run) -> None:
+        from dtk.diffusion.edm import WRAPPABLE
+
+        if run.prediction_type not in WRAPPABLE:
+            raise BadInput(f"--model {run.model.ref.spec}: prediction_type {run.prediction_type!r} cannot be wrapped "
+                           f"as an EDM denoiser (supported: {', '.join(WRAPPABLE)})")
+        if self.bank_size and self.bank_size < run.config.batch_size:
+            raise BadInput(f"--bank-size {self.bank_size}: smaller than the batch ({run.config.batch_size}); "
+                           "the bank extends the batch as reference set")
+        example = data[0]
+        shape = tuple(run.latents({k: v.unsqueeze(0) if hasattr(v, "unsqueeze") else [v]
+                                   for k, v in example.items()}).shape[1:])
+        f = run.model.vae_scale_factor
+        want = (run.model.unet.config.in_channels, run.resolution // f, run.resolution // f)
+        if shape != want:
+            raise BadInput(f"--data {data.name}: examples of shape {list(shape)}, the model takes {list(want)}")
+        if self._class_conditional(run):
+            captions = data.captions() if hasattr(data, "captions") else [example["caption"]]
+            if not all(str(c).strip() for c in captions):
+                raise BadInput(f"--data {data.name}: the model is class-conditional and some examples have no class "
+                               "label (the caption holds the label: an index or a name its dtk.json lists)")
+
+    @staticmethod
+    def _class_conditional(run: Run) -> bool:
+        return run.family == "pixel" and bool(run.model.unet.config.get("num_class_embeds"))
+
+    def setup(self, run: Run) -> None:
+        from dtk.diffusion.edm import VPDenoiser, vp_sigmas
+
+        self.denoiser = VPDenoiser(run.raw_unet, run.abar, run.prediction_type)
+        self.sigma_max = min(self.sigma_max, float(vp_sigmas(run.abar)[-1]))  # what the model was trained to see
+        self.boundaries = phase_sigmas(self.phases, SIGMA_MIN, self.sigma_max)
+
+    def _captions(self, batch: dict, run: Run) -> list[str]:
+        if run.family == "pixel" and not self._class_conditional(run):
+            return [""] * len(batch["caption"])  # an unconditional model ignores captions
+        return list(batch["caption"])
+
+    def _references(self, x0: torch.Tensor, labels: torch.Tensor | None):
+        """The batch, and the bank of earlier batches when there is one (then the batch joins the bank)."""
+        refs, ref_labels = x0, labels
+        if self.bank is not None:
+            refs = torch.cat([x0, self.bank.to(x0.device)])
+            ref_labels = None if labels is None else torch.cat([labels, self.bank_labels.to(labels.device)])
+        if self.bank_size:
+            self.bank = refs[: self.bank_size].detach()
+            self.bank_labels = None if ref_labels is None else ref_labels[: self.bank_size].detach()
+        return refs, ref_labels
+
+    def loss(self, batch: dict, run: Run):
+        x0 = run.latents(batch)
+        cond = run.encode_prompts(self._captions(batch, run))
+        labels = cond.class_labels
+        stage = ect_stage(run.step, self.double_every)
+        t = ect_t(run.rng.randn(1).view(-1), self.p_mean, self.p_std).clamp(SIGMA_MIN, self.sigma_max)
+        r = ect_r(t, stage, self.q)
+        edge = phase_edge(t, self.boundaries)
+        r = torch.maximum(r, edge)   # with phases, the target stays in t's phase
+        eps = run.rng.randn(*x0.shape[1:])
+        x_t = x0 + t.view(-1, 1, 1, 1) * eps
+        if self.target == "stable":
+            refs, ref_labels = self._references(x0, labels)
+            same = None if labels is None else labels[:, None] == ref_labels[None, :]
+            x_r, _ = stable_point(x_t, t, r, refs, same)
+        else:
+            x_r = x0 + r.view(-1, 1, 1, 1) * eps
+        kwargs = cond.unet_kwargs()
+        # the student's RNG use is undone afterwards, so the target draws the same dropout masks
+        devices = [run.device.index or 0] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            student = jump_to(self.denoiser(x_t, t, unet=run.unet, **kwargs), x_t, t, edge)
+        with torch.no_grad():
+            target = jump_to(self.denoiser(x_r, r, **kwargs), x_r, r, edge)
+        loss = ect_loss(student, target, ect_weight(t, r, self.weighting, self.sigma_data), self.huber_c)
+        return loss, {"stage": float(stage), "dt_over_t": float(((t - r) / t).mean())}
+
+    def sampler(self, run: Run) -> dict:
+        steps = self.sample_steps or max(self.phases, 1)
+        t_mid = self.t_mid if self.t_mid is not None else (self.boundaries[1] if self.phases > 1 else 1.526)
+        return {"scheduler": "consistency", "steps": steps, "guidance": 1.0,
+                "consistency": {"sigma_max": self.sigma_max, "sigma_min": SIGMA_MIN, "sigma_data": self.sigma_data,
+                                "t_mid": t_mid, "boundaries": self.boundaries}}
+
+    def state_dict(self) -> dict:
+        if self.bank is None:
+            return {}
+        return {"bank": self.bank.cpu(), **({"bank_labels": self.bank_labels.cpu()} if self.bank_labels is not None
+                                           else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bank = state.get("bank")
+        self.bank_labels = state.get("bank_labels")
+
+    def describe(self) -> dict:
+        return {"paper": "Stable Consistency Tuning (Wang, Geng, Li, ICLR 2025)" if self.target == "stable"
+                else "Easy Consistency Tuning (Geng et al. 2024)", "target": self.target, "bank_size": self.bank_size,
+                "phases": self.phases, "q": self.q, "double_every": self.double_every, "p_mean": self.p_mean,
+                "p_std": self.p_std, "weighting": self.weighting, "huber_c": self.huber_c,
+                "sigma_data": self.sigma_data, "sigma_max": self.sigma_max}

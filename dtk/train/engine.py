@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dtk.errors import BadInput, DtkError, RunFailure
-from dtk.train.config import EXIT_PREEMPTED, TrainConfig
+from dtk.train.config import DEFAULT_LORA_TARGETS, EXIT_PREEMPTED, TrainConfig
 
 log = logging.getLogger("dtk")
 
@@ -120,8 +120,8 @@ class Run:
             cond = encode_prompts(self.model, distinct, h, w)
             for i, c in enumerate(distinct):
                 self._prompt_cache[(c, h, w)] = Conditioning(
-                    cond.embeds[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1],
-                    None if cond.time_ids is None else cond.time_ids[i:i + 1])
+                    *(None if v is None else v[i:i + 1]
+                      for v in (cond.embeds, cond.pooled, cond.time_ids, cond.class_labels)))
         return Conditioning.cat([self._prompt_cache[(c, h, w)] for c in captions])
 
     def latents(self, batch: dict) -> torch.Tensor:
@@ -134,6 +134,8 @@ class Run:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] → scaled latents (the posterior mean, so the same image gives the same latent)."""
         vae = self.model.vae
+        if vae is None:  # a pixel-space model learns the images themselves
+            return images.to(self.device).float()
         with torch.autocast(self.device.type, enabled=False):  # the VAE runs in its own dtype (fp32 for SDXL)
             latents = vae.encode(images.to(self.device, vae.dtype)).latent_dist.mean
         return (latents * vae.config.scaling_factor).float()
@@ -418,13 +420,16 @@ def _add_trainable(unet, config: TrainConfig) -> list[tuple[str, torch.nn.Parame
     else:
         from peft import LoraConfig
 
+        if not hasattr(unet, "add_adapter"):
+            raise BadInput(f"{type(unet).__name__} (a pixel-space model) takes no LoRA here: train it with --full")
         names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
         full_names = {n for n, _ in unet.named_modules()}
         unknown = [t for t in config.lora_targets
                    if t not in names and not any(fn.endswith("." + t) for fn in full_names)]
-        if unknown:
-            raise BadInput(f"--lora-targets: no module of this UNet is named {', '.join(unknown)}")
         present = [t for t in config.lora_targets if t not in unknown]
+        # the default set names SD's modules: a pixel UNet2DModel has only some; names given explicitly must exist
+        if (unknown and tuple(config.lora_targets) != DEFAULT_LORA_TARGETS) or not present:
+            raise BadInput(f"--lora-targets: no module of this UNet is named {', '.join(unknown)}")
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                     target_modules=present))
         for p in unet.parameters():
