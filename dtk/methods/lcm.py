@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dtk.methods.pcm import NUM_TRAIN_TIMESTEPS, consistency_distance, teacher_step
-from dtk.methods.reflow import drop_captions
+from dtk.methods.pcm import consistency_distance, draw_on_grid, teacher_step
 from dtk.train.engine import Run
 
 
@@ -30,18 +29,10 @@ def consistency_output(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -
 
 def lcm_loss(run: Run, batch: dict, teacher, *, n: int, w_range: tuple[float, float], cfg_solver: bool,
              empty_prompt_prob: float, loss: str, huber_c: float):
-    r = NUM_TRAIN_TIMESTEPS // n
-    x0 = run.latents(batch)
-    index = run.rng.randint(0, n)
-    t = (index + 1) * r - 1
-    t_prev = (t - r).clamp(min=0)
-    alpha, sigma = run.alpha_sigma(t)
-    x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
-    w = w_range[0] + (w_range[1] - w_range[0]) * run.rng.rand() if cfg_solver else torch.zeros(len(t), device=run.device)
-    captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(captions))
-    student = consistency_output(run, run.unet, x_t, t, cond)
-    x_prev = teacher_step(run, teacher, x_t, t, t_prev, cond, uncond, w)
+    """LCM's consistency loss: f at x_t against the online target f at the teacher's x_t' (no gradient)."""
+    d = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob)
+    student = consistency_output(run, run.unet, d.x_t, d.t, d.cond)
+    x_prev = teacher_step(run, teacher, d.x_t, d.t, d.t_prev, d.cond, d.uncond, d.w)
     with torch.no_grad():
-        target = consistency_output(run, run.raw_unet, x_prev, t_prev, cond)
+        target = consistency_output(run, run.raw_unet, x_prev, d.t_prev, d.cond)
     return consistency_distance(student, target, loss, huber_c), {}

@@ -17,6 +17,7 @@ One training step (METHODS.md "distill-pcm"):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -112,22 +113,41 @@ def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss: str, huber_c: f
     return pseudo_huber(a, b, huber_c) if loss == "huber" else torch.mean((a.float() - b.float()) ** 2)
 
 
-def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
-             empty_prompt_prob: float, loss: str, huber_c: float):
-    """PCM's consistency loss for one batch; returns (loss, logs, (student edge output, target, edge))."""
+@dataclass
+class GridDraw:
+    """One training draw on the N-step DDIM grid (shared by PCM and LCM): the point x_t at grid timestep t,
+    the teacher's target timestep t' = t − T/N, its CFG weight w, and the conditioning."""
+
+    index: torch.Tensor
+    t: torch.Tensor
+    t_prev: torch.Tensor
+    x_t: torch.Tensor
+    w: torch.Tensor
+    cond: object
+    uncond: object
+
+
+def draw_on_grid(run: Run, batch: dict, n: int, w_range: tuple[float, float], cfg_solver: bool,
+                 empty_prompt_prob: float) -> GridDraw:
     r = NUM_TRAIN_TIMESTEPS // n
     x0 = run.latents(batch)
     index = run.rng.randint(0, n)
     t = (index + 1) * r - 1
-    t_prev = (t - r).clamp(min=0)
-    s = edge_of(index, n, k)
     alpha, sigma = run.alpha_sigma(t)
     x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
     w = w_range[0] + (w_range[1] - w_range[0]) * run.rng.rand() if cfg_solver else torch.zeros(len(t), device=run.device)
     captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(captions))
+    return GridDraw(index, t, (t - r).clamp(min=0), x_t, w, run.encode_prompts(captions),
+                    run.encode_prompts([""] * len(captions)))
+
+
+def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
+             empty_prompt_prob: float, loss: str, huber_c: float):
+    """PCM's consistency loss for one batch; returns (loss, logs, (student edge output, target, edge, cond))."""
+    d = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob)
+    x_t, t, t_prev, cond, s = d.x_t, d.t, d.t_prev, d.cond, edge_of(d.index, n, k)
     student = edge_jump(x_t, eps_of(run, run.unet, x_t, t, cond), run, t, s)
-    x_prev = teacher_step(run, teacher, x_t, t, t_prev, cond, uncond, w)
+    x_prev = teacher_step(run, teacher, x_t, t, t_prev, cond, d.uncond, d.w)
     with torch.no_grad():
         target = edge_jump(x_prev, eps_of(run, run.raw_unet, x_prev, t_prev, cond), run, t_prev, s)
     return consistency_distance(student, target, loss, huber_c), {}, (student, target, s, cond)
