@@ -142,6 +142,10 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
     a = load_file(str(tmp_path / "a/checkpoints/step-00000004/trainable.safetensors"))
     b = load_file(str(tmp_path / "b/checkpoints/step-00000004/trainable.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    r = run_dtk("distill-pcm", "--teacher", model, "--data", images, "--out", tmp_path / "b", "--resolution", 16,
+                "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--max-steps", 6, "--resume", "auto",
+                "--overwrite", "--checkpoint-every", 2, "--ema-decay", 0.9)   # now without --adversarial
+    assert r.exit_code == 2 and "other method than this run (adv_lr=0.001, adv_weight=0.1, adversarial=True)" in r.stderr
     la = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert {"consistency_loss", "g_loss", "d_loss"} <= set(la[0])
@@ -191,9 +195,12 @@ def test_pcm_sampling_uses_the_phase_tops_and_kohya_export_matches_diffusers(run
 def test_lcm_and_normal_cfg_variants(run_dtk, tiny_sd, images, tmp_path):
     distill(run_dtk, tiny_sd, images, tmp_path / "lcm", "--max-steps", 1, "--method", "lcm")
     meta = json.loads((tmp_path / "lcm/dtk.json").read_text())
-    assert meta["sampler"] == {"scheduler": "lcm", "steps": 4, "guidance": 1.0} and meta["method"]["phases"] == 1
+    sampler = meta["sampler"]
+    assert (sampler["scheduler"], sampler["timesteps"], sampler["guidance"]) == ("lcm", [999, 749, 499, 249], 1.0)
+    assert meta["method"]["phases"] == 1
     r = run_dtk("sample", "--model", tmp_path / "lcm", "--out", tmp_path / "s", "x")
     assert r.exit_code == 0 and json.loads(r.stdout)["scheduler"] == "lcm"
+    assert json.loads(r.stdout)["timesteps"] == [999, 749, 499, 249]  # LCM's multistep, on the trained grid
     distill(run_dtk, tiny_sd, images, tmp_path / "normal", "--max-steps", 1, "--no-cfg-solver")
     meta = json.loads((tmp_path / "normal/dtk.json").read_text())
     assert meta["method"]["cfg_solver"] is False and meta["method"]["empty_prompt_prob"] == 0.1

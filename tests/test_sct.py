@@ -92,7 +92,7 @@ def test_ect_schedule():
     assert torch.allclose(ect_weight(torch.tensor([2.0]), torch.tensor([1.5]), "edm"), torch.tensor([4.25]))
     a = torch.zeros(2, 3, 4, 4)
     assert ect_loss(a, a, torch.ones(2), 0.06) == 0
-    assert ect_loss(a, a + 0.5, torch.ones(2), 0.0) == pytest.approx(0.5)   # c = 0: the RMS difference
+    assert ect_loss(a, a + 0.5, torch.ones(2), 0.0) == pytest.approx(0.5 * 48**0.5)  # c = 0: the L2 norm
 
 
 def test_stable_target_with_one_reference_is_ects_point():

@@ -28,7 +28,8 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--weighting", type=click.Choice(["edm", "inv_dt"]), default="edm", show_default=True,
               help="edm: 1/t² + 1/σ_d²; inv_dt: 1/(t − r).")
 @click.option("--huber-c", type=float, default=0.06, show_default=True,
-              help="Pseudo-Huber c on the per-example mean squared difference (0: its root).")
+              help="Pseudo-Huber c on the per-example squared L2 distance (ECT: 0.06 ImageNet-64, 0 CIFAR: "
+              "the L2 norm itself).")
 @click.option("--sigma-data", type=float, default=0.5, show_default=True)
 @click.option("--t-mid", type=float, default=None, help="σ of the re-noise for 2-step sampling [1.526].")
 @click.option("--sample-steps", type=int, default=None, help="Steps dtk.json recommends [1, or K with phases].")

@@ -10,7 +10,8 @@ model's own ᾱ table, exactly as diffusers' ``_sigma_to_t`` does.
     v-net:  D(x, σ) = x/(1+σ²) − σ/√(1+σ²)·v̂(x/√(1+σ²), t(σ))
     x₀-net: D(x, σ) = x̂₀(x/√(1+σ²), t(σ))
 
-All give D(x, 0) = x. The consistency function of ECT/SCT is
+ε- and v-nets give D(x, 0) = x exactly (an x₀-net only approximately: callers
+that need the boundary, like ECT's r = 0 target, substitute x). The consistency function of ECT/SCT is
 f(x, σ) = c_skip(σ)·x + c_out(σ)·F(x, σ) with EDM's c_skip = σ_d²/(σ² + σ_d²),
 c_out = σσ_d/√(σ² + σ_d²), where F is whatever makes f = D during training;
 at evaluation σ − σ_min replaces σ in c_skip/c_out, which makes f(x, σ_min) = x
@@ -58,7 +59,9 @@ class VPDenoiser:
         c_in = 1 / (1 + s**2).sqrt()
         t = sigma_to_t(sigma, self.abar)
         net = unet if unet is not None else self.unet
-        out = net(x * c_in, t, return_dict=False, **cond)[0].float()
+        x = x.float()  # the combination below in fp32, the network in its own dtype
+        dtype = getattr(getattr(net, "module", net), "dtype", x.dtype)
+        out = net((x * c_in).to(dtype), t, return_dict=False, **cond)[0].float()
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":

@@ -105,7 +105,10 @@ def _pipeline_family(path: Path) -> str:
     if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
         return SDXL
     if "vae" not in index and "text_encoder" not in index:
-        return PIXEL  # DDPMPipeline / DDIMPipeline: a pixel-space UNet2DModel and its scheduler
+        if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):
+            return PIXEL  # a pixel-space UNet2DModel and its scheduler
+        raise BadInput(f"--model {path}: a {index.get('_class_name', 'pipeline')} is not supported "
+                       "(SD/SDXL pipelines and pixel-space DDPM/DDIM pipelines are)")
     return SD
 
 

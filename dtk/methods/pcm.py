@@ -261,6 +261,10 @@ class PhasedConsistency(Method):
         if self.cfg_range is None:  # LCM/PCM defaults: w ∈ [4, 5] for SD1.x, [6, 7] for SDXL (METHODS.md)
             self.cfg_range = (6.0, 7.0) if run.family == "sdxl" else (4.0, 5.0)
         self._teacher_guidance = float(run.model.ref.sampler.get("guidance", 7.5))
+        if self.adversarial and run.config.gradient_checkpointing and not run.config.full:
+            # the LoRA teacher is the UNet with its adapter off for the forward pass only: a recomputed
+            # (checkpointed) forward in the backward pass would see the adapter on
+            raise BadInput("--adversarial with LoRA cannot use --gradient-checkpointing; drop one, or use --full")
         self.teacher = run.frozen_copy() if run.config.full else None
         if self.adversarial:
             self.heads = DiscriminatorHeads(feature_channels(run.raw_unet)).to(run.device)
@@ -305,7 +309,7 @@ class PhasedConsistency(Method):
         fake, real, s_to, cond = self._for_discriminator
         self._for_discriminator = None
         teacher = self._teacher(run)
-        with torch.no_grad():
+        with torch.no_grad(), run.accelerator.autocast():  # the frozen teacher is in the weight dtype
             f_fake = block_features(run, teacher, fake, s_to, cond)
             f_real = block_features(run, teacher, real, s_to, cond)
         with run.accelerator.autocast():
@@ -316,9 +320,15 @@ class PhasedConsistency(Method):
         return {"d_loss": float(d.detach())}
 
     def sampler(self, run: Run) -> dict:
-        if self.method == "lcm":
-            return {"scheduler": "lcm", "steps": 4, "guidance": self._recommended_guidance()}
-        table = {str(m): sampling_timesteps(self.ddim_steps, self.phases, m) for m in range(1, 17)}
+        # explicit timesteps on the trained grid, for every step count the grid allows without repeats
+        table = {}
+        for m in range(1, 17):
+            ts = sampling_timesteps(self.ddim_steps, self.phases, m)
+            if len(set(ts)) == m:
+                table[str(m)] = ts
+        if self.method == "lcm":  # LCM's multistep sampling (re-noising) on the same grid
+            return {"scheduler": "lcm", "steps": 4, "timesteps": table["4"], "guidance": self._recommended_guidance(),
+                    "timesteps_for_steps": table}
         return {"scheduler": "ddim", "timesteps": sampling_timesteps(self.ddim_steps, self.phases, self.phases),
                 "guidance": self._recommended_guidance(), "timesteps_for_steps": table}
 

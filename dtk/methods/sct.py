@@ -67,8 +67,8 @@ def stable_point(x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, references
 
 
 def ect_loss(f_t: torch.Tensor, f_r: torch.Tensor, weight: torch.Tensor, huber_c: float) -> torch.Tensor:
-    """Per example Δ = mean squared difference (dimension-normalised), L = w·(√(Δ + c²) − c); the mean."""
-    delta = (f_t.float() - f_r.float()).pow(2).flatten(1).mean(1)
+    """Per example Δ = ‖f_t − f_r‖² (summed over dimensions, as ECT's code), L = w·(√(Δ + c²) − c); the mean."""
+    delta = (f_t.float() - f_r.float()).pow(2).flatten(1).sum(1)
     return (weight * ((delta + huber_c**2).sqrt() - huber_c)).mean()
 
 
@@ -200,6 +200,7 @@ class ConsistencyTuning(Method):
             student = jump_to(self.denoiser(x_t, t, unet=run.unet, **kwargs), x_t, t, edge)
         with torch.no_grad():
             target = jump_to(self.denoiser(x_r, r, **kwargs), x_r, r, edge)
+            target = torch.where((r == 0).view(-1, 1, 1, 1), x_r, target)  # f(x, 0) = x, whatever the network
         loss = ect_loss(student, target, ect_weight(t, r, self.weighting, self.sigma_data), self.huber_c)
         return loss, {"stage": float(stage), "dt_over_t": float(((t - r) / t).mean())}
 

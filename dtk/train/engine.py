@@ -608,7 +608,8 @@ def _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out) 
     path = checkpoint_root(out) / checkpoint_name(step)
     if accelerator.is_main_process:
         state = {"step": step, "examples_seen": seen, "world_size": accelerator.num_processes,
-                 "config": {**_resume_keys(run.config), "data_examples": len(run.data)}, "method": method.name}
+                 "config": {**_resume_keys(run.config), "data_examples": len(run.data), "method": method.describe()},
+                 "method": method.name}
         save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
                         optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                          "torch_rng": torch.get_rng_state(),
@@ -633,14 +634,20 @@ def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator
     ckpt = load_checkpoint(path)
     state = ckpt["state"]
     saved = state.get("config", {})
-    now = {**_resume_keys(config), "data_examples": data_size}
+    now = {**_resume_keys(config), "data_examples": data_size, "method": json.loads(json.dumps(method.describe()))}
     diff = [k for k in now if k in saved and saved[k] != now[k]]
     if saved.get("world_size", accelerator.num_processes) * saved.get("batch_size", 0) != \
             accelerator.num_processes * config.batch_size and "batch_size" not in diff:
         diff.append("processes × batch size")
     if diff:
-        raise BadInput(f"--resume {path}: saved with other {', '.join(diff)} than this run "
-                       f"({', '.join(f'{k}={saved.get(k)}' for k in diff if k in saved)})")
+        shown = []
+        for k in diff:
+            if k == "method":  # the method's own settings: name the ones that changed
+                old, new = saved[k], now[k]
+                shown += [f"{m}={old.get(m)}" for m in sorted(set(old) | set(new)) if old.get(m) != new.get(m)]
+            elif k in saved:
+                shown.append(f"{k}={saved[k]}")
+        raise BadInput(f"--resume {path}: saved with other {', '.join(diff)} than this run ({', '.join(shown)})")
     params = dict(named)
     missing = set(params) - set(ckpt["trainable"])
     if missing:
@@ -673,7 +680,7 @@ def validation_settings(run, method):
     ts = rec.get("timesteps")
     return SamplerSettings(scheduler=rec["scheduler"], steps=len(ts) if ts else int(rec["steps"]),
                            guidance=float(rec["guidance"]), height=run.resolution, width=run.resolution,
-                           timesteps=list(ts) if ts else None)
+                           timesteps=list(ts) if ts else None, consistency=rec.get("consistency"))
 
 
 def validation_prompts(run) -> list[str]:
