@@ -71,6 +71,7 @@ class SampleOptions:
     scheduler: str | None = None
     timesteps: list[int] | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
+    guide_with: str | None = None
     seed: int = 0
     batch_size: int = 4
     height: int | None = None
@@ -118,7 +119,7 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
-    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras)
+    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras, guide=opts.guide_with)
     if not opts.prompts:
         if model.family != "pixel" or model.unet.config.get("num_class_embeds"):
             raise BadInput(NO_PROMPTS + (" or --class" if model.family == "pixel" else ""))
@@ -168,6 +169,7 @@ def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Pat
                     "height": settings.height,
                     "model": model.ref.spec,
                     "loras": [[str(p), s] for p, s in opts.loras],
+                    **({"guide": model.guide.ref.spec} if model.guide is not None else {}),
                 }
                 write_png(Path(record["path"]), Image.fromarray(arr), record)
                 emit(record)

@@ -161,3 +161,23 @@ def test_build_quick(tmp_path):
     assert (tmp_path / "classifier" / "model.safetensors").is_file()
     assert (tmp_path / "model" / "unet").is_dir()
     assert DEMO_DIR.is_dir()
+
+
+def test_build_pixel_quick(tmp_path):
+    """The pixel demo build writes a loadable class-conditional DDPM pipeline whose dtk.json names its classes."""
+    from dtk.demo.pixel import CLASSES, class_split
+
+    images, labels = class_split(8, seed=0)
+    assert images.shape == (8, 32, 32, 3) and set(labels.tolist()) <= set(range(len(CLASSES)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "dtk.demo.build", "--pixel", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((tmp_path / "pixel-model" / "dtk.json").read_text())
+    assert meta["quick"] is True and meta["classes"] == CLASSES
+    assert 0.0 <= meta["metrics"]["shape_accuracy_ddim50"] <= 1.0
+    r = subprocess.run([sys.executable, "-m", "dtk", "sample", "--model", str(tmp_path / "pixel-model"), "--class",
+                        "star", "--steps", "2", "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["prompt"] == "star"

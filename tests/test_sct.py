@@ -202,6 +202,41 @@ def test_consistency_sampling(run_dtk, tiny_pixel_classes, labelled_images, tmp_
     assert r.exit_code == 0 and json.loads(r.stdout)["scheduler"] == "consistency"
 
 
+def test_guidance_by_an_earlier_snapshot(run_dtk, tiny_pixel_classes, labelled_images, tmp_path):
+    """SCT's guidance by a worse model: each denoiser output is D_guide + w(D − D_guide), recorded in dtk.json."""
+    from dtk.diffusion.edm import VPDenoiser, consistency_output
+    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.sampling import Request, denoise, settings_for
+
+    common = ("--full", "--target", "ect")
+    tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "early", "--max-steps", 1, *common)
+    tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "late", "--max-steps", 3, "--guide-with",
+         tmp_path / "early", "--guidance", 1.5, *common)
+    meta = json.loads((tmp_path / "late/dtk.json").read_text())
+    assert meta["sampler"]["guidance"] == 1.5
+    assert meta["sampler"]["consistency"]["guide"] == str((tmp_path / "early").resolve())
+    model = open_model(resolve_model(str(tmp_path / "late")), torch.device("cpu"), torch.float32)
+    assert model.guide is not None
+    noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    guided = denoise(model, settings_for(model), [Request("2", 0)], noise=noise)
+    abar = alphas_cumprod(model.pipe.scheduler.config)
+    sigma_max = min(80.0, float(vp_sigmas(abar)[-1]))
+    s, x, label = torch.tensor([sigma_max]), noise * sigma_max, torch.tensor([2])
+    with torch.no_grad():
+        good = VPDenoiser(model.unet, abar, "epsilon")(x, s, class_labels=label)
+        bad = VPDenoiser(model.guide.unet, abar, "epsilon")(x, s, class_labels=label)
+    assert not torch.allclose(good, bad)
+    assert torch.allclose(guided, consistency_output(bad + 1.5 * (good - bad), x, s, 0.5, 0.002), atol=1e-5)
+    plain = denoise(model, settings_for(model, guidance=1.0), [Request("2", 0)], noise=noise)
+    assert torch.allclose(plain, consistency_output(good, x, s, 0.5, 0.002), atol=1e-5)
+    r = run_dtk("sample", "--model", tmp_path / "early", "--class", 1, "--guide-with", tmp_path / "late",
+                "--guidance", 2, "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["guide"] == str(tmp_path / "late")
+    r = run_dtk("sample", "--model", tmp_path / "early", "--class", 1, "--guidance", 2, "--out", tmp_path / "s2")
+    assert r.exit_code == 2 and "guided by a worse version of itself; name one with --guide-with" in r.stderr
+
+
 def test_phased_sct_and_text_conditioned_sd(run_dtk, tiny_pixel_classes, tiny_sd, labelled_images, tmp_path):
     tune(run_dtk, tiny_pixel_classes, labelled_images, tmp_path / "k2", "--max-steps", 1, "--phases", 2, "--full")
     meta = json.loads((tmp_path / "k2/dtk.json").read_text())
@@ -228,6 +263,9 @@ def test_tune_sct_bad_input(run_dtk, tiny_pixel_classes, tiny_pixel, labelled_im
     assert "--bank-size 2: smaller than the batch (4)" in bad("--bank-size", 2)
     assert "takes no LoRA here: train it with --full" in bad()
     assert "--bank-size goes with --target stable" in bad("--bank-size", 8, "--target", "ect")
+    assert "--guidance 2: needs --guide-with" in bad("--full", "--guidance", 2)
+    assert "guide model " + str(tiny_pixel) + ": its UNet has num_class_embeds None" in bad(
+        "--full", "--guide-with", tiny_pixel)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": str(p), "prompt": ""}) + "\n"
                                               for p in sorted(labelled_images.glob("*.png"))))
     assert "class-conditional and some examples have no class label" in bad(data=tmp_path / "m.jsonl")

@@ -27,6 +27,9 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
               help="Explicit decreasing timesteps, e.g. 999,749,499,249 (ddim*, euler, dpm++2m, lcm, tcd, ddpm, heun).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA file or dir (diffusers/peft or kohya layout); repeatable.")
+@click.option("--guide-with", metavar="MODEL",
+              help="Consistency models: guide by this worse version of the model (SCT: an earlier snapshot), "
+              "D_guide + s(D − D_guide) with s = --guidance [the model's dtk.json].")
 @seed_option()
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Images per UNet batch.")
 @size_options
@@ -37,8 +40,8 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
 @config_option
 def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, negative_prompt, steps, guidance,
-            scheduler, timesteps, loras, seed, batch_size, height, width, shard, device, dtype, out, grid,
-            overwrite):
+            scheduler, timesteps, loras, guide_with, seed, batch_size, height, width, shard, device, dtype, out,
+            grid, overwrite):
     """Generate images from PROMPT arguments or --prompts FILE.
 
     Writes OUT/NNNNNN.png (generation parameters in a PNG text chunk),
@@ -62,7 +65,7 @@ def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, 
         model=model, model_config=model_config, out=out, num_per_prompt=num_per_prompt,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
         timesteps=parse_timesteps(timesteps) if timesteps else None,
-        loras=[parse_lora_spec(s) for s in loras], seed=seed, batch_size=batch_size,
+        loras=[parse_lora_spec(s) for s in loras], guide_with=guide_with, seed=seed, batch_size=batch_size,
         height=height, width=width, shard=parse_shard(shard) if shard else default_shard(),
         device=device, dtype=dtype, grid=grid, overwrite=overwrite,
     ))

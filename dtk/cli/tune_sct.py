@@ -33,10 +33,15 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--sigma-data", type=float, default=0.5, show_default=True)
 @click.option("--t-mid", type=float, default=None, help="σ of the re-noise for 2-step sampling [1.526].")
 @click.option("--sample-steps", type=int, default=None, help="Steps dtk.json recommends [1, or K with phases].")
+@click.option("--guide-with", metavar="MODEL",
+              help="A worse version of this model (SCT: an earlier snapshot, e.g. a shorter run) that guides its "
+              "sampling: D_guide + w(D − D_guide); recorded in dtk.json by absolute path.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="w of --guide-with guidance recorded for sampling (1: unguided).")
 @training_options(lr=1e-4, max_steps=4000, batch_size=32)
 @config_option
 def command(model, model_config, data, target, bank_size, phases, q, double_every, p_mean, p_std, weighting, huber_c,
-            sigma_data, t_mid, sample_steps, **kwargs):
+            sigma_data, t_mid, sample_steps, guide_with, guidance, **kwargs):
     """Tune MODEL into a consistency model (ECT), with SCT's variance-reduced target.
 
     The model is seen as an EDM denoiser D(x, σ) (ε-, v- or x₀-prediction);
@@ -53,11 +58,13 @@ def command(model, model_config, data, target, bank_size, phases, q, double_ever
       dtk tune-sct --model ddpm-cifar10/ --data cifar-train/ --full --out runs/sct
       dtk tune-sct --model ddpm-cifar10/ --data cifar-train/ --full --target ect --out runs/ect
       dtk sample --model runs/sct --num-per-prompt 64 --grid
+      dtk sample --model runs/sct --guide-with runs/sct-short --guidance 1.5 --class 3
     """
     from dtk.methods.sct import ConsistencyTuning
     from dtk.train.engine import train
 
     method = ConsistencyTuning(target=target, bank_size=bank_size, phases=phases, q=q, double_every=double_every,
                                p_mean=p_mean, p_std=p_std, weighting=weighting, huber_c=huber_c,
-                               sigma_data=sigma_data, t_mid=t_mid, sample_steps=sample_steps)
+                               sigma_data=sigma_data, t_mid=t_mid, sample_steps=sample_steps,
+                               guide_with=guide_with, guidance=guidance)
     train(method, train_config(kwargs, model=model, model_config=model_config, data=data))

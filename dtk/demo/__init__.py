@@ -5,13 +5,15 @@ Nothing here imports torch at import time.
 
 * ``dtk.demo.shapes``     - captioned procedural images (numpy/PIL only)
 * ``dtk.demo.classifier`` - attribute classifier + Frechet features (torch)
-* ``dtk.demo.build``      - ``python -m dtk.demo.build`` regenerates everything
+* ``dtk.demo.pixel``      - a class-conditional pixel-space DDPM on the shapes (``--model demo-pixel``)
+* ``dtk.demo.build``      - ``python -m dtk.demo.build [--pixel]`` regenerates everything
 """
 
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).parent
 DEMO_MODEL_DIR = DEMO_DIR / "model"
+DEMO_PIXEL_DIR = DEMO_DIR / "pixel-model"   # class-conditional pixel-space DDPM (--model demo-pixel)
 CLASSIFIER_DIR = DEMO_DIR / "classifier"
 
-__all__ = ["DEMO_DIR", "DEMO_MODEL_DIR", "CLASSIFIER_DIR"]
+__all__ = ["DEMO_DIR", "DEMO_MODEL_DIR", "DEMO_PIXEL_DIR", "CLASSIFIER_DIR"]

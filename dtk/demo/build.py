@@ -20,6 +20,9 @@ Steps (all on CPU, fixed seeds, ``torch.set_num_threads(2)``):
    the time of one guided 25-step image; everything goes into
    ``<out>/model/dtk.json`` and is printed.
 
+``--pixel`` builds the class-conditional pixel-space demo instead
+(``dtk.demo.pixel``: ``<out>/pixel-model``, the base model of ``dtk tune-sct``).
+
 ``--quick`` is a smoke run of a few steps (used by the tests); its numbers
 mean nothing.
 """
@@ -475,7 +478,14 @@ def main(argv=None):
                     "then evaluate; 1 = build from scratch")
     ap.add_argument("--reuse-classifier", action="store_true",
                     help="keep <out>/classifier if present instead of retraining it (it is still evaluated)")
+    ap.add_argument("--pixel", action="store_true",
+                    help="build only the class-conditional pixel-space demo (<out>/pixel-model, for tune-sct); "
+                    "it is judged by the existing classifier")
     args = ap.parse_args(argv)
+    if args.pixel:
+        from .pixel import build
+
+        return build(Path(args.out), args.quick, args.seed)
 
     import torch
     from .classifier import attribute_accuracy

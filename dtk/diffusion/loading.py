@@ -2,6 +2,7 @@
 
 Accepted, in the order they are tried:
   * nothing / ``demo``      — the bundled demo model (offline, tiny);
+    ``demo-pixel``            — the bundled class-conditional pixel-space demo;
   * a dtk output directory  — ``dtk.json`` with ``kind: model``: its base model
                               plus the LoRA / UNet weights it holds, and the
                               sampler it recommends;
@@ -50,6 +51,13 @@ def resolve_model(spec: str | None) -> ModelRef:
             raise BadInput(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; rebuild it with "
                            "`python -m dtk.demo.build` or pass --model")
         return _from_dir("demo", DEMO_MODEL_DIR)
+    if spec == "demo-pixel":
+        from dtk.demo import DEMO_PIXEL_DIR
+
+        if not (DEMO_PIXEL_DIR / "model_index.json").exists():
+            raise BadInput(f"the bundled pixel demo model is missing from {DEMO_PIXEL_DIR}; rebuild it with "
+                           "`python -m dtk.demo.build --pixel`")
+        return _from_dir("demo-pixel", DEMO_PIXEL_DIR)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_dir(spec, path)
@@ -138,6 +146,7 @@ class LoadedModel:
     pipe: Any                 # a diffusers StableDiffusion(XL)/DDPM pipeline (never called directly)
     device: Any
     dtype: Any
+    guide: "LoadedModel | None" = None   # a worse version of the model guiding its consistency sampling
 
     @property
     def family(self) -> str:
@@ -205,13 +214,40 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
 
 
 def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
-               extra_loras: list | tuple = ()) -> LoadedModel:
-    """Load a model and apply the LoRAs its dtk.json names plus ``extra_loras``."""
+               extra_loras: list | tuple = (), guide: str | None = None) -> LoadedModel:
+    """Load a model and apply the LoRAs its dtk.json names plus ``extra_loras``; with a guide model
+    (``guide``, else the one its consistency sampler names) that one is loaded beside it."""
     from dtk.diffusion.lora import apply_loras
 
     model = load_model(ref, device, dtype, model_config)
     apply_loras(model, list(ref.loras) + list(extra_loras))
+    guide = guide or (ref.sampler.get("consistency") or {}).get("guide")
+    if guide:
+        guide_ref = resolve_guide(guide, ref)
+        model.guide = load_model(guide_ref, device, dtype)
+        apply_loras(model.guide, list(guide_ref.loras))
     return model
+
+
+def resolve_guide(spec: str, ref: ModelRef) -> ModelRef:
+    """The guide of a consistency model (SCT: an earlier snapshot of itself): a model of the same shape."""
+    from dtk.io import read_json
+
+    try:
+        guide = resolve_model(spec)
+    except BadInput as e:
+        raise BadInput(f"guide model: {e}") from None
+    if guide.family != ref.family:
+        raise BadInput(f"guide model {spec}: a {guide.family} model cannot guide the {ref.family} model {ref.spec}")
+    configs = []
+    for r in (ref, guide):
+        config = (r.unet_dir or r.path / "unet") / "config.json"
+        configs.append(read_json(config) if not r.single_file and config.exists() else {})
+    for key in ("in_channels", "out_channels", "sample_size", "num_class_embeds"):
+        if configs[0].get(key) != configs[1].get(key):
+            raise BadInput(f"guide model {spec}: its UNet has {key} {configs[1].get(key)}, "
+                           f"{ref.spec}'s has {configs[0].get(key)}")
+    return guide
 
 
 def vae_factor_of(ref: ModelRef) -> int | None:

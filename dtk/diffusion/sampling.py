@@ -65,12 +65,15 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
                                guidance=float(pick("guidance", guidance)), height=height, width=width,
                                timesteps=list(timesteps) if timesteps else None,
                                consistency=recommended.get("consistency"))
-    if model.family == "pixel" and settings.guidance > 1.0:
-        raise BadInput(f"--guidance {settings.guidance:g}: a pixel-space model has no unconditional branch for CFG; "
-                       "use a guidance ≤ 1")
     if settings.scheduler == "consistency":
         check_consistency_steps(settings)
-    else:
+        if settings.guidance != 1.0 and model.guide is None:
+            raise BadInput(f"--guidance {settings.guidance:g}: a consistency model is guided by a worse version of "
+                           "itself; name one with --guide-with (or sample with guidance 1)")
+    elif model.family == "pixel" and settings.guidance > 1.0:
+        raise BadInput(f"--guidance {settings.guidance:g}: a pixel-space model has no unconditional branch for CFG; "
+                       "use a guidance ≤ 1")
+    if settings.scheduler != "consistency":
         make_sampler(settings.scheduler, model.pipe.scheduler.config, settings.steps, settings.timesteps, model.device)
     return settings
 
@@ -144,14 +147,24 @@ def check_consistency_steps(settings: SamplerSettings) -> None:
 def consistency_sample(model: LoadedModel, settings: SamplerSettings, requests: list[Request],
                        noise: torch.Tensor | None = None) -> torch.Tensor:
     """Consistency sampling (ECT/SCT): f(σ_max·z, σ_max); a second step re-noises the output to t_mid
-    and applies f again. A K-phase model jumps from each phase top to the next, edge to edge."""
+    and applies f again. A K-phase model jumps from each phase top to the next, edge to edge.
+
+    With a guide model (SCT's guidance by a worse version of the model itself, in the manner of
+    autoguidance) and guidance w, every denoiser output is D_guide + w·(D − D_guide)."""
     from dtk.diffusion.edm import VPDenoiser, consistency_output, vp_sigmas
     from dtk.diffusion.schedule import alphas_cumprod
     from dtk.methods.sct import jump_to
 
     p = _consistency_params(settings)
     abar = alphas_cumprod(model.pipe.scheduler.config).to(model.device)
-    denoiser = VPDenoiser(model.unet, abar, model.pipe.scheduler.config.get("prediction_type", "epsilon"))
+    prediction = model.pipe.scheduler.config.get("prediction_type", "epsilon")
+    denoiser = VPDenoiser(model.unet, abar, prediction)
+    if model.guide is not None and settings.guidance != 1.0:
+        good, bad, w = denoiser, VPDenoiser(model.guide.unet, abar, prediction), settings.guidance
+
+        def denoiser(x, s, **kw):
+            d_bad = bad(x, s, **kw)
+            return d_bad + w * (good(x, s, **kw) - d_bad)
     drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
     z = drawn if noise is None else noise.to(model.device, model.dtype)
     sigma_max = min(p["sigma_max"], float(vp_sigmas(abar)[-1]))

@@ -14,6 +14,8 @@ denoiser (``dtk.diffusion.edm``); the consistency function is that denoiser
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dtk.errors import BadInput
@@ -110,18 +112,23 @@ class ConsistencyTuning(Method):
     def __init__(self, *, target: str = "stable", bank_size: int = 0, phases: int = 1, q: float = 4.0,
                  double_every: int = 2000, p_mean: float = P_MEAN, p_std: float = P_STD, weighting: str = "edm",
                  huber_c: float = 0.06, sigma_data: float = 0.5, sigma_max: float = 80.0, t_mid: float | None = None,
-                 sample_steps: int | None = None):
+                 sample_steps: int | None = None, guide_with: str | None = None, guidance: float = 1.0):
         if target not in ("ect", "stable"):
             raise BadInput(f"--target {target}: choose ect or stable")
         if weighting not in ("edm", "inv_dt"):
             raise BadInput(f"--weighting {weighting}: choose edm (1/t² + 1/σ_d²) or inv_dt (1/(t − r))")
         if phases < 1:
             raise BadInput(f"--phases {phases}: must be at least 1")
+        if guidance != 1.0 and not guide_with:
+            raise BadInput(f"--guidance {guidance:g}: needs --guide-with (the worse model that guides this one)")
         if bank_size and target != "stable":
             raise BadInput("--bank-size goes with --target stable (ECT's target uses no references)")
         self.target, self.bank_size, self.phases, self.q, self.double_every = target, bank_size, phases, q, double_every
         self.p_mean, self.p_std, self.weighting, self.huber_c = p_mean, p_std, weighting, huber_c
         self.sigma_data, self.sigma_max, self.t_mid, self.sample_steps = sigma_data, sigma_max, t_mid, sample_steps
+        if guide_with and Path(guide_with).expanduser().exists():
+            guide_with = str(Path(guide_with).expanduser().resolve())  # so dtk.json works from any directory
+        self.guide_with, self.guidance = guide_with, guidance
         self.bank: torch.Tensor | None = None
         self.bank_labels: torch.Tensor | None = None
         self.denoiser = None
@@ -133,6 +140,10 @@ class ConsistencyTuning(Method):
         if run.prediction_type not in WRAPPABLE:
             raise BadInput(f"--model {run.model.ref.spec}: prediction_type {run.prediction_type!r} cannot be wrapped "
                            f"as an EDM denoiser (supported: {', '.join(WRAPPABLE)})")
+        if self.guide_with:
+            from dtk.diffusion.loading import resolve_guide
+
+            resolve_guide(self.guide_with, run.model.ref)  # before any training: it must load beside the result
         if self.bank_size and self.bank_size < run.config.batch_size:
             raise BadInput(f"--bank-size {self.bank_size}: smaller than the batch ({run.config.batch_size}); "
                            "the bank extends the batch as reference set")
@@ -207,9 +218,10 @@ class ConsistencyTuning(Method):
     def sampler(self, run: Run) -> dict:
         steps = self.sample_steps or max(self.phases, 1)
         t_mid = self.t_mid if self.t_mid is not None else (self.boundaries[1] if self.phases > 1 else 1.526)
-        return {"scheduler": "consistency", "steps": steps, "guidance": 1.0,
+        guide = {"guide": self.guide_with} if self.guide_with else {}
+        return {"scheduler": "consistency", "steps": steps, "guidance": self.guidance,
                 "consistency": {"sigma_max": self.sigma_max, "sigma_min": SIGMA_MIN, "sigma_data": self.sigma_data,
-                                "t_mid": t_mid, "boundaries": self.boundaries}}
+                                "t_mid": t_mid, "boundaries": self.boundaries, **guide}}
 
     def state_dict(self) -> dict:
         if self.bank is None:
@@ -226,4 +238,5 @@ class ConsistencyTuning(Method):
                 else "Easy Consistency Tuning (Geng et al. 2024)", "target": self.target, "bank_size": self.bank_size,
                 "phases": self.phases, "q": self.q, "double_every": self.double_every, "p_mean": self.p_mean,
                 "p_std": self.p_std, "weighting": self.weighting, "huber_c": self.huber_c,
-                "sigma_data": self.sigma_data, "sigma_max": self.sigma_max}
+                "sigma_data": self.sigma_data, "sigma_max": self.sigma_max,
+                **({"guide_with": self.guide_with, "guidance": self.guidance} if self.guide_with else {})}

@@ -1,0 +1,159 @@
+"""The bundled class-conditional pixel-space demo: ``python -m dtk.demo.build --pixel [--quick]``.
+
+A ``DDPMPipeline`` (``UNet2DModel`` with ``num_class_embeds`` = 4, ε-prediction,
+DDPM linear β schedule: the layout of diffusers' DDPM checkpoints) trained on
+32×32 single-shape images of ``dtk.demo.shapes``, the class being the shape
+(circle, square, triangle, star); colour, size, position and background vary
+within a class. It is the base model `dtk tune-sct` is measured on
+(``--model demo-pixel``). Training: plain ε-MSE with mirrored images, no class
+dropout (pixel models sample without CFG), EMA of the weights; then the shape
+accuracy of its DDIM-50 samples under the demo classifier is written to its
+dtk.json.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import shapes as S
+
+SIZE = 32
+CLASSES = list(S.SHAPES)
+FULL = dict(images=20000, steps=4000, batch=32, lr=1e-3, warmup=200, eval_per_class=100)
+QUICK = dict(images=32, steps=2, batch=8, lr=1e-3, warmup=1, eval_per_class=2)
+SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                 clip_sample=True, prediction_type="epsilon")
+SAMPLER = {"scheduler": "ddim", "steps": 50, "guidance": 1.0}
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def class_split(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` single-shape training-split images [n, size, size, 3] uint8 and their class (shape) indices."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        while True:
+            attrs = S.sample_attributes(rng)
+            if len(attrs["shapes"]) == 1 and not S.is_heldout(attrs):
+                break
+        images[i] = np.asarray(S.render(attrs, size=size, rng=rng))
+        labels[i] = CLASSES.index(attrs["shapes"][0]["shape"])
+    return images, labels
+
+
+def make_unet():
+    """~1M parameters, no attention: on CPU, diffusers' attention blocks at 16×16 cost 6× a step's convolutions."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D",) * 3,
+                       up_block_types=("UpBlock2D",) * 3, norm_num_groups=16, num_class_embeds=len(CLASSES))
+
+
+def train(cfg: dict, seed: int):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from .build import lr_at
+
+    torch.manual_seed(seed)
+    images, labels = class_split(cfg["images"], seed + 1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.from_numpy(labels)
+    unet = make_unet().train()
+    abar = DDPMScheduler(**SCHEDULER).alphas_cumprod
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    g = torch.Generator().manual_seed(seed)
+    t0, smooth = time.time(), None
+    for step in range(cfg["steps"]):
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+        idx = torch.randint(0, len(x), (cfg["batch"],), generator=g)
+        x0 = x[idx]
+        x0 = torch.where(torch.rand(len(idx), 1, 1, 1, generator=g) < 0.5, x0, x0.flip(3))  # mirror: same class
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, class_labels=y[idx]).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(0.9995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                e.lerp_(p.detach(), 1 - decay)
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if step % 200 == 0 or step == cfg["steps"] - 1:
+            el = time.time() - t0
+            log(f"  pixel unet step {step:5d} loss {smooth:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
+    with torch.no_grad():  # ship the EMA weights
+        for e, p in zip(ema, unet.parameters()):
+            p.copy_(e)
+    return unet.eval(), time.time() - t0
+
+
+def shape_accuracy(images01, labels, clf) -> float:
+    """The demo classifier's shape1 accuracy on [N,3,32,32] images in [0,1] (upsampled to its 64×64)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = clf(F.interpolate(images01, size=64, mode="bilinear", align_corners=False))
+    pred = logits["shape1"].argmax(1)
+    return float((pred == torch.as_tensor(labels)).float().mean())
+
+
+def build(out: Path, quick: bool, seed: int) -> dict:
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from .build import dir_size_mb, replace_dir, write_json_atomic
+    from .classifier import load_classifier
+
+    torch.set_num_threads(2)
+    cfg = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    log("[pixel] class-conditional UNet2DModel on 32×32 shapes")
+    unet, seconds = train(cfg, seed + 700)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER))
+    tmp = Path(tempfile.mkdtemp(prefix=".pixel-model.", dir=out))
+    pipe.to(torch.float16)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    pipe.to(torch.float32)
+
+    # judge DDIM-50 samples of every class with the demo classifier's shape head
+    from dtk.diffusion.loading import LoadedModel, ModelRef
+    from dtk.diffusion.sampling import Request, generate, settings_for
+
+    model = LoadedModel(ref=ModelRef(spec="demo-pixel", path=tmp, family="pixel", sampler=dict(SAMPLER)),
+                        pipe=pipe, device=torch.device("cpu"), dtype=torch.float32)
+    settings = settings_for(model, steps=2 if quick else None)
+    n = cfg["eval_per_class"]
+    labels = [c for c in range(len(CLASSES)) for _ in range(n)]
+    samples = torch.cat([generate(model, settings, [Request(str(c), 10_000 + i) for i, c in
+                                                    enumerate(labels[s:s + 100], start=s)])
+                         for s in range(0, len(labels), 100)])
+    accuracy = shape_accuracy(samples, labels, load_classifier())
+    meta = {"kind": "model", "name": "dtk-demo-pixel-shapes",
+            "description": "Tiny class-conditional pixel-space DDPM (UNet2DModel) on 32×32 dtk.demo.shapes; "
+                           "class = the shape", "classes": CLASSES, "sampler": SAMPLER,
+            "metrics": {"shape_accuracy_ddim50": round(accuracy, 4), "eval_images": len(labels),
+                        "train_images": cfg["images"], "train_steps": cfg["steps"], "batch": cfg["batch"],
+                        "train_seconds": round(seconds, 1), "size_mb": round(dir_size_mb(tmp), 2)},
+            "quick": quick}
+    write_json_atomic(tmp / "dtk.json", meta)
+    replace_dir(tmp, out / "pixel-model")
+    log(json.dumps(meta["metrics"]))
+    return meta
