@@ -19,6 +19,11 @@ captions with the same seeds and measures:
 same captions: the value a perfect generator would get, against which every
 other FD is to be read.
 
+The shape-classes benchmark (``shape-classes-v1``) does the same for
+class-conditional pixel-space models (``demo-pixel`` and models tuned from it):
+the shape names as labels, single-shape real images, accuracy = shape correct.
+It is chosen when the teacher (default: ``demo-pixel`` for pixel models) is one.
+
 The prompts benchmark (``--prompts FILE``, for real SD/SDXL models) uses CLIP
 image features (``--clip-model``, from disk or the local hub cache) for the
 Fréchet distances (``fd_real`` needs ``--real-dir``) and the CLIP score as
@@ -40,6 +45,7 @@ from dtk.errors import BadInput
 log = logging.getLogger("dtk")
 
 SHAPES_BENCHMARK = "shapes-v1"
+SHAPE_CLASSES_BENCHMARK = "shape-classes-v1"   # class-conditional pixel models (demo-pixel)
 BENCHMARK_SEED = 20261122  # versioned with the benchmark name: change both or neither
 TEACHER_STEPS = 25
 GRID_COLUMNS = 8
@@ -85,6 +91,51 @@ def shapes_benchmark(num_images: int, device) -> Benchmark:
         reward_name="accuracy", real_features=real,
         noise_floor=fd(real, featurize(render(BENCHMARK_SEED + 2))),
     )
+
+
+def shape_classes_benchmark(teacher_ref, num_images: int, device) -> Benchmark:
+    """Class-conditional pixel models (the pixel demo's layout): the labels are the shapes, balanced;
+    real images are single shapes of those classes; features and reward (shape correct) from the demo
+    classifier, on images upsampled to its 64×64."""
+    import numpy as np
+
+    from dtk.demo import pixel
+    from dtk.demo.classifier import features
+    from dtk.eval.metrics import fd
+    from dtk.eval.rewards import ShapesReward, images_to_tensor
+    from dtk.seeds import derive_seed
+
+    if teacher_ref.manifest.get("classes") != pixel.CLASSES:
+        raise BadInput(f"--teacher {teacher_ref.spec}: pixel-space models are evaluated on the shapes classes "
+                       f"{pixel.CLASSES} (as demo-pixel); it names {teacher_ref.manifest.get('classes')}")
+    labels = [i % len(pixel.CLASSES) for i in range(num_images)]
+    reward = ShapesReward(device)
+
+    def as_tensor(images):
+        x = images_to_tensor(images)
+        return torch.nn.functional.interpolate(x, size=64, mode="bilinear", align_corners=False)
+
+    def featurize(images):
+        return features(reward.model, as_tensor(images))
+
+    def correct(images, captions, batch=256):
+        pred = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                x = as_tensor(images[i:i + batch]).to(next(reward.model.parameters()).device)
+                pred += reward.model(x)["shape1"].argmax(1).tolist()
+        return [float(pixel.CLASSES[p] == c) for p, c in zip(pred, captions)]
+
+    def real(seed):
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in pixel.render_classes(np.array(labels), seed)]
+
+    real_features = featurize(real(BENCHMARK_SEED + 1))
+    return Benchmark(name=SHAPE_CLASSES_BENCHMARK, captions=[pixel.CLASSES[c] for c in labels],
+                     seeds=[derive_seed(BENCHMARK_SEED, i) for i in range(num_images)], features=featurize,
+                     reward=correct, reward_name="accuracy", real_features=real_features,
+                     noise_floor=fd(real_features, featurize(real(BENCHMARK_SEED + 2))))
 
 
 def prompts_benchmark(prompts: list[str], num_images: int, clip_model: str, real_dir: str | None,
@@ -165,7 +216,10 @@ def run_eval(opts: EvalOptions) -> list[dict]:
         raise BadInput(f"--model: two models share the name {labels}; give distinct directories")
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
     refs = [resolve_model(m) for m in opts.models]  # fail fast on a bad model before any sampling
-    teacher_ref = resolve_model(opts.teacher)
+    teacher_ref = resolve_model(opts.teacher or ("demo-pixel" if refs[0].family == "pixel" else None))
+    if any(r.family != teacher_ref.family for r in refs) and not opts.prompts:
+        raise BadInput(f"--model: {', '.join(r.spec for r in refs if r.family != teacher_ref.family)} is not a "
+                       f"{teacher_ref.family} model like the teacher {teacher_ref.spec}; evaluate each kind apart")
     baseline_ref = resolve_model(opts.baseline) if opts.baseline else None
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -174,6 +228,8 @@ def run_eval(opts: EvalOptions) -> list[dict]:
 
         bench = prompts_benchmark([p.prompt for p in read_prompts((), opts.prompts)], opts.num_images,
                                   opts.clip_model, opts.real_dir, device)
+    elif teacher_ref.family == "pixel":
+        bench = shape_classes_benchmark(teacher_ref, opts.num_images, device)
     else:
         bench = shapes_benchmark(opts.num_images, device)
     if bench.noise_floor is not None:

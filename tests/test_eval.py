@@ -39,6 +39,29 @@ def test_markdown_on_stdout_and_deterministic(run_dtk, tiny_sd, tmp_path):
     assert a.stdout == b.stdout
 
 
+def test_shape_classes_benchmark_for_pixel_models(run_dtk, tiny_pixel_classes, tiny_sd, tmp_path):
+    import shutil
+
+    from dtk.demo.pixel import CLASSES
+
+    model = tmp_path / "pixel"
+    shutil.copytree(tiny_pixel_classes, model)
+    (model / "dtk.json").write_text(json.dumps({"kind": "model", "classes": CLASSES,
+                                                "sampler": {"scheduler": "ddim", "steps": 25}}))
+    r = run_dtk("eval", "--model", model, "--teacher", model, "--steps", "2,25", "--num-images", "8",
+                "--out", tmp_path / "ev")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert rows[1]["fd_teacher"] == pytest.approx(0.0, abs=1e-6) and rows[0]["fd_teacher"] > 0
+    assert all(0.0 <= row["accuracy"] <= 1.0 and row["fd_real"] > 0 for row in rows)
+    saved = json.loads((tmp_path / "ev/eval.json").read_text())
+    assert saved["benchmark"] == "shape-classes-v1" and saved["noise_floor"] > 0
+    r = run_dtk("eval", "--model", model, "--model", tiny_sd, "--teacher", model, "--out", tmp_path / "ev2")
+    assert r.exit_code == 2 and "is not a pixel model like the teacher" in r.stderr
+    r = run_dtk("eval", "--model", tiny_pixel_classes, "--teacher", tiny_pixel_classes, "--out", tmp_path / "ev3")
+    assert r.exit_code == 2 and "evaluated on the shapes classes" in r.stderr
+
+
 def test_prompt_benchmark_with_clip(run_dtk, tiny_sd, tmp_path):
     from tiny_models import build_tiny_clip
 

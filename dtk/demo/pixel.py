@@ -35,19 +35,24 @@ def log(msg):
     print(msg, flush=True)
 
 
-def class_split(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` single-shape training-split images [n, size, size, 3] uint8 and their class (shape) indices."""
+def render_classes(labels, seed: int, size: int = SIZE) -> np.ndarray:
+    """One training-split single-shape image per class index in ``labels`` [n, size, size, 3] uint8."""
     rng = np.random.default_rng(seed)
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
-    labels = np.empty(n, dtype=np.int64)
-    for i in range(n):
+    images = np.empty((len(labels), size, size, 3), dtype=np.uint8)
+    for i, label in enumerate(labels):
         while True:
             attrs = S.sample_attributes(rng)
-            if len(attrs["shapes"]) == 1 and not S.is_heldout(attrs):
+            if (len(attrs["shapes"]) == 1 and attrs["shapes"][0]["shape"] == CLASSES[label]
+                    and not S.is_heldout(attrs)):
                 break
         images[i] = np.asarray(S.render(attrs, size=size, rng=rng))
-        labels[i] = CLASSES.index(attrs["shapes"][0]["shape"])
-    return images, labels
+    return images
+
+
+def class_split(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` single-shape training-split images [n, size, size, 3] uint8 and their class (shape) indices."""
+    labels = np.random.default_rng(seed).integers(len(CLASSES), size=n)
+    return render_classes(labels, seed + 1, size), labels
 
 
 def make_unet():
