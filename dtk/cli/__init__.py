@@ -31,6 +31,7 @@ COMMANDS = {
     "train-reflow": "dtk.cli.train_reflow",
     "distill-pcm": "dtk.cli.distill_pcm",
     "tune-sct": "dtk.cli.tune_sct",
+    "dpo": "dtk.cli.dpo",
     "score": "dtk.cli.score",
     "eval": "dtk.cli.eval",
 }

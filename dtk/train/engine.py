@@ -179,6 +179,12 @@ class Method:
     name = "train"                    # the command, e.g. "train-reflow"
     data_kinds: tuple[str, ...] = ("images",)   # what --data may hold: "images", "pairs"
 
+    def open_data(self, spec: str, *, resolution: int, allow_missing_captions: bool = False):
+        """``--data`` as a dataset (methods with their own formats, e.g. preference pairs, override this)."""
+        from dtk.train.data import open_dataset
+
+        return open_dataset(spec, resolution=resolution, allow_missing_captions=allow_missing_captions)
+
     def check_data(self, data, run: Run) -> None:
         """Reject data this method cannot use (BadInput naming what and where)."""
 
@@ -450,7 +456,7 @@ def train(method: Method, config: TrainConfig) -> dict:
     from dtk.diffusion.schedule import alphas_cumprod
     from dtk.logs import quiet_libraries
     from dtk.seeds import derive_seed
-    from dtk.train.data import BatchOrder, collate, open_dataset
+    from dtk.train.data import BatchOrder, collate
 
     config.check()
     if config.device not in ("auto", "cpu"):
@@ -473,8 +479,8 @@ def train(method: Method, config: TrainConfig) -> dict:
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     model = _load_model(config, accelerator, weight_dtype)
-    data = open_dataset(config.data, resolution=config.resolution or model.default_size,
-                        allow_missing_captions=config.allow_missing_captions)
+    data = method.open_data(config.data, resolution=config.resolution or model.default_size,
+                            allow_missing_captions=config.allow_missing_captions)
     if data.kind not in method.data_kinds:
         raise BadInput(f"--data {config.data}: {method.name} needs {' or '.join(method.data_kinds)}, "
                        f"this is {data.kind}")
