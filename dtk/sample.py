@@ -72,6 +72,8 @@ class SampleOptions:
     timesteps: list[int] | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     guide_with: str | None = None
+    npo: str | None = None
+    npo_scale: float = 1.0
     seed: int = 0
     batch_size: int = 4
     height: int | None = None
@@ -111,7 +113,12 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     from dtk.diffusion.sampling import settings_for
     from dtk.io import prepare_out_dir
 
-    ref = resolve_model(opts.model)
+    model_spec = opts.model
+    if model_spec is None and opts.npo:  # the NPO model dir names the base it was made for
+        from dtk.diffusion.npo import npo_model_dir
+
+        model_spec = npo_model_dir(opts.npo).manifest.get("base_model")
+    ref = resolve_model(model_spec)
     suffix = shard_suffix(opts.shard)
     marker = f"dtk{suffix}.json"
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
@@ -119,13 +126,17 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
-    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras, guide=opts.guide_with)
+    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras, guide=opts.guide_with,
+                       npo=opts.npo, npo_scale=opts.npo_scale)
     if not opts.prompts:
         if model.family != "pixel" or model.unet.config.get("num_class_embeds"):
             raise BadInput(NO_PROMPTS + (" or --class" if model.family == "pixel" else ""))
         opts.prompts = [PromptItem("")]  # an unconditional model: --num-per-prompt images of nothing in particular
     settings = settings_for(model, scheduler=opts.scheduler, steps=opts.steps, timesteps=opts.timesteps,
                             guidance=opts.guidance, height=opts.height, width=opts.width)
+    if opts.npo and settings.guidance <= 1.0:
+        raise BadInput(f"--npo {opts.npo}: NPO replaces the unconditional branch of CFG; it needs --guidance > 1 "
+                       f"(this run: {settings.guidance:g})")
     if settings.guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):
         log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
                     settings.guidance)
@@ -170,6 +181,7 @@ def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Pat
                     "model": model.ref.spec,
                     "loras": [[str(p), s] for p, s in opts.loras],
                     **({"guide": model.guide.ref.spec} if model.guide is not None else {}),
+                    **({"npo": opts.npo, "npo_scale": opts.npo_scale} if model.npo is not None else {}),
                 }
                 write_png(Path(record["path"]), Image.fromarray(arr), record)
                 emit(record)

@@ -145,3 +145,49 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     assert "trains text-to-image (SD/SDXL) models" in bad(pairs, model=tiny_pixel)
     assert "--beta -1.0: must be positive" in bad(pairs, "--beta", -1)
     assert "no such file" in bad(tmp_path / "missing.parquet")
+
+
+def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path):
+    import numpy as np
+
+    common = ("--from-pairs", "--data", pairs, "--batch-size", 2, "--log-every", 1, "--device", "cpu")
+    r = run_dtk("train-npo", "--model", tiny_sd, *common, "--max-steps", 1, "--out", tmp_path / "zero")
+    assert r.exit_code == 0, r.stderr
+    from safetensors.torch import load_file, save_file
+
+    lora = tmp_path / "zero" / json.loads((tmp_path / "zero/dtk.json").read_text())["loras"][0]["path"]
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(lora)).items()}, str(lora))  # δ_NPO = 0
+    r = run_dtk("train-npo", "--model", tiny_sd, *common, "--max-steps", 3, "--lr", 1e-2, "--out", tmp_path / "npo")
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((tmp_path / "npo/dtk.json").read_text())
+    assert meta["command"] == "train-npo" and meta["method"]["reversed_preferences"] is True
+
+    def sample(name, *extra):
+        r = run_dtk("sample", "--steps", 3, "--guidance", 3, "--num-per-prompt", 2, "--out", tmp_path / f"s-{name}",
+                    "--negative-prompt", "a blue square", *extra, "a red circle")
+        assert r.exit_code == 0, r.stderr
+        return [np.asarray(Image.open(json.loads(x)["path"])) for x in r.stdout.splitlines()]
+
+    plain = sample("plain", "--model", tiny_sd)
+    zero = sample("zero", "--model", tiny_sd, "--npo", tmp_path / "zero")
+    assert all(np.array_equal(a, b) for a, b in zip(plain, zero))       # δ = 0: plain CFG, bit for bit
+    alone = sample("alone", "--npo", tmp_path / "npo")                   # the NPO dir names its base model
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, alone))
+    scaled = sample("scaled", "--model", tiny_sd, "--npo", tmp_path / "npo", "--npo-scale", 0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, scaled))
+    # with a positive LoRA model (a DPO run) on the same base
+    r = run_dtk("dpo", "--model", tiny_sd, "--data", pairs, "--batch-size", 2, "--max-steps", 1, "--lr", 1e-2,
+                "--device", "cpu", "--out", tmp_path / "dpo")
+    assert r.exit_code == 0, r.stderr
+    dpo = sample("dpo", "--model", tmp_path / "dpo")
+    dpo_npo = sample("dpo-npo", "--model", tmp_path / "dpo", "--npo", tmp_path / "npo")
+    assert not all(np.array_equal(a, b) for a, b in zip(dpo, dpo_npo))
+    # bad input: another base model, no CFG, --full, not an NPO dir
+    r = run_dtk("sample", "--model", tiny_sdxl, "--npo", tmp_path / "npo", "--out", tmp_path / "x", "a")
+    assert r.exit_code == 2 and "made for the base model" in r.stderr and str(tiny_sdxl) in r.stderr
+    r = run_dtk("sample", "--npo", tmp_path / "npo", "--guidance", 1, "--out", tmp_path / "x", "a")
+    assert r.exit_code == 2 and "needs --guidance > 1" in r.stderr
+    r = run_dtk("sample", "--npo", tmp_path / "dpo", "--out", tmp_path / "x", "a")
+    assert r.exit_code == 2 and "not `dtk train-npo`" in r.stderr
+    r = run_dtk("train-npo", "--model", tiny_sd, *common, "--full", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "an NPO model is a LoRA" in r.stderr

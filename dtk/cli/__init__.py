@@ -32,6 +32,7 @@ COMMANDS = {
     "distill-pcm": "dtk.cli.distill_pcm",
     "tune-sct": "dtk.cli.tune_sct",
     "dpo": "dtk.cli.dpo",
+    "train-npo": "dtk.cli.train_npo",
     "score": "dtk.cli.score",
     "eval": "dtk.cli.eval",
 }

@@ -27,6 +27,9 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
               help="Explicit decreasing timesteps, e.g. 999,749,499,249 (ddim*, euler, dpm++2m, lcm, tcd, ddpm, heun).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA file or dir (diffusers/peft or kohya layout); repeatable.")
+@click.option("--npo", metavar="DIR", help="A `dtk train-npo` model: the unconditional/negative branch of CFG uses "
+              "the model plus its weights (two UNet evaluations per step). Alone, it also names the model.")
+@click.option("--npo-scale", type=float, default=1.0, show_default=True, help="Weight A of the NPO LoRA.")
 @click.option("--guide-with", metavar="MODEL",
               help="Consistency models: guide by this worse version of the model (SCT: an earlier snapshot), "
               "D_guide + s(D − D_guide) with s = --guidance [the model's dtk.json].")
@@ -40,8 +43,8 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
 @config_option
 def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, negative_prompt, steps, guidance,
-            scheduler, timesteps, loras, guide_with, seed, batch_size, height, width, shard, device, dtype, out,
-            grid, overwrite):
+            scheduler, timesteps, loras, npo, npo_scale, guide_with, seed, batch_size, height, width, shard, device,
+            dtype, out, grid, overwrite):
     """Generate images from PROMPT arguments or --prompts FILE.
 
     Writes OUT/NNNNNN.png (generation parameters in a PNG text chunk),
@@ -54,6 +57,7 @@ def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, 
       dtk sample "a large red circle on a white background"
       dtk sample --prompts prompts.txt --num-per-prompt 4 --out samples/ --grid
       dtk sample --model runs/pcm --steps 4 --guidance 1 "a small blue star"
+      dtk sample --model runs/dpo --npo runs/npo "a large red circle on a white background"
     """
     from dtk.diffusion.lora import parse_lora_spec
     from dtk.diffusion.schedulers import parse_timesteps
@@ -65,7 +69,8 @@ def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, 
         model=model, model_config=model_config, out=out, num_per_prompt=num_per_prompt,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
         timesteps=parse_timesteps(timesteps) if timesteps else None,
-        loras=[parse_lora_spec(s) for s in loras], guide_with=guide_with, seed=seed, batch_size=batch_size,
+        loras=[parse_lora_spec(s) for s in loras], npo=npo, npo_scale=npo_scale, guide_with=guide_with,
+        seed=seed, batch_size=batch_size,
         height=height, width=width, shard=parse_shard(shard) if shard else default_shard(),
         device=device, dtype=dtype, grid=grid, overwrite=overwrite,
     ))

@@ -147,6 +147,8 @@ class LoadedModel:
     device: Any
     dtype: Any
     guide: "LoadedModel | None" = None   # a worse version of the model guiding its consistency sampling
+    adapters: list = field(default_factory=list)  # (adapter name, weight) of the LoRAs applied
+    npo: Any = None                               # dtk.diffusion.npo.NPOBranch: the negative CFG branch
 
     @property
     def family(self) -> str:
@@ -214,7 +216,8 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
 
 
 def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
-               extra_loras: list | tuple = (), guide: str | None = None) -> LoadedModel:
+               extra_loras: list | tuple = (), guide: str | None = None, npo: str | None = None,
+               npo_scale: float = 1.0) -> LoadedModel:
     """Load a model and apply the LoRAs its dtk.json names plus ``extra_loras``; with a guide model
     (``guide``, else the one its consistency sampler names) that one is loaded beside it."""
     from dtk.diffusion.lora import apply_loras
@@ -226,6 +229,10 @@ def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
         guide_ref = resolve_guide(guide, ref)
         model.guide = load_model(guide_ref, device, dtype)
         apply_loras(model.guide, list(guide_ref.loras))
+    if npo:
+        from dtk.diffusion.npo import attach_npo
+
+        attach_npo(model, npo, npo_scale)
     return model
 
 

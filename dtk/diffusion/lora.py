@@ -57,6 +57,7 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]]) -> No
         names.append(name)
         scales.append(scale)
     pipe.set_adapters(names, adapter_weights=scales)
+    model.adapters = list(zip(names, scales))
 
 
 # ---------------------------------------------------------------------------

@@ -107,15 +107,23 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
     latents = (drawn if noise is None else noise.to(model.device, model.dtype)) * sampler.init_noise_sigma
     cfg = settings.guidance > 1.0  # as diffusers: guidance ≤ 1 runs the conditional branch only
     cond = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width)
+    npo = model.npo if cfg else None
     if cfg:
         uncond = encode_prompts(model, [r.negative_prompt for r in requests], settings.height, settings.width)
+        if npo is not None:  # the two branches have different weights: two evaluations
+            halves = [uncond.unet_kwargs(), cond.unet_kwargs()]
         cond = Conditioning.cat([uncond, cond])
     unet_kwargs = cond.unet_kwargs()
     for t in sampler.timesteps:
         x_in = sampler.scale_model_input(latents, t)
-        if cfg:
-            x_in = torch.cat([x_in, x_in])
-        out = model.unet(x_in, t, return_dict=False, **unet_kwargs)[0]
+        if npo is not None:
+            npo.negative(model.pipe)
+            out_u = model.unet(x_in, t, return_dict=False, **halves[0])[0]
+            npo.positive(model.pipe)
+            out_c = model.unet(x_in, t, return_dict=False, **halves[1])[0]
+            out = torch.cat([out_u, out_c])
+        else:
+            out = model.unet(torch.cat([x_in, x_in]) if cfg else x_in, t, return_dict=False, **unet_kwargs)[0]
         out = out[:, :latents.shape[1]]  # DDPM UNets with a learned variance output it beside the mean
         if cfg:
             out_u, out_c = out.chunk(2)
