@@ -191,3 +191,81 @@ def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path
     assert r.exit_code == 2 and "not `dtk train-npo`" in r.stderr
     r = run_dtk("train-npo", "--model", tiny_sd, *common, "--full", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "an NPO model is a LoRA" in r.stderr
+
+
+def fake_run():
+    from dtk.diffusion.schedule import alphas_cumprod
+    from dtk.train.engine import Run
+
+    abar = alphas_cumprod({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                           "beta_end": 0.012})
+    return Run(config=None, model=None, accelerator=None, data=None, abar=abar)
+
+
+class FakeUNet:
+    """ε̂ = 0.3·x + mean of the prompt embedding (so the two branches differ), per example."""
+
+    def __call__(self, x, t, return_dict=False, encoder_hidden_states=None):
+        return (0.3 * x + encoder_hidden_states.mean((1, 2)).view(-1, 1, 1, 1),)
+
+
+def test_self_npo_teacher_target():
+    from dtk.diffusion.conditioning import Conditioning
+    from dtk.methods.reflow import ddim_jump
+    from dtk.methods.self_npo import ddim_grid, teacher_target
+
+    run, unet = fake_run(), FakeUNet()
+    run.model = type("M", (), {"pipe": type("P", (), {"scheduler": type("S", (), {"config": {}})()})()})()
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 4, 8, 8, generator=g)
+    cond = Conditioning(torch.full((2, 3, 5), 0.5))
+    uncond = Conditioning(torch.full((2, 3, 5), -0.2))
+    t_index = torch.tensor([3, 10])
+    grid = torch.tensor(ddim_grid())
+    assert grid[:3].tolist() == [999, 959, 919] and len(grid) == 25
+    # zero steps, w = 0: the teacher's plain conditional denoising of x_t
+    x, t_p, x0 = teacher_target(run, unet, x_t, t_index, cond, uncond, 0.0, 0)
+    a, s = run.alpha_sigma(grid[t_index])
+    assert torch.equal(x, x_t) and torch.equal(t_p, grid[t_index])
+    assert torch.allclose(x0, (x_t - s * unet(x_t, None, encoder_hidden_states=cond.embeds)[0]) / a, atol=1e-6)
+    # w = −1: the unconditional prediction alone; two steps = two guided DDIM jumps down the grid
+    x, t_p, x0 = teacher_target(run, unet, x_t, t_index, cond, uncond, -1.0, 2)
+    ref = x_t
+    for k in range(2):
+        eps = unet(ref, None, encoder_hidden_states=uncond.embeds)[0]
+        (a0, s0), (a1, s1) = run.alpha_sigma(grid[t_index + k]), run.alpha_sigma(grid[t_index + k + 1])
+        ref = ddim_jump(ref, eps, a0, s0, a1, s1)
+    assert torch.allclose(x, ref, atol=1e-5) and torch.equal(t_p, grid[t_index + 2])
+
+
+def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
+    from safetensors.torch import load_file
+
+    from dtk.demo.shapes import write_folder
+
+    write_folder(tmp_path / "images", 6, seed=0)
+    common = ("--self", "--model", tiny_sd, "--batch-size", 2, "--log-every", 1, "--device", "cpu",
+              "--checkpoint-every", 2, "--lr", 1e-3, "--resolution", 32)
+    r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 4, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((tmp_path / "a/dtk.json").read_text())
+    assert meta["method"]["teacher_guidance"] == -1.0 and meta["args"]["ema_decay"] == 0.999
+    run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 2, "--out", tmp_path / "b")
+    r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 4, "--out", tmp_path / "b",
+                "--resume", "auto", "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    a = load_file(str(tmp_path / "a/checkpoints/step-00000004/ema.safetensors"))
+    b = load_file(str(tmp_path / "b/checkpoints/step-00000004/ema.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    r = run_dtk("sample", "--npo", tmp_path / "a", "--steps", 2, "--out", tmp_path / "s", "a red circle")
+    assert r.exit_code == 0, r.stderr
+    # a prompt list: the model's own samples are the images; the student as the negative model
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue star\n")
+    r = run_dtk("train-npo", *common, "--data", tmp_path / "prompts.txt", "--max-steps", 1, "--negative", "student",
+                "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "p/dtk.json").read_text())["data"]["examples"] == 2
+    r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--ema-decay", 0, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "the EMA of the student" in r.stderr
+    r = run_dtk("train-npo", "--model", tiny_sd, "--data", tmp_path / "images", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "choose one of --from-pairs" in r.stderr

@@ -9,42 +9,71 @@ from dtk.cli.dpo import preference_options
 from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 
 
-@click.command("train-npo", short_help="Diffusion-NPO: a negative LoRA from reversed preference pairs.",
+@click.command("train-npo", short_help="Diffusion-NPO (from pairs) or Self-NPO: a negative LoRA for CFG.",
                epilog=TRAIN_EPILOG)
 @model_option(help="The (positive) model the negative LoRA is made for [the demo model].")
 @click.option("--model-config", metavar="DIR", help="Diffusers config dir for a single-file --model (offline).")
-@click.option("--from-pairs", "from_pairs", is_flag=True, required=True,
-              help="Diffusion-NPO: DPO with each pair's preference reversed (the only mode so far).")
+@click.option("--from-pairs", "from_pairs", is_flag=True,
+              help="Diffusion-NPO: DPO with each pair's preference reversed; --data holds preference pairs.")
+@click.option("--self", "self_npo", is_flag=True,
+              help="Self-NPO: no labels; --data holds images (any image format) or a prompt list (.txt: the "
+              "model's own samples are the images).")
 @preference_options
-@click.option("--beta", type=float, default=500.0, show_default=True, help="β of the DPO loss (NPO: 500 SD1.5, "
-              "2000 SDXL).")
+@click.option("--beta", type=float, default=500.0, show_default=True,
+              help="From pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")
 @click.option("--empty-prompt-prob", type=float, default=0.2, show_default=True,
-              help="Captions replaced by the empty one: the result serves the empty-prompt branch.")
+              help="From pairs: captions replaced by the empty one (the result serves the empty-prompt branch).")
+@click.option("--teacher-guidance", type=float, default=None,
+              help="Self-NPO: the EMA teacher's guidance w in ε_c + w(ε_c − ε_u) [−1 SD1.x, −5 SDXL].")
+@click.option("--teacher-steps", type=int, default=5, show_default=True,
+              help="Self-NPO: the teacher's DDIM steps on the 25-step grid.")
+@click.option("--huber-c", type=float, default=0.001, show_default=True, help="Self-NPO: pseudo-Huber c.")
+@click.option("--negative", type=click.Choice(["ema", "student"]), default="ema", show_default=True,
+              help="Self-NPO: which weights are the negative model: the EMA teacher or the student.")
 @training_options(lr=5e-6, max_steps=2000, batch_size=4, lora_rank=8)
 @config_option
-def command(model, model_config, from_pairs, data, pair_by, min_margin, strict, beta, empty_prompt_prob, **kwargs):
-    """Train a negative LoRA that has learned what the pairs' raters disliked (Diffusion-NPO).
+def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin, strict, beta, empty_prompt_prob,
+            teacher_guidance, teacher_steps, huber_c, negative, **kwargs):
+    """Train a negative LoRA for the unconditional branch of classifier-free guidance.
 
-    The DPO loss with winner and loser swapped, so the LoRA moves the model
-    towards the dispreferred images; `dtk sample --npo OUT` then uses the model
-    plus this LoRA on the unconditional/negative branch of classifier-free
-    guidance, ε_neg(x, ∅) + s(ε_pos(x, c) − ε_neg(x, ∅)), and the model alone
-    on the conditional one. The output records its base model, so `dtk sample
-    --npo OUT` alone suffices. LoRA only (its weights are a difference to the
-    base); public settings: rank 8 on attention, lr 5e-6, β 500 (SD1.5).
+    --from-pairs (Diffusion-NPO): the DPO loss with winner and loser swapped,
+    so the LoRA learns what the raters disliked. --self (Self-NPO): no labels;
+    an EMA teacher of the student runs a few DDIM steps with negative guidance
+    from a noised image, and the student's conditional x̂₀ after re-noising is
+    pulled to the teacher's (--ema-decay defaults to 0.999 and --lr to 1e-6).
+    `dtk sample --npo OUT` then runs the unconditional/negative branch with the
+    model plus this LoRA, ε_neg(x, ∅) + s(ε_pos(x, c) − ε_neg(x, ∅)); the output
+    records its base model, so `dtk sample --npo OUT` alone suffices. LoRA only
+    (its weights are a difference to the base).
 
     \b
     Examples:
       dtk train-npo --from-pairs --data pairs.parquet --out runs/npo --lora-targets to_q,to_k,to_v,to_out.0
+      dtk train-npo --self --data images/ --out runs/self-npo --max-steps 1000
       dtk sample --npo runs/npo "a large red circle on a white background"
       dtk sample --model runs/dpo --npo runs/npo --npo-scale 0.8 "a small blue star"
     """
+    from click.core import ParameterSource
+
     from dtk.errors import BadInput
-    from dtk.methods.dpo import DiffusionDPO
     from dtk.train.engine import train
 
+    if from_pairs == self_npo:
+        raise BadInput("choose one of --from-pairs (preference pairs) and --self (no labels)")
     if kwargs.get("full"):
         raise BadInput("--full: an NPO model is a LoRA on its base (dtk sample --npo adds it on the negative branch)")
-    method = DiffusionDPO(beta=beta, empty_prompt_prob=empty_prompt_prob, reverse=True, strict=strict,
-                          pair_by=pair_by, min_margin=min_margin, name="train-npo")
+    if from_pairs:
+        from dtk.methods.dpo import DiffusionDPO
+
+        method = DiffusionDPO(beta=beta, empty_prompt_prob=empty_prompt_prob, reverse=True, strict=strict,
+                              pair_by=pair_by, min_margin=min_margin, name="train-npo")
+    else:
+        from dtk.methods.self_npo import SelfNPO
+
+        ctx = click.get_current_context()
+        for name, value in (("ema_decay", 0.999), ("lr", 1e-6)):  # Self-NPO's own defaults
+            if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+                kwargs[name] = value
+        method = SelfNPO(teacher_guidance=teacher_guidance, teacher_steps=teacher_steps, huber_c=huber_c,
+                         negative=negative)
     train(method, train_config(kwargs, model=model, model_config=model_config, data=data))

@@ -86,6 +86,7 @@ class Run:
     rng: PerExample | None = None
     abar: torch.Tensor | None = None  # ᾱ_t, float64, on the device
     weight_dtype: torch.dtype = torch.float32
+    ema: Any = None                   # the EMA of the trained weights (--ema-decay), e.g. a method's teacher
     _prompt_cache: dict = field(default_factory=dict)
 
     @property
@@ -178,6 +179,7 @@ class Method:
 
     name = "train"                    # the command, e.g. "train-reflow"
     data_kinds: tuple[str, ...] = ("images",)   # what --data may hold: "images", "pairs"
+    export_ema = True                 # with --ema-decay, the EMA weights are the result (else the trained ones)
 
     def open_data(self, spec: str, *, resolution: int, allow_missing_captions: bool = False):
         """``--data`` as a dataset (methods with their own formats, e.g. preference pairs, override this)."""
@@ -500,6 +502,7 @@ def train(method: Method, config: TrainConfig) -> dict:
         optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, config.max_steps))
     run.unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMA(named, config.ema_decay) if config.ema_decay else None
+    run.ema = ema
 
     step, seen = 0, 0
     if resume_from is not None:
@@ -729,7 +732,7 @@ def _export(run, method, named, ema, out: Path, step: int, seen: int, seconds: f
 
     config, unet = run.config, run.raw_unet
     files, manifest = [], {}
-    with ema.swapped() if ema is not None else contextlib.nullcontext():
+    with ema.swapped() if ema is not None and method.export_ema else contextlib.nullcontext():
         if config.full:
             tmp = out / ".unet.tmp"
             shutil.rmtree(tmp, ignore_errors=True)

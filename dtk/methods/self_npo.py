@@ -1,0 +1,159 @@
+"""Self-NPO (2025): a negative model from the model itself, no preference labels.
+
+The student starts as the model; its teacher is the EMA of the student (the
+engine's ``--ema-decay``, 0.999). Per example: a real latent x₀ is noised to a
+timestep t of a 25-step DDIM grid; the teacher runs ``teacher_steps`` DDIM steps
+down the grid with *negative* guidance ε_c + w(ε_c − ε_u) (w = −1: the plain
+unconditional prediction, SD1.x; w = −5: away from the prompt, SDXL), reaching
+x_t' and its guided estimate x̂₀; x_t' is re-noised forward to a random s > t'
+(q(x_s | x_t')), and the student's *conditional* x̂₀ at s is pulled to the
+teacher's x̂₀ with a pseudo-Huber loss (c = 0.001). The student thus learns,
+under the prompt, what the model produces without (or against) it: a negative
+model for the unconditional branch of CFG (`dtk sample --npo`).
+
+With 0 teacher steps and w = 0 the target is the teacher's plain conditional
+denoising of x_t (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtk.errors import BadInput
+from dtk.methods.reflow import ddim_jump, pseudo_huber
+from dtk.train.engine import Method, Run
+
+GRID = 25
+
+
+def ddim_grid(num_train_timesteps: int = 1000, steps: int = GRID) -> list[int]:
+    """Trailing DDIM timesteps, high to low: 999, 959, …, 39 for 25 steps over 1000."""
+    return [num_train_timesteps - 1 - i * (num_train_timesteps // steps) for i in range(steps)]
+
+
+@torch.no_grad()
+def teacher_target(run: Run, teacher, x_t, t_index, cond, uncond, guidance: float, steps: int):
+    """The teacher's negatively guided DDIM from grid[t_index] down ``steps`` grid steps (per example);
+    returns (x_t', t', x̂₀) with x̂₀ the guided estimate at the last point reached."""
+    grid = torch.tensor(ddim_grid(len(run.abar)), device=x_t.device)
+    last = len(grid) - 1
+    x, idx = x_t, t_index
+
+    def guided(x, t):
+        out = run.predict(teacher, torch.cat([x, x]).to(run.weight_dtype), torch.cat([t, t]),
+                          type(cond).cat([uncond, cond]))
+        out_u, out_c = out.chunk(2)
+        return run.to_x0_eps(out_c + guidance * (out_c - out_u), x, t)
+
+    for _ in range(steps):
+        t_now, nxt = grid[idx], (idx + 1).clamp(max=last)
+        _, eps = guided(x, t_now)
+        (a_now, s_now), (a_next, s_next) = run.alpha_sigma(t_now), run.alpha_sigma(grid[nxt])
+        x, idx = ddim_jump(x, eps, a_now, s_now, a_next, s_next), nxt
+    t_end = grid[idx]
+    x0_hat, _ = guided(x, t_end)
+    return x, t_end, x0_hat
+
+
+def renoise(x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, noise: torch.Tensor, run: Run) -> torch.Tensor:
+    """A draw of q(x_{t_to} | x_{t_from}): α_{to|from} x + σ_{to|from} ε, for t_to > t_from."""
+    (a_f, _), (a_t, _) = run.alpha_sigma(t_from), run.alpha_sigma(t_to)
+    a = a_t / a_f
+    return a * x + (1 - a**2).clamp(min=0).sqrt() * noise
+
+
+class SelfNPO(Method):
+    name = "train-npo"
+    data_kinds = ("images", "prompts")
+
+    def __init__(self, *, teacher_guidance: float | None = None, teacher_steps: int = 5, huber_c: float = 0.001,
+                 negative: str = "ema"):
+        if teacher_steps < 0 or teacher_steps >= GRID:
+            raise BadInput(f"--teacher-steps {teacher_steps}: must be in 0..{GRID - 1} (the {GRID}-step DDIM grid)")
+        if negative not in ("ema", "student"):
+            raise BadInput(f"--negative {negative}: choose ema (the teacher) or student")
+        self.teacher_guidance, self.teacher_steps, self.huber_c = teacher_guidance, teacher_steps, huber_c
+        self.negative = negative
+        self.export_ema = negative == "ema"
+        self.prompt_latents: torch.Tensor | None = None
+
+    def open_data(self, spec: str, *, resolution: int, allow_missing_captions: bool = False):
+        if spec.endswith(".txt"):
+            return PromptList(spec)
+        return super().open_data(spec, resolution=resolution, allow_missing_captions=allow_missing_captions)
+
+    def check_data(self, data, run: Run) -> None:
+        if run.family == "pixel":
+            raise BadInput(f"--model {run.model.ref.spec}: Self-NPO trains text-to-image (SD/SDXL) models")
+        if run.config.ema_decay <= 0:
+            raise BadInput("--ema-decay 0: Self-NPO's teacher is the EMA of the student (e.g. --ema-decay 0.999)")
+
+    def setup(self, run: Run) -> None:
+        if self.teacher_guidance is None:
+            self.teacher_guidance = -5.0 if run.family == "sdxl" else -1.0
+        if isinstance(run.data, PromptList):
+            self.prompt_latents = run.data.sample_latents(run)
+
+    def loss(self, batch: dict, run: Run):
+        x0 = self.prompt_latents[batch["index"]].to(run.device) if "index" in batch else run.latents(batch)
+        t_index = run.rng.randint(0, GRID - self.teacher_steps)
+        grid = torch.tensor(ddim_grid(len(run.abar)), device=run.device)
+        alpha, sigma = run.alpha_sigma(grid[t_index])
+        x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
+        cond, uncond = run.encode_prompts(list(batch["caption"])), run.encode_prompts([""] * len(x0))
+        with run.ema.swapped():  # the teacher: the EMA weights in the same UNet
+            x_tp, t_p, target = teacher_target(run, run.raw_unet, x_t, t_index, cond, uncond,
+                                               self.teacher_guidance, self.teacher_steps)
+        last = len(run.abar) - 1
+        s = run.rng.randint((t_p + 1).clamp(max=last), last + 1)   # s > t' (s = t' only at the very top)
+        x_s = renoise(x_tp, t_p, s, run.rng.randn(*x0.shape[1:]), run)
+        x0_student, _ = run.to_x0_eps(run.predict(run.unet, x_s, s, cond), x_s, s)
+        return pseudo_huber(x0_student, target, self.huber_c), {"t_prime": float(t_p.float().mean())}
+
+    def describe(self) -> dict:
+        return {"paper": "Self-NPO (negative preference optimisation from the model itself, 2025)",
+                "teacher_guidance": self.teacher_guidance, "teacher_steps": self.teacher_steps,
+                "huber_c": self.huber_c, "negative": self.negative, "grid": GRID}
+
+
+class PromptList:
+    """A prompt list (one per line) as data: the images are the model's own samples, made once at setup."""
+
+    kind = "prompts"
+
+    def __init__(self, spec: str):
+        from pathlib import Path
+
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise BadInput(f"--data {spec}: no such file")
+        self.name = spec
+        self.prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not self.prompts:
+            raise BadInput(f"--data {spec}: no prompts in it")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"caption": self.prompts[i], "index": i}
+
+    def captions(self) -> list[str]:
+        return list(self.prompts)
+
+    def describe(self) -> dict:
+        return {"data": self.name, "format": "prompt list (the model's own samples)", "examples": len(self)}
+
+    @torch.no_grad()
+    def sample_latents(self, run: Run, batch: int = 16) -> torch.Tensor:
+        """The model's sample of every prompt (its recommended sampler; seed from (--seed, index))."""
+        from dtk.diffusion.sampling import Request, denoise, settings_for
+        from dtk.seeds import derive_seed
+
+        settings = settings_for(run.model, height=run.resolution, width=run.resolution)
+        out = []
+        for start in range(0, len(self.prompts), batch):
+            requests = [Request(p, derive_seed(run.config.seed, f"self-npo-{start + k}"))
+                        for k, p in enumerate(self.prompts[start:start + batch])]
+            out.append(denoise(run.model, settings, requests).float().cpu())
+        return torch.cat(out)
