@@ -67,7 +67,8 @@ def bare_times(model_spec, pairs: Path, args) -> list[float]:
     from dtk.diffusion.loading import resolve_model
     from dtk.pairs import read_shard_meta
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(resolve_model(model_spec).path), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(resolve_model(model_spec).path), safety_checker=None,
+                                                   torch_dtype=torch.float32)  # the demo ships fp16 weights
     unet = pipe.unet
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
