@@ -65,11 +65,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True)
     ap.add_argument("--images", type=int, default=10000)
-    ap.add_argument("--steps", type=int, default=400, help="tuning steps of every run")
+    ap.add_argument("--steps", type=int, default=300, help="tuning steps of every run")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--bank-size", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--num-images", type=int, default=1000, help="eval images per model and step count")
+    ap.add_argument("--num-images", type=int, default=500, help="eval images per model and step count")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
 

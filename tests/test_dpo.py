@@ -269,3 +269,20 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 2 and "the EMA of the student" in r.stderr
     r = run_dtk("train-npo", "--model", tiny_sd, "--data", tmp_path / "images", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "choose one of --from-pairs" in r.stderr
+
+
+def test_npo_on_sdxl(run_dtk, tiny_sdxl, pairs, tmp_path):
+    from dtk.demo.shapes import write_folder
+
+    write_folder(tmp_path / "images", 4, seed=0)
+    common = ("--model", tiny_sdxl, "--batch-size", 2, "--max-steps", 1, "--device", "cpu", "--lr", 1e-2)
+    r = run_dtk("train-npo", "--from-pairs", "--data", pairs, *common, "--out", tmp_path / "npo")
+    assert r.exit_code == 0, r.stderr
+    r = run_dtk("train-npo", "--self", "--data", tmp_path / "images", "--resolution", 32, *common,
+                "--out", tmp_path / "self")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "self/dtk.json").read_text())["method"]["teacher_guidance"] == -5.0
+    for npo in ("npo", "self"):
+        r = run_dtk("sample", "--npo", tmp_path / npo, "--steps", 2, "--guidance", 3, "--out", tmp_path / f"s-{npo}",
+                    "a red circle")
+        assert r.exit_code == 0, r.stderr
