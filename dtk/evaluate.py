@@ -61,6 +61,7 @@ class Benchmark:
     reward_name: str
     real_features: torch.Tensor | None = None
     noise_floor: float | None = None
+    teacher: str | None = None    # the teacher model's spec (filled in by run_eval)
 
 
 def shapes_benchmark(num_images: int, device) -> Benchmark:
@@ -232,6 +233,7 @@ def run_eval(opts: EvalOptions) -> list[dict]:
         bench = shape_classes_benchmark(teacher_ref, opts.num_images, device)
     else:
         bench = shapes_benchmark(opts.num_images, device)
+    bench.teacher = teacher_ref.spec
     if bench.noise_floor is not None:
         log.info("eval: %s, %d images; FD noise floor (two real sets) %.3f", bench.name, opts.num_images, bench.noise_floor)
 
@@ -309,7 +311,7 @@ def _write_outputs(out: Path, opts: EvalOptions, bench: Benchmark, rows, grids, 
     _print_rich_table(rows, bench)
     files = ["eval.json", "eval.md", "plot.png"]
     write_json(out / "eval.json", {"benchmark": bench.name, "num_images": len(bench.captions),
-                                   "noise_floor": bench.noise_floor, "teacher": label_of(opts.teacher),
+                                   "noise_floor": bench.noise_floor, "teacher": label_of(bench.teacher),
                                    "teacher_steps": TEACHER_STEPS, "rows": rows})
     with atomic_write(out / "eval.md", "w") as f:
         f.write(table + "\n")

@@ -53,7 +53,7 @@ def test_preference_formats(pairs, tmp_path):
     from dtk.train.preferences import open_preferences
 
     data = open_preferences(str(pairs), resolution=16)
-    assert len(data) == 5 and data.counts == {"ties_dropped": 1, "unreadable_dropped": 0}
+    assert len(data) == 5 and data.counts == {"ties_dropped": 1}
     first, second = data[0], data[1]
     assert first["image_w"].shape == (3, 16, 16) and first["caption"] == "a red circle 0"
     assert first["image_w"][0].mean() > 0.5 and first["image_l"][2].mean() > 0.5  # label_0 = 1: jpg_0 wins
@@ -132,16 +132,22 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
         return r.stderr
 
     rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": 0.5}] * 3
-    assert "no usable preference pair (3 tied, 0 unreadable)" in bad(write_pairs(tmp_path / "tied.parquet", rows))
+    assert "no usable preference pair (3 tied)" in bad(write_pairs(tmp_path / "tied.parquet", rows))
     rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255))}]
     assert "no label_0 column" in bad(write_pairs(tmp_path / "nolabel.parquet", rows))
     rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0},
             {"caption": "d", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0}]
     corrupt = write_pairs(tmp_path / "corrupt.parquet", rows)
-    assert "corrupt.parquet row 0: the preferred image cannot be decoded (--strict)" in bad(corrupt, "--strict")
+    err = bad(corrupt, "--strict", "--batch-size", 2)
+    assert "corrupt.parquet row 0 (preferred image): not a readable image" in err and "(--strict)" in err
     from dtk.train.preferences import open_preferences
 
-    assert len(open_preferences(str(corrupt), resolution=16)) == 1  # without --strict: dropped, counted
+    lazy = open_preferences(str(corrupt), resolution=16)  # without --strict: masked out of the loss, counted
+    assert len(lazy) == 2 and lazy[0]["valid"] is False and lazy[1]["valid"] is True
+    r = run_dtk("dpo", "--model", tiny_sd, "--data", corrupt, "--out", tmp_path / "y", "--max-steps", 1,
+                "--batch-size", 2, "--log-every", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((tmp_path / "y/metrics.jsonl").read_text().splitlines()[0])["unreadable"] == 1
     assert "trains text-to-image (SD/SDXL) models" in bad(pairs, model=tiny_pixel)
     assert "--beta -1.0: must be positive" in bad(pairs, "--beta", -1)
     assert "no such file" in bad(tmp_path / "missing.parquet")
@@ -265,6 +271,7 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
                 "--out", tmp_path / "p")
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "p/dtk.json").read_text())["data"]["examples"] == 2
+    assert (tmp_path / "p/prompt-samples.safetensors").is_file()  # made once, read back on resume
     r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--ema-decay", 0, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "the EMA of the student" in r.stderr
     r = run_dtk("train-npo", "--model", tiny_sd, "--data", tmp_path / "images", "--out", tmp_path / "x")

@@ -282,3 +282,15 @@ def test_tune_sct_bad_input(run_dtk, tiny_pixel_classes, tiny_pixel, labelled_im
                        norm_num_groups=8)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(gray))
     assert "examples of shape [3, 16, 16], the model takes [1, 16, 16]" in bad(model=gray)
+
+
+def test_a_tuned_model_keeps_its_class_names(run_dtk, tiny_pixel_classes, labelled_images, tmp_path):
+    named = tmp_path / "named"
+    shutil.copytree(tiny_pixel_classes, named)
+    (named / "dtk.json").write_text(json.dumps({"kind": "model", "classes": ["circle", "square", "triangle", "star"]}))
+    tune(run_dtk, named, labelled_images, tmp_path / "sct", "--max-steps", 1, "--full")
+    r = run_dtk("sample", "--model", tmp_path / "sct", "--class", "star", "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    r = run_dtk("sample", "--model", tmp_path / "sct", "--guide-with", named, "--scheduler", "ddim", "--class", 1,
+                "--out", tmp_path / "s2")
+    assert r.exit_code == 2 and "guides consistency sampling only" in r.stderr

@@ -17,7 +17,7 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
               help="Diffusion-NPO: DPO with each pair's preference reversed; --data holds preference pairs.")
 @click.option("--self", "self_npo", is_flag=True,
               help="Self-NPO: no labels; --data holds images (any image format) or a prompt list (.txt: the "
-              "model's own samples are the images).")
+              "model's own samples are the images). Its defaults differ: --lr 1e-6, --ema-decay 0.999.")
 @preference_options
 @click.option("--beta", type=float, default=500.0, show_default=True,
               help="From pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")

@@ -33,7 +33,8 @@ def training_options(*, lr: float, max_steps: int, batch_size: int, lora_rank: i
                      help="Autocast dtype of the forward pass; trained weights stay fp32."),
         click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations: less memory, ~30% slower."),
         click.option("--ema-decay", type=float, default=0.0, show_default=True,
-                     help="EMA of the trained weights (e.g. 0.9999); exported instead of the raw weights. 0 = off."),
+                     help="EMA of the trained weights (e.g. 0.9999); exported instead of the raw weights (unless the "
+                     "command says otherwise). 0 = off."),
         click.option("--full", is_flag=True, help="Fine-tune the whole UNet instead of a LoRA."),
         click.option("--lora-rank", type=int, default=lora_rank, show_default=True),
         click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (scale = alpha/rank) [= rank]."),

@@ -90,7 +90,8 @@ def _from_dir(spec: str, path: Path) -> ModelRef:
         ref.spec = spec
     else:
         raise BadInput(f"--model {spec}: not a diffusers pipeline (no model_index.json) nor a dtk model dir (no dtk.json)")
-    ref.manifest = manifest
+    inherited = {k: ref.manifest[k] for k in ("classes",) if k in ref.manifest}  # a tuned model keeps its labels
+    ref.manifest = {**inherited, **manifest}
     ref.sampler = {**ref.sampler, **manifest.get("sampler", {})}
     if manifest.get("unet"):
         ref.loras = []  # a saved full UNet already holds its base model's LoRAs (fused before training)
@@ -216,15 +217,16 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
 
 
 def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
-               extra_loras: list | tuple = (), guide: str | None = None, npo: str | None = None,
+               extra_loras: list | tuple = (), guide: str | bool | None = None, npo: str | None = None,
                npo_scale: float = 1.0) -> LoadedModel:
     """Load a model and apply the LoRAs its dtk.json names plus ``extra_loras``; with a guide model
-    (``guide``, else the one its consistency sampler names) that one is loaded beside it."""
+    (``guide``, else the one its consistency sampler names; ``False``: none) that one is loaded beside it."""
     from dtk.diffusion.lora import apply_loras
 
     model = load_model(ref, device, dtype, model_config)
     apply_loras(model, list(ref.loras) + list(extra_loras))
-    guide = guide or (ref.sampler.get("consistency") or {}).get("guide")
+    if guide is None:
+        guide = (ref.sampler.get("consistency") or {}).get("guide")
     if guide:
         guide_ref = resolve_guide(guide, ref)
         model.guide = load_model(guide_ref, device, dtype)

@@ -67,5 +67,7 @@ def attach_npo(model, spec: str, scale: float) -> None:
         pipe.load_lora_weights(str(lora_file(ref.loras[0][0])), adapter_name=ADAPTER)
     except Exception as e:  # noqa: BLE001 - keys or shapes of another architecture
         raise BadInput(f"--npo {spec}: its LoRA does not fit {model.ref.spec} ({type(e).__name__})") from None
+    if ADAPTER not in {n for names in pipe.get_list_adapters().values() for n in names}:
+        raise BadInput(f"--npo {spec}: none of its LoRA weights match a layer of {model.ref.spec}")
     model.npo = NPOBranch([n for n, _ in model.adapters], [w for _, w in model.adapters], float(scale), spec)
     model.npo.positive(pipe)

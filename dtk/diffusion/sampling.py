@@ -70,6 +70,9 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
         if settings.guidance != 1.0 and model.guide is None:
             raise BadInput(f"--guidance {settings.guidance:g}: a consistency model is guided by a worse version of "
                            "itself; name one with --guide-with (or sample with guidance 1)")
+    elif model.guide is not None:
+        raise BadInput(f"--guide-with {model.guide.ref.spec}: guides consistency sampling only "
+                       f"(this run samples with {settings.scheduler})")
     elif model.family == "pixel" and settings.guidance > 1.0:
         raise BadInput(f"--guidance {settings.guidance:g}: a pixel-space model has no unconditional branch for CFG; "
                        "use a guidance ≤ 1")

@@ -16,7 +16,8 @@ baseline).
 
 Diffusion-NPO trains a *negative* model: DPO with winner and loser swapped,
 with some empty captions because the result serves the unconditional branch
-of classifier-free guidance (``dtk sample --npo``).
+of classifier-free guidance (``dtk sample --npo``). Its logs keep DPO's names:
+"w" is then the image the NPO model is pushed towards, the dispreferred one.
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ class DiffusionDPO(Method):
             raise BadInput(f"--model {run.model.ref.spec}: {self.name} trains text-to-image (SD/SDXL) models")
 
     def setup(self, run: Run) -> None:
-        # LoRA: the reference is the same UNet with the adapter off (no second copy in memory)
-        self.reference = run.frozen_copy() if run.config.full and not self.sft else None
+        # LoRA: the reference is the same UNet with the adapter off (no second copy in memory); full: a frozen
+        # fp32 copy, the policy's own precision, so that the two agree exactly at the start
+        if run.config.full and not self.sft:
+            import copy
+
+            self.reference = copy.deepcopy(run.raw_unet).requires_grad_(False).eval()
 
     def _reference(self, run: Run, x_t, t, cond) -> torch.Tensor:
         with torch.no_grad():
@@ -100,7 +105,9 @@ class DiffusionDPO(Method):
         if self.sft:
             x_t = alpha * x_w + sigma * eps
             target = eps if run.prediction_type == "epsilon" else alpha * eps - sigma * x_w
-            return F.mse_loss(run.predict(run.unet, x_t, t, cond), target.float()), {}
+            valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=x_t.device, dtype=torch.float32)
+            err = per_example_mse(run.predict(run.unet, x_t, t, cond), target)
+            return (err * valid).sum() / valid.sum().clamp(min=1), {}
         x0 = torch.cat([x_w, x_l])
         t2, eps2 = t.repeat(2), eps.repeat(2, 1, 1, 1)
         a2, s2 = alpha.repeat(2, 1, 1, 1), sigma.repeat(2, 1, 1, 1)
@@ -111,6 +118,11 @@ class DiffusionDPO(Method):
         logged_w, logged_l = float(model_w.detach().mean()), float(model_l.detach().mean())
         ref_w, ref_l = per_example_mse(self._reference(run, x_t, t2, cond2), target).chunk(2)
         inside = dpo_inside(model_w, model_l, ref_w, ref_l, self.beta)
+        valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=inside.device)
+        if not bool(valid.all()):  # a pair with an undecodable image counts for nothing (and is counted)
+            inside = torch.where(valid, inside, torch.zeros_like(inside))
+            loss = -(F.logsigmoid(inside) * valid).sum() / valid.sum().clamp(min=1)
+            return loss, {"unreadable": float((~valid).sum())}
         logs = {"implicit_acc": implicit_accuracy(inside),
                 "model_mse_w": logged_w, "model_mse_l": logged_l,
                 "ref_mse_w": float(ref_w.mean()), "ref_mse_l": float(ref_l.mean())}

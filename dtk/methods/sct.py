@@ -238,5 +238,4 @@ class ConsistencyTuning(Method):
                 else "Easy Consistency Tuning (Geng et al. 2024)", "target": self.target, "bank_size": self.bank_size,
                 "phases": self.phases, "q": self.q, "double_every": self.double_every, "p_mean": self.p_mean,
                 "p_std": self.p_std, "weighting": self.weighting, "huber_c": self.huber_c,
-                "sigma_data": self.sigma_data, "sigma_max": self.sigma_max,
-                **({"guide_with": self.guide_with, "guidance": self.guidance} if self.guide_with else {})}
+                "sigma_data": self.sigma_data, "sigma_max": self.sigma_max}  # the guide: dtk.json's sampler

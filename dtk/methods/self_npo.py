@@ -92,7 +92,7 @@ class SelfNPO(Method):
         if self.teacher_guidance is None:
             self.teacher_guidance = -5.0 if run.family == "sdxl" else -1.0
         if isinstance(run.data, PromptList):
-            self.prompt_latents = run.data.sample_latents(run)
+            self.prompt_latents = run.data.cached_latents(run)
 
     def loss(self, batch: dict, run: Run):
         x0 = self.prompt_latents[batch["index"]].to(run.device) if "index" in batch else run.latents(batch)
@@ -128,7 +128,11 @@ class PromptList:
         if not path.is_file():
             raise BadInput(f"--data {spec}: no such file")
         self.name = spec
-        self.prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(f"--data {spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        self.prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not self.prompts:
             raise BadInput(f"--data {spec}: no prompts in it")
 
@@ -144,6 +148,26 @@ class PromptList:
     def describe(self) -> dict:
         return {"data": self.name, "format": "prompt list (the model's own samples)", "examples": len(self)}
 
+    def cached_latents(self, run: Run) -> torch.Tensor:
+        """The samples, made once by the main process and kept in OUT (a resumed run reads them back)."""
+        import hashlib
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file, save
+
+        from dtk.io import atomic_write
+
+        key = hashlib.sha256(json.dumps([run.model.ref.spec, run.config.seed, run.resolution, self.prompts])
+                             .encode()).hexdigest()
+        path = Path(run.config.out) / "prompt-samples.safetensors"
+        if run.accelerator.is_main_process and not (path.exists() and _cache_key(path) == key):
+            latents = self.sample_latents(run)
+            with atomic_write(path, "wb") as f:
+                f.write(save({"latents": latents.contiguous()}, metadata={"key": key}))
+        run.accelerator.wait_for_everyone()
+        return load_file(str(path))["latents"]
+
     @torch.no_grad()
     def sample_latents(self, run: Run, batch: int = 16) -> torch.Tensor:
         """The model's sample of every prompt (its recommended sampler; seed from (--seed, index))."""
@@ -157,3 +181,13 @@ class PromptList:
                         for k, p in enumerate(self.prompts[start:start + batch])]
             out.append(denoise(run.model, settings, requests).float().cpu())
         return torch.cat(out)
+
+
+def _cache_key(path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("key")
+    except Exception:  # noqa: BLE001 - a damaged cache is made again
+        return None

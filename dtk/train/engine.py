@@ -86,7 +86,7 @@ class Run:
     rng: PerExample | None = None
     abar: torch.Tensor | None = None  # ᾱ_t, float64, on the device
     weight_dtype: torch.dtype = torch.float32
-    ema: Any = None                   # the EMA of the trained weights (--ema-decay), e.g. a method's teacher
+    ema: Any = None                   # the EMA of the trained weights (--ema-decay; set after Method.setup)
     _prompt_cache: dict = field(default_factory=dict)
 
     @property
@@ -234,14 +234,19 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped(self):
-        """The EMA weights in the model for the duration (validation, export)."""
+        """The EMA weights in the model for the duration (validation, export, a method's EMA teacher).
+
+        Autocast caches its half-precision casts of trainable weights until the region ends: the cache is
+        dropped on both sides of the swap, or a later pass in the same region would see the other weights."""
         saved = {n: p.detach().clone() for n, p in self.params}
+        torch.clear_autocast_cache()
         with torch.no_grad():
             for n, p in self.params:
                 p.copy_(self.shadow[n])
         try:
             yield
         finally:
+            torch.clear_autocast_cache()
             with torch.no_grad():
                 for n, p in self.params:
                     p.copy_(saved[n])
@@ -404,7 +409,7 @@ def _load_model(config: TrainConfig, accelerator, weight_dtype):
     from dtk.diffusion.loading import open_model, resolve_model
 
     ref = resolve_model(config.model)
-    model = open_model(ref, accelerator.device, torch.float32, config.model_config)
+    model = open_model(ref, accelerator.device, torch.float32, config.model_config, guide=False)
     pipe = model.pipe
     if ref.loras:
         pipe.fuse_lora()

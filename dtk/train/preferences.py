@@ -13,14 +13,16 @@ Formats, detected from ``--data``:
   per prompt the best and the worst image form a pair when their scores differ
   by more than ``--min-margin`` (``--pair-by`` names the score when there are several).
 
-An image that cannot be decoded drops its pair (counted in the log), or with
-``--strict`` stops the run naming it. Images are checked once when the data
-is opened, so the order of training never depends on which ones fail.
+Parquet files are read into memory as Arrow (compact: no Python objects per
+image); a ``datasets`` directory is memory-mapped, which is the way to train on
+all of Pick-a-Pic. Images are decoded when their pair is drawn: a pair with an
+image that cannot be decoded is masked out of its batch's loss and counted
+(``unreadable`` in the metrics), or with ``--strict`` stops the run naming it —
+so the order of training never depends on which images fail.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -48,16 +50,25 @@ class PreferenceDataset(Dataset):
 
     kind = "preferences"
 
-    def __init__(self, name: str, pairs: list[PreferencePair], resolution: int, counts: dict):
-        self.name, self.pairs, self.resolution, self.counts = name, pairs, resolution, counts
+    def __init__(self, name: str, pairs: list[PreferencePair], resolution: int, counts: dict, strict: bool = False):
+        self.name, self.pairs, self.resolution, self.counts, self.strict = name, pairs, resolution, counts, strict
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
+        import torch
+
         p = self.pairs[i]
-        return {"image_w": decode_image(p.preferred(), f"{p.where} (preferred)", self.resolution),
-                "image_l": decode_image(p.other(), f"{p.where} (other)", self.resolution), "caption": p.caption}
+        try:
+            images = [decode_image(load(), f"{p.where} ({which} image)", self.resolution)
+                      for which, load in (("preferred", p.preferred), ("other", p.other))]
+            valid = True
+        except BadInput as e:
+            if self.strict:
+                raise BadInput(f"{e} (--strict)") from None
+            images, valid = [torch.zeros(3, self.resolution, self.resolution)] * 2, False
+        return {"image_w": images[0], "image_l": images[1], "caption": p.caption, "valid": valid}
 
     def captions(self) -> list[str]:
         return [p.caption for p in self.pairs]
@@ -66,22 +77,25 @@ class PreferenceDataset(Dataset):
         return {**super().describe(), **self.counts}
 
 
-def _readable(data: bytes | Path) -> bool:
-    from PIL import Image
+def _cell(column, row: int, name: str, where: str) -> Callable[[], bytes]:
+    """A loader of one image cell of an Arrow column (bytes, or {"bytes": ...}), read when called."""
+    def load() -> bytes:
+        value = column[row].as_py()
+        data = value.get("bytes") if isinstance(value, dict) else value
+        if not isinstance(data, (bytes, bytearray)):
+            raise BadInput(f"--data {where} row {row}: column '{name}' holds no image bytes")
+        return bytes(data)
 
+    return load
+
+
+def _label(value, where: str) -> float | None:
+    if value is None:
+        return None
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im.verify()
-        return True
-    except Exception:  # noqa: BLE001 - whatever PIL raises, the image is unusable
-        return False
-
-
-def _as_bytes(value, column: str, where: str) -> bytes:
-    data = value.get("bytes") if isinstance(value, dict) else value
-    if not isinstance(data, (bytes, bytearray)):
-        raise BadInput(f"--data {where}: column '{column}' holds no image bytes")
-    return bytes(data)
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"--data {where}: label_0 {value!r} is not a number (0, 0.5 or 1)") from None
 
 
 def _from_table(table, where: str, pairs: list, counts: dict) -> None:
@@ -90,16 +104,16 @@ def _from_table(table, where: str, pairs: list, counts: dict) -> None:
     if missing:
         raise BadInput(f"--data {where}: no {', '.join(missing)} column (preference pairs need "
                        f"{', '.join(PAIR_COLUMNS)}; it has {', '.join(names)})")
-    cols = {c: table.column(c).to_pylist() for c in PAIR_COLUMNS}
-    for row in range(table.num_rows):
-        label = cols["label_0"][row]
-        if label is None or float(label) == 0.5:
+    labels, captions = table.column("label_0").to_pylist(), table.column("caption").to_pylist()
+    first, second = table.column("jpg_0"), table.column("jpg_1")
+    for row, value in enumerate(labels):
+        label = _label(value, f"{where} row {row}")
+        if label is None or label == 0.5:
             counts["ties_dropped"] += 1
             continue
-        first, second = (_as_bytes(cols[c][row], c, f"{where} row {row}") for c in ("jpg_0", "jpg_1"))
-        w, l = (first, second) if float(label) > 0.5 else (second, first)
-        pairs.append(PreferencePair(str(cols["caption"][row] or ""), lambda d=w: d, lambda d=l: d,
-                                    f"{where} row {row}"))
+        (w, w_name), (l, l_name) = ((first, "jpg_0"), (second, "jpg_1"))[:: 1 if label > 0.5 else -1]
+        pairs.append(PreferencePair(str(captions[row] or ""), _cell(w, row, w_name, where),
+                                    _cell(l, row, l_name, where), f"{where} row {row}"))
 
 
 def _arrow_files(path: Path) -> list[Path]:
@@ -107,20 +121,21 @@ def _arrow_files(path: Path) -> list[Path]:
         if not (path / "train").is_dir():
             raise BadInput(f"--data {path}: a DatasetDict without a 'train' split")
         path = path / "train"
-    state = json.loads((path / "state.json").read_text())
-    return [path / f["filename"] for f in state.get("_data_files", [])]
+    try:
+        state = json.loads((path / "state.json").read_text())
+        return [path / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"--data {path}/state.json: not a datasets state file ({type(e).__name__}: {e})") from None
 
 
 def _read_arrow(file: Path):
     import pyarrow as pa
 
-    try:
-        with pa.memory_map(str(file)) as source:
-            return pa.ipc.open_stream(source).read_all()
+    try:  # memory-mapped: the table's buffers stay on disk until a cell is read
+        return pa.ipc.open_stream(pa.memory_map(str(file))).read_all()
     except Exception:  # noqa: BLE001 - older datasets wrote the file format
         try:
-            with pa.memory_map(str(file)) as source:
-                return pa.ipc.open_file(source).read_all()
+            return pa.ipc.open_file(pa.memory_map(str(file))).read_all()
         except Exception as e:  # noqa: BLE001
             raise BadInput(f"--data {file}: not a readable Arrow file ({e})") from None
 
@@ -132,6 +147,8 @@ def _from_manifest(spec: str, pair_by: str | None, min_margin: float, pairs: lis
     for row in read_manifest(spec):
         where = f"{spec}:{row['_line']}"
         scores = row.get("scores") or {}
+        if not isinstance(scores, dict):
+            raise BadInput(f"--data {where}: 'scores' is not an object of reward → value")
         if not scores:
             raise BadInput(f"--data {where}: no scores; run the manifest through `dtk score` first")
         key = pair_by or (next(iter(scores)) if len(scores) == 1 else None)
@@ -139,17 +156,21 @@ def _from_manifest(spec: str, pair_by: str | None, min_margin: float, pairs: lis
             raise BadInput(f"--data {where}: several scores ({', '.join(scores)}); choose one with --pair-by")
         if key not in scores:
             raise BadInput(f"--data {where}: no score '{key}' (it has {', '.join(scores)})")
-        by_prompt.setdefault(row.get("prompt", row.get("caption", "")), []).append(
-            (float(scores[key]), row["_file"], where))
+        try:
+            value = float(scores[key])
+        except (TypeError, ValueError):
+            raise BadInput(f"--data {where}: score '{key}' {scores[key]!r} is not a number") from None
+        by_prompt.setdefault(row.get("prompt", row.get("caption", "")), []).append((value, row["_file"], where))
     for prompt, scored in by_prompt.items():
         if len(scored) < 2:
             continue
         scored.sort(key=lambda s: s[0])
-        (low, low_file, low_where), (high, high_file, _) = scored[0], scored[-1]
+        (low, low_file, low_where), (high, high_file, high_where) = scored[0], scored[-1]
         if high - low <= min_margin:
             counts["ties_dropped"] += 1
             continue
-        pairs.append(PreferencePair(prompt, lambda f=high_file: f, lambda f=low_file: f, low_where))
+        pairs.append(PreferencePair(prompt, lambda f=high_file: f, lambda f=low_file: f,
+                                    f"{high_where} vs {low_where.rsplit(':', 1)[-1]}"))
 
 
 def open_preferences(spec: str, *, resolution: int, strict: bool = False, pair_by: str | None = None,
@@ -157,7 +178,7 @@ def open_preferences(spec: str, *, resolution: int, strict: bool = False, pair_b
     import pyarrow.parquet as pq
 
     pairs: list[PreferencePair] = []
-    counts = {"ties_dropped": 0, "unreadable_dropped": 0}
+    counts = {"ties_dropped": 0}
     path = Path(spec).expanduser()
     if spec == "-" or spec.endswith(".jsonl"):
         if spec != "-" and not path.is_file():
@@ -179,22 +200,8 @@ def open_preferences(spec: str, *, resolution: int, strict: bool = False, pair_b
             except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
                 raise BadInput(f"--data {file}: not a readable parquet file ({' '.join(str(e).split())})") from None
             _from_table(table, str(file), pairs, counts)
-    kept = []
-    for p in pairs:
-        bad = next((which for which, load in (("preferred", p.preferred), ("other", p.other))
-                    if not _readable(load())), None)
-        if bad is None:
-            kept.append(p)
-        elif strict:
-            raise BadInput(f"--data {p.where}: the {bad} image cannot be decoded (--strict)")
-        else:
-            counts["unreadable_dropped"] += 1
-    if counts["unreadable_dropped"]:
-        log.warning("data: %d pair(s) dropped: an image cannot be decoded (--strict stops instead)",
-                    counts["unreadable_dropped"])
     if counts["ties_dropped"]:
         log.info("data: %d tied pair(s) dropped", counts["ties_dropped"])
-    if not kept:
-        raise BadInput(f"--data {spec}: no usable preference pair ({counts['ties_dropped']} tied, "
-                       f"{counts['unreadable_dropped']} unreadable)")
-    return PreferenceDataset("<stdin>" if spec == "-" else spec, kept, resolution, counts)
+    if not pairs:
+        raise BadInput(f"--data {spec}: no usable preference pair ({counts['ties_dropped']} tied)")
+    return PreferenceDataset("<stdin>" if spec == "-" else spec, pairs, resolution, counts, strict)
