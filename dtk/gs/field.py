@@ -1,0 +1,199 @@
+"""The pseudo-4D Gaussian field of GS-DiT: one Gaussian per tracked point, moving with its 3D track.
+
+Tracks come in the TAPVid-3D layout ``dtk track3d`` writes (npz): ``tracks_xyz``
+[T, N, 3] (metres, the camera coordinates of each frame), ``visibility`` [T, N],
+``intrinsics`` [fx, fy, cx, cy], and optionally ``colors`` [N, 3] or [T, N, 3]
+(0–1 or 0–255) and ``image_size`` [W, H]. Colours may also come from the video's
+frames (the pixel each track occupies). Gaussians are isotropic with a scale of
+``scale_px`` pixels at their depth (s = scale_px · z / f), opacity ``opacity``,
+identity rotation; occluded points are kept, hidden, or kept only once they
+have been seen. Points that are NaN/inf in a frame are dropped from it (counted).
+
+The standard 3DGS PLY (x, y, z, nx, ny, nz, f_dc_0..2, [f_rest_*], opacity as a
+logit, scale_0..2 as logs, rot_0..3 as wxyz) is written per frame and read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtk.errors import BadInput
+
+SH_C0 = 0.28209479177387814   # the degree-0 spherical harmonic: colour = 0.5 + C0 · f_dc
+OCCLUDED = ("keep", "hide", "seen")
+
+
+@dataclass
+class Tracks:
+    xyz: torch.Tensor          # [T, N, 3]
+    visible: torch.Tensor      # [T, N] bool
+    intrinsics: list[float]    # fx, fy, cx, cy
+    colors: torch.Tensor | None  # [N, 3] or [T, N, 3] in 0..1
+    size: tuple[int, int] | None  # (W, H)
+    dropped: int = 0           # NaN/inf point-frames
+
+    @property
+    def frames(self) -> int:
+        return self.xyz.shape[0]
+
+    def median_depth(self) -> float:
+        z = self.xyz[..., 2][self.finite & (self.xyz[..., 2] > 0)]
+        return float(z.median()) if len(z) else 1.0
+
+    @property
+    def finite(self) -> torch.Tensor:
+        return torch.isfinite(self.xyz).all(-1)
+
+
+def load_tracks(path: str) -> Tracks:
+    try:
+        data = np.load(path)
+    except FileNotFoundError:
+        raise BadInput(f"--tracks {path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
+        raise BadInput(f"--tracks {path}: not a readable npz ({type(e).__name__})") from None
+    missing = [k for k in ("tracks_xyz", "visibility", "intrinsics") if k not in data]
+    if missing:
+        raise BadInput(f"--tracks {path}: no {', '.join(missing)} (TAPVid-3D layout: tracks_xyz [T,N,3], "
+                       "visibility [T,N], intrinsics [fx,fy,cx,cy])")
+    xyz = torch.from_numpy(np.asarray(data["tracks_xyz"], dtype=np.float64))
+    vis = torch.from_numpy(np.asarray(data["visibility"]).astype(bool))
+    intr = [float(v) for v in np.asarray(data["intrinsics"], dtype=np.float64).reshape(-1)]
+    if xyz.dim() != 3 or xyz.shape[2] != 3:
+        raise BadInput(f"--tracks {path}: tracks_xyz has shape {tuple(xyz.shape)}, want [T, N, 3]")
+    if tuple(vis.shape) != tuple(xyz.shape[:2]):
+        raise BadInput(f"--tracks {path}: visibility {tuple(vis.shape)} does not match tracks_xyz "
+                       f"{tuple(xyz.shape[:2])}")
+    if len(intr) != 4 or intr[0] <= 0 or intr[1] <= 0:
+        raise BadInput(f"--tracks {path}: intrinsics {intr}: want [fx, fy, cx, cy] with positive focal lengths")
+    colors = None
+    if "colors" in data:
+        colors = torch.from_numpy(np.asarray(data["colors"], dtype=np.float64))
+        if colors.shape[-1] != 3 or tuple(colors.shape[:-1]) not in (tuple(xyz.shape[1:2]), tuple(xyz.shape[:2])):
+            raise BadInput(f"--tracks {path}: colors {tuple(colors.shape)}, want [N, 3] or [T, N, 3]")
+        if colors.max() > 1.0:
+            colors = colors / 255.0
+    size = tuple(int(v) for v in np.asarray(data["image_size"]).reshape(-1)) if "image_size" in data else None
+    tracks = Tracks(xyz, vis, intr, colors, size)
+    tracks.dropped = int((~tracks.finite).sum())
+    return tracks
+
+
+def colors_from_frames(tracks: Tracks, frames: torch.Tensor) -> torch.Tensor:
+    """Per-frame colours [T, N, 3] sampled (nearest pixel) where each track projects in its frame."""
+    T, H, W, _ = frames.shape
+    if T != tracks.frames:
+        raise BadInput(f"--video: {T} frames, the tracks have {tracks.frames}")
+    if tracks.size is not None and tuple(tracks.size) != (W, H):
+        raise BadInput(f"--video: frames of {W}x{H}, the tracks were made on {tracks.size[0]}x{tracks.size[1]}")
+    fx, fy, cx, cy = tracks.intrinsics
+    xyz = torch.nan_to_num(tracks.xyz, nan=0.0, posinf=0.0, neginf=0.0)
+    z = xyz[..., 2].clamp(min=1e-6)
+    u = (fx * xyz[..., 0] / z + cx).floor().long().clamp(0, W - 1)   # pixel u spans [u, u + 1)
+    v = (fy * xyz[..., 1] / z + cy).floor().long().clamp(0, H - 1)
+    t = torch.arange(T)[:, None].expand_as(u)
+    return frames[t, v, u].double()
+
+
+@dataclass
+class Gaussians:
+    means: torch.Tensor       # [N, 3]
+    quats: torch.Tensor       # [N, 4] wxyz
+    scales: torch.Tensor      # [N, 3]
+    opacities: torch.Tensor   # [N]
+    colors: torch.Tensor      # [N, 3] in 0..1
+
+
+def frame_gaussians(tracks: Tracks, t: int, colors: torch.Tensor, *, scale_px: float = 0.7,
+                    opacity: float = 0.99, color_source: str = "first", occluded: str = "keep") -> Gaussians:
+    """The field at frame ``t``. ``colors``: [N, 3] or [T, N, 3]; with "current", a point takes its colour
+    in frame t where it is visible and its last visible colour otherwise."""
+    if occluded not in OCCLUDED:
+        raise BadInput(f"--occluded {occluded}: choose {', '.join(OCCLUDED)}")
+    fx, fy = tracks.intrinsics[:2]
+    keep = tracks.finite[t] & (tracks.xyz[t, :, 2] > 0)
+    if occluded == "hide":
+        keep &= tracks.visible[t]
+    elif occluded == "seen":
+        keep &= tracks.visible[: t + 1].any(0)
+    if colors.dim() == 2:
+        col = colors
+    elif color_source == "first":
+        col = colors[0]
+    else:  # the colour of the last frame ≤ t in which the point was visible (frame 0's before that)
+        seen = tracks.visible[: t + 1].clone()
+        seen[0] = True
+        last = (seen * torch.arange(t + 1)[:, None]).amax(0)
+        col = colors[last, torch.arange(colors.shape[1])]
+    means = tracks.xyz[t][keep]
+    s = scale_px * means[:, 2] / (0.5 * (fx + fy))
+    n = len(means)
+    return Gaussians(means=means, quats=torch.tensor([1.0, 0, 0, 0], dtype=means.dtype).expand(n, 4).contiguous(),
+                     scales=s[:, None].expand(n, 3).contiguous(),
+                     opacities=torch.full((n,), float(opacity), dtype=means.dtype), colors=col[keep].clamp(0, 1))
+
+
+# ---------------------------------------------------------------------------
+# The standard 3DGS PLY
+
+PLY_REQUIRED = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+                "rot_0", "rot_1", "rot_2", "rot_3")
+PLY_ORDER = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1",
+             "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
+
+
+def write_ply(path: Path, g: Gaussians) -> None:
+    """Binary little-endian float32 PLY in the layout of the original 3DGS code (no higher SH bands)."""
+    from dtk.io import atomic_write
+
+    n = len(g.means)
+    opac = g.opacities.clamp(1e-6, 1 - 1e-6)
+    columns = [g.means, torch.zeros(n, 3, dtype=g.means.dtype), (g.colors - 0.5) / SH_C0,
+               torch.log(opac / (1 - opac))[:, None], torch.log(g.scales), g.quats]
+    table = torch.cat([c.double() for c in columns], 1).numpy().astype("<f4")
+    header = ("ply\nformat binary_little_endian 1.0\n" f"element vertex {n}\n"
+              + "".join(f"property float {name}\n" for name in PLY_ORDER) + "end_header\n")
+    with atomic_write(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(table.tobytes())
+
+
+def read_ply(path: str) -> Gaussians:
+    """A static 3DGS PLY (binary little-endian, float properties; extra properties such as f_rest_* ignored)."""
+    raw = Path(path).read_bytes() if Path(path).is_file() else None
+    if raw is None:
+        raise BadInput(f"--ply {path}: no such file")
+    end = raw.find(b"end_header\n")
+    if not raw.startswith(b"ply") or end < 0:
+        raise BadInput(f"--ply {path}: not a PLY file")
+    lines = raw[:end].decode("ascii", "replace").splitlines()
+    if "format binary_little_endian 1.0" not in lines:
+        raise BadInput(f"--ply {path}: only binary little-endian PLY is read (as 3DGS writes it)")
+    count, names, types = 0, [], []
+    for line in lines:
+        parts = line.split()
+        if parts[:2] == ["element", "vertex"]:
+            count = int(parts[2])
+        elif parts[:1] == ["property"] and len(parts) == 3:
+            types.append({"float": "<f4", "double": "<f8", "uchar": "u1", "int": "<i4"}.get(parts[1], "<f4"))
+            names.append(parts[2])
+    missing = [p for p in PLY_REQUIRED if p not in names]
+    if missing:
+        raise BadInput(f"--ply {path}: missing properties {', '.join(missing)} (the 3DGS layout)")
+    body = raw[end + len(b"end_header\n"):]
+    dtype = np.dtype(list(zip(names, types)))
+    if len(body) < count * dtype.itemsize:
+        raise BadInput(f"--ply {path}: truncated ({len(body)} bytes for {count} vertices)")
+    v = np.frombuffer(body, dtype=dtype, count=count)
+
+    def cols(*keys):
+        return torch.from_numpy(np.stack([v[k].astype(np.float64) for k in keys], 1))
+
+    logit = cols("opacity")[:, 0]
+    return Gaussians(means=cols("x", "y", "z"), quats=cols("rot_0", "rot_1", "rot_2", "rot_3"),
+                     scales=torch.exp(cols("scale_0", "scale_1", "scale_2")), opacities=torch.sigmoid(logit),
+                     colors=(0.5 + SH_C0 * cols("f_dc_0", "f_dc_1", "f_dc_2")).clamp(0, 1))
