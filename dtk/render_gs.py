@@ -1,0 +1,222 @@
+"""``dtk render-gs``: a pseudo-4D Gaussian field built from 3D tracks, rendered under new cameras (GS-DiT).
+
+Writes, flat in OUT: ``camK-NNNNN.png`` per camera K and frame, ``camK.mp4``
+(``ffmpeg`` on PATH) or ``camK.webp``/``.gif``, optionally ``camK-depth-NNNNN.png``
+(16-bit, millimetres) and ``camK-alpha-NNNNN.png``, ``field-NNNNN.ply`` with
+``--export-ply``, and ``dtk.json`` last. One JSON line per camera on stdout.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtk.errors import BadInput, RunFailure
+
+log = logging.getLogger("dtk")
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class RenderOptions:
+    out: str
+    tracks: str | None = None
+    ply: str | None = None
+    video: str | None = None
+    cameras: list[str] = field(default_factory=lambda: ["identity"])
+    frames: int | None = None               # a static PLY: how many frames to render
+    intrinsics: list[float] | None = None   # a static PLY: fx, fy, cx, cy
+    size: tuple[int, int] | None = None     # (W, H)
+    scale_px: float = 0.7
+    opacity: float = 0.99
+    color_source: str = "first"
+    occluded: str = "keep"
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    depth: bool = False
+    alpha: bool = False
+    export_ply: bool = False
+    video_format: str = "auto"
+    fps: float = 12.0
+    device: str = "auto"
+    overwrite: bool = False
+
+
+def read_frames(spec: str) -> torch.Tensor:
+    """A video as float frames [T, H, W, 3] in 0..1: a folder of images (sorted by name), an animated
+    GIF/WebP/PNG, or any video ffmpeg decodes."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise BadInput(f"--video {spec}: no image frames in it")
+        try:
+            frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+        except (UnidentifiedImageError, OSError) as e:
+            raise BadInput(f"--video {spec}: a frame is not a readable image ({e})") from None
+    elif not path.is_file():
+        raise BadInput(f"--video {spec}: no such file or directory")
+    else:
+        try:
+            with Image.open(path) as im:
+                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+        except (UnidentifiedImageError, OSError):
+            frames = _ffmpeg_frames(path)
+    if len({f.shape for f in frames}) != 1:
+        raise BadInput(f"--video {spec}: frames of different sizes")
+    return torch.from_numpy(np.stack(frames)).double() / 255.0
+
+
+def _ffmpeg_frames(path: Path) -> list[np.ndarray]:
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise BadInput(f"--video {path}: not an image sequence PIL reads, and ffmpeg is not installed to decode it "
+                       "(give a folder of frames instead)")
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+    try:
+        w, h = (int(v) for v in probe.stdout.strip().split(",")[:2])
+    except ValueError:
+        raise BadInput(f"--video {path}: ffprobe finds no video stream") from None
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True).stdout
+    n = len(raw) // (w * h * 3)
+    if n == 0:
+        raise BadInput(f"--video {path}: ffmpeg decodes no frames")
+    return list(np.frombuffer(raw[: n * w * h * 3], dtype=np.uint8).reshape(n, h, w, 3))
+
+
+def _source(opts: RenderOptions):
+    """(frames T, intrinsics, (W, H), median depth, a function t → Gaussians, the number of dropped points)."""
+    from dtk.gs.field import colors_from_frames, frame_gaussians, load_tracks, read_ply
+
+    if (opts.tracks is None) == (opts.ply is None):
+        raise BadInput("give --tracks NPZ (a 4D field) or --ply FILE (a static 3DGS scene)")
+    if opts.ply:
+        if opts.intrinsics is None or opts.size is None:
+            raise BadInput("--ply: also give --intrinsics fx,fy,cx,cy and --size WxH (a PLY has no camera)")
+        g = read_ply(opts.ply)
+        z = g.means[:, 2][g.means[:, 2] > 0]
+        return (opts.frames or 1, opts.intrinsics, opts.size, float(z.median()) if len(z) else 1.0,
+                lambda t: g, 0)
+    tracks = load_tracks(opts.tracks)
+    if opts.video:
+        colors = colors_from_frames(tracks, read_frames(opts.video))
+    elif tracks.colors is not None:
+        colors = tracks.colors
+    else:
+        raise BadInput(f"--tracks {opts.tracks}: holds no colors; give --video with the clip's frames")
+    fx, fy, cx, cy = tracks.intrinsics
+    size = opts.size or tracks.size or (round(2 * cx), round(2 * cy))
+    if opts.frames is not None and opts.frames != tracks.frames:
+        raise BadInput(f"--frames {opts.frames}: the tracks have {tracks.frames} frames")
+    return (tracks.frames, list(tracks.intrinsics), tuple(size), tracks.median_depth(),
+            lambda t: frame_gaussians(tracks, t, colors, scale_px=opts.scale_px, opacity=opts.opacity,
+                                      color_source=opts.color_source, occluded=opts.occluded), tracks.dropped)
+
+
+def run_render(opts: RenderOptions) -> list[dict]:
+    from PIL import Image
+
+    from dtk.device import resolve_device
+    from dtk.gs.cameras import camera_path
+    from dtk.gs.field import write_ply
+    from dtk.gs.render import render
+    from dtk.io import atomic_write, emit, prepare_out_dir, run_record, write_json
+
+    out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
+    for spec in opts.cameras:  # the grammar first, before any data is read
+        if not spec.startswith("json:"):
+            camera_path(spec, 2, [1.0, 1.0, 0.0, 0.0], 1.0)
+    frames, intrinsics, (width, height), median_depth, gaussians_at, dropped = _source(opts)
+    if dropped:
+        log.warning("render-gs: %d NaN/inf track points dropped", dropped)
+    paths = [camera_path(spec, frames, intrinsics, median_depth) for spec in opts.cameras]
+    from dtk.gs.render import _has_gsplat
+
+    device = resolve_device(opts.device)
+    if device.type != "cpu" and not (device.type == "cuda" and _has_gsplat()):
+        log.warning("render-gs: no gsplat for %s (pip install gsplat); rendering on the CPU", device)
+        device = torch.device("cpu")
+    backend = "gsplat" if device.type == "cuda" else "torch"
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    out.mkdir(parents=True, exist_ok=True)
+    background = torch.tensor(opts.background, dtype=dtype, device=device)
+    files: list[str] = []
+    for t in range(frames):
+        g = gaussians_at(t)
+        if opts.export_ply:
+            write_ply(out / f"field-{t:05d}.ply", g)
+            files.append(f"field-{t:05d}.ply")
+        views = torch.stack([p[0][t] for p in paths]).to(device, dtype)
+        Ks = torch.stack([p[1][t] for p in paths]).to(device, dtype)
+        rgb, alpha, depth = render(*(x.to(device, dtype) for x in (g.means, g.quats, g.scales, g.opacities,
+                                                                   g.colors)),
+                                   views, Ks, width, height, background=background, backend=backend)
+        for k in range(len(paths)):
+            name = f"cam{k}-{t:05d}.png"
+            image = (rgb[k].clamp(0, 1) * 255).round().byte().cpu().numpy()
+            with atomic_write(out / name, "wb") as f:
+                Image.fromarray(image).save(f, format="PNG")
+            files.append(name)
+            if opts.depth:
+                mm = (depth[k, ..., 0] * 1000).clamp(0, 65535).round().cpu().numpy().astype(np.uint16)
+                files.append(_save_png(out / f"cam{k}-depth-{t:05d}.png", Image.fromarray(mm)))
+            if opts.alpha:
+                a8 = (alpha[k, ..., 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+                files.append(_save_png(out / f"cam{k}-alpha-{t:05d}.png", Image.fromarray(a8)))
+    records = []
+    for k, spec in enumerate(opts.cameras):
+        video = _encode(out, k, frames, opts.fps, opts.video_format)
+        files.append(video)
+        record = {"camera": spec, "index": k, "video": str(out / video), "frames": frames,
+                  "first_frame": str(out / f"cam{k}-00000.png"), "width": width, "height": height}
+        records.append(record)
+        emit(record)
+    write_json(out / "dtk.json", run_record("render-gs", asdict(opts), kind="render", files=files,
+                                            cameras=records, dropped_points=dropped, backend=backend))
+    return records
+
+
+def _save_png(path: Path, image) -> str:
+    from dtk.io import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        image.save(f, format="PNG")
+    return path.name
+
+
+def _encode(out: Path, k: int, frames: int, fps: float, fmt: str) -> str:
+    """camK.mp4 through ffmpeg when it is there (or asked for), else an animated WebP (or GIF)."""
+    from PIL import Image
+
+    if fmt == "auto":
+        fmt = "mp4" if shutil.which("ffmpeg") else "webp"
+    name = f"cam{k}.{fmt}"
+    if fmt == "mp4":
+        if shutil.which("ffmpeg") is None:
+            raise BadInput("--video-format mp4: ffmpeg is not installed (use webp or gif)")
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            partial = Path(tmp) / name
+            cmd = ["ffmpeg", "-v", "error", "-y", "-framerate", str(fps), "-i", str(out / f"cam{k}-%05d.png"),
+                   "-c:v", "libx264", "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", str(partial)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RunFailure(f"ffmpeg could not encode {name}: {result.stderr.strip()[-300:]}")
+            shutil.move(str(partial), out / name)
+        return name
+    images = [Image.open(out / f"cam{k}-{t:05d}.png").convert("RGB") for t in range(frames)]
+    from dtk.io import atomic_write
+
+    with atomic_write(out / name, "wb") as f:
+        images[0].save(f, format=fmt.upper(), save_all=True, append_images=images[1:],
+                       duration=max(1, round(1000 / fps)), loop=0, **({"lossless": True} if fmt == "webp" else {}))
+    return name
