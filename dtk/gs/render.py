@@ -83,19 +83,19 @@ def project(means: torch.Tensor, covars: torch.Tensor, viewmats: torch.Tensor, K
 
 
 def _pairs(mean2d, radii, width: int, height: int):
-    """Every (Gaussian, pixel) inside each Gaussian's radii box and the image, Gaussians in the given order."""
-    x0 = torch.clamp(torch.floor(mean2d[:, 0] - radii[:, 0]), 0, width - 1).long()
-    x1 = torch.clamp(torch.ceil(mean2d[:, 0] + radii[:, 0]), 0, width - 1).long()
-    y0 = torch.clamp(torch.floor(mean2d[:, 1] - radii[:, 1]), 0, height - 1).long()
-    y1 = torch.clamp(torch.ceil(mean2d[:, 1] + radii[:, 1]), 0, height - 1).long()
-    w, h = x1 - x0 + 1, y1 - y0 + 1
+    """Every (Gaussian, pixel) whose pixel centre lies inside the Gaussian's radii box and the image,
+    Gaussians in the given order: (Gaussian index, pixel x, pixel y)."""
+    x0 = torch.ceil(mean2d[:, 0] - radii[:, 0] - 0.5).clamp(0, width - 1).long()
+    x1 = torch.floor(mean2d[:, 0] + radii[:, 0] - 0.5).clamp(-1, width - 1).long()
+    y0 = torch.ceil(mean2d[:, 1] - radii[:, 1] - 0.5).clamp(0, height - 1).long()
+    y1 = torch.floor(mean2d[:, 1] + radii[:, 1] - 0.5).clamp(-1, height - 1).long()
+    w, h = (x1 - x0 + 1).clamp(min=0), (y1 - y0 + 1).clamp(min=0)
     counts = w * h
     gauss = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    start = torch.cumsum(counts, 0) - counts
-    local = torch.arange(len(gauss)) - start[gauss]
-    px = x0[gauss] + local % w[gauss]
-    py = y0[gauss] + local // w[gauss]
-    return gauss, px, py
+    # (index_select: much faster than advanced indexing for long index vectors on the CPU)
+    local = torch.arange(len(gauss)) - (torch.cumsum(counts, 0) - counts).index_select(0, gauss)
+    wg = w.index_select(0, gauss)
+    return gauss, x0.index_select(0, gauss) + local % wg, y0.index_select(0, gauss) + local // wg
 
 
 def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, width: int, height: int,
@@ -108,30 +108,33 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
         col = colors[cam] if colors.dim() == 3 else colors
         drawn = (proj.radii[cam] > 0).all(-1).nonzero().squeeze(1)
         order = drawn[torch.argsort(proj.depths[cam, drawn], stable=True)]       # front to back
-        gauss_local, px, py = _pairs(proj.means2d[cam, order], proj.radii[cam, order], width, height)
-        g = order[gauss_local]
-        dx = proj.means2d[cam, g, 0] - (px.to(colors.dtype) + 0.5)
-        dy = proj.means2d[cam, g, 1] - (py.to(colors.dtype) + 0.5)
-        a, b, c = proj.conics[cam, g].unbind(-1)
-        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-        alpha = torch.clamp(opacities[g] * torch.exp(-sigma), max=ALPHA_MAX)
-        keep = (sigma >= 0) & (alpha >= ALPHA_MIN)
-        g, alpha, pixel = g[keep], alpha[keep], (py * width + px)[keep]
+        # one row per drawn Gaussian, gathered once: mean (2), conic (3), opacity, depth, colour (D)
+        table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], opacities[order, None],
+                           proj.depths[cam, order, None], col[order]], 1)
+        gauss, px, py = _pairs(table[:, :2], proj.radii[cam, order], width, height)
+        rows = table.index_select(0, gauss)
+        dx = rows[:, 0] - (px.to(table.dtype) + 0.5)
+        dy = rows[:, 1] - (py.to(table.dtype) + 0.5)
+        sigma = 0.5 * (rows[:, 2] * dx * dx + rows[:, 4] * dy * dy) + rows[:, 3] * dx * dy
+        alpha = torch.clamp(rows[:, 5] * torch.exp(-sigma), max=ALPHA_MAX)
+        keep = ((sigma >= 0) & (alpha >= ALPHA_MIN)).nonzero().squeeze(1)
+        pixel = (py * width + px).index_select(0, keep)
         pixel, by_pixel = torch.sort(pixel, stable=True)                           # depth order kept per pixel
-        g, alpha = g[by_pixel], alpha[by_pixel]
+        keep = keep.index_select(0, by_pixel)
+        alpha, rows = alpha.index_select(0, keep), rows.index_select(0, keep)
         log_keep = torch.log1p(-alpha)
         csum = torch.cumsum(log_keep.double(), 0)
         first = torch.ones_like(pixel, dtype=torch.bool)
         first[1:] = pixel[1:] != pixel[:-1]
         seg_start = torch.cummax(torch.where(first, torch.arange(len(pixel)), torch.zeros_like(pixel)), 0).values
-        before = (csum - log_keep.double()) - (csum[seg_start] - log_keep[seg_start].double())
+        before = (csum - log_keep.double()) - (csum - log_keep.double()).index_select(0, seg_start)
         T = torch.exp(before).to(alpha.dtype)                                       # transmittance in front
         live = torch.exp(before + log_keep.double()) > T_MIN                       # gsplat's early stop
         weight = torch.where(live, alpha * T, torch.zeros_like(alpha))
         n_pix = width * height
-        rgb = torch.zeros(n_pix, col.shape[-1], dtype=col.dtype).index_add_(0, pixel, weight[:, None] * col[g])
+        rgb = torch.zeros(n_pix, col.shape[-1], dtype=col.dtype).index_add_(0, pixel, weight[:, None] * rows[:, 7:])
         acc = torch.zeros(n_pix, dtype=alpha.dtype).index_add_(0, pixel, weight)
-        depth = torch.zeros(n_pix, dtype=alpha.dtype).index_add_(0, pixel, weight * proj.depths[cam, g])
+        depth = torch.zeros(n_pix, dtype=alpha.dtype).index_add_(0, pixel, weight * rows[:, 6])
         if background is not None:
             rgb = rgb + (1 - acc)[:, None] * background
         out_rgb.append(rgb.view(height, width, -1))
