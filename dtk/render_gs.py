@@ -22,9 +22,6 @@ from dtk.errors import BadInput, RunFailure
 
 log = logging.getLogger("dtk")
 
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 @dataclass
 class RenderOptions:
     out: str
@@ -49,54 +46,10 @@ class RenderOptions:
     overwrite: bool = False
 
 
-def read_frames(spec: str) -> torch.Tensor:
-    """A video as float frames [T, H, W, 3] in 0..1: a folder of images (sorted by name), an animated
-    GIF/WebP/PNG, or any video ffmpeg decodes."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-        if not files:
-            raise BadInput(f"--video {spec}: no image frames in it")
-        try:
-            frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
-        except (UnidentifiedImageError, OSError) as e:
-            raise BadInput(f"--video {spec}: a frame is not a readable image ({e})") from None
-    elif not path.is_file():
-        raise BadInput(f"--video {spec}: no such file or directory")
-    else:
-        try:
-            with Image.open(path) as im:
-                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
-        except (UnidentifiedImageError, OSError):
-            frames = _ffmpeg_frames(path)
-    if len({f.shape for f in frames}) != 1:
-        raise BadInput(f"--video {spec}: frames of different sizes")
-    return torch.from_numpy(np.stack(frames)).double() / 255.0
-
-
-def _ffmpeg_frames(path: Path) -> list[np.ndarray]:
-    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
-        raise BadInput(f"--video {path}: not an image sequence PIL reads, and ffmpeg is not installed to decode it "
-                       "(give a folder of frames instead)")
-    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                            "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
-    try:
-        w, h = (int(v) for v in probe.stdout.strip().split(",")[:2])
-    except ValueError:
-        raise BadInput(f"--video {path}: ffprobe finds no video stream") from None
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                         capture_output=True).stdout
-    n = len(raw) // (w * h * 3)
-    if n == 0:
-        raise BadInput(f"--video {path}: ffmpeg decodes no frames")
-    return list(np.frombuffer(raw[: n * w * h * 3], dtype=np.uint8).reshape(n, h, w, 3))
-
-
 def _source(opts: RenderOptions):
     """(frames T, intrinsics, (W, H), median depth, a function t → Gaussians, the number of dropped points)."""
     from dtk.gs.field import colors_from_frames, frame_gaussians, load_tracks, read_ply
+    from dtk.video import read_frames
 
     if (opts.tracks is None) == (opts.ply is None):
         raise BadInput("give --tracks NPZ (a 4D field) or --ply FILE (a static 3DGS scene)")

@@ -33,6 +33,7 @@ COMMANDS = {
     "tune-sct": "dtk.cli.tune_sct",
     "dpo": "dtk.cli.dpo",
     "train-npo": "dtk.cli.train_npo",
+    "track3d": "dtk.cli.track3d",
     "render-gs": "dtk.cli.render_gs",
     "score": "dtk.cli.score",
     "eval": "dtk.cli.eval",

@@ -1,0 +1,55 @@
+"""dtk track3d — dense 3D point tracking of a video."""
+
+from __future__ import annotations
+
+import click
+
+from dtk.cli.common import config_option, device_option
+from dtk.cli.render_gs import _floats
+
+
+@click.command("track3d", short_help="Dense 3D tracks of every first-frame pixel of a video.")
+@click.argument("video", metavar="VIDEO")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="TRACKS.npz",
+              help="The tracks, TAPVid-3D layout (what dtk render-gs reads).")
+@click.option("--depth", metavar="FILE|DIR", help="Per-frame depth maps in metres: npz/npy [T,H,W], or a folder of "
+              ".npy or 16-bit .png (mm) files.")
+@click.option("--depth-model", metavar="ID|PATH", help="A transformers depth-estimation model from local files or "
+              "the hub cache (e.g. depth-anything/Depth-Anything-V2-Small-hf); relative depth is scaled to a "
+              "median of 1 m.")
+@click.option("--intrinsics", callback=_floats(4), metavar="FX,FY,CX,CY", help="Of the video at its own size.")
+@click.option("--fov", type=float, default=None, help="Horizontal field of view in degrees [60, without --intrinsics].")
+@click.option("--max-frames", type=click.IntRange(min=2), default=None)
+@click.option("--max-side", type=click.IntRange(min=8), default=None, help="Downscale so the longer side is at most this.")
+@click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True, help="Use every N-th frame.")
+@click.option("--refine/--no-refine", default=True, show_default=True,
+              help="After chaining, refine with the flow from frame 0 straight to frame t.")
+@click.option("--preset", type=click.Choice(["ultrafast", "fast", "medium"]), default="medium", show_default=True,
+              help="OpenCV DIS flow preset.")
+@click.option("--eval", "eval_gt", metavar="GT.npz", help="Score against ground truth: 3D-AJ, APD, OA (and 2D AJ, "
+              "δ_avg when it has tracks_uv).")
+@device_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@config_option
+def command(video, out, depth, depth_model, intrinsics, fov, max_frames, max_side, stride, refine, preset, eval_gt,
+            device, overwrite):
+    """Track every pixel of the first frame of VIDEO through the clip and lift the tracks to 3D.
+
+    VIDEO is a folder of frames, an animated GIF/WebP, or a video ffmpeg
+    decodes. Optical flow (OpenCV DIS) chained frame to frame, then refined
+    from frame 0 straight to each frame; visibility by forward–backward
+    consistency; depth from --depth maps or a --depth-model lifts (u, v) to
+    the camera coordinates of each frame. Prints one JSON line (with scores
+    when --eval is given).
+
+    \b
+    Examples:
+      dtk track3d clip/ --depth depth.npz --intrinsics 500,500,320,240 --out tracks.npz
+      dtk track3d clip.mp4 --depth-model depth-anything/Depth-Anything-V2-Small-hf --max-side 256 --out t.npz
+      dtk render-gs --tracks tracks.npz --video clip/ --camera orbit:15 --out render/
+    """
+    from dtk.track3d import TrackOptions, run_track
+
+    run_track(TrackOptions(video=video, out=out, depth=depth, depth_model=depth_model, intrinsics=intrinsics,
+                           fov=fov, max_frames=max_frames, max_side=max_side, stride=stride, refine=refine,
+                           preset=preset, eval=eval_gt, device=device, overwrite=overwrite))

@@ -1,0 +1,340 @@
+"""``dtk track3d``: dense 3D point tracking of a video (every first-frame pixel), lifted with depth.
+
+2D: optical flow (OpenCV DIS, no weights) chained frame to frame gives each
+first-frame pixel a path; with refinement the flow from frame 0 straight to
+frame t is then computed starting from the chained estimate, which removes the
+drift chaining accumulates and re-acquires points after short occlusions.
+Visibility: a point is visible in frame t when it is inside the frame, the
+backward flow t → 0 brings it back to where it started (forward–backward
+consistency, |f + b(x + f)|² ≤ 0.01(|f|² + |b|²) + 0.5), and it still looks like
+itself (blurred intensity within 24 grey levels of frame 0's: regularised flows
+can agree with each other straight across an occluder). The 2D engine is one
+class (``FlowTracker``): a learned refiner plugs in by overriding ``flow``.
+
+3D: each frame's depth (given maps, or a transformers depth model) is sampled
+at the track's position and the point lifted: (x, y, z) = z·K⁻¹(u, v, 1) in
+that frame's camera coordinates. Positions are continuous pixel coordinates:
+pixel (i, j) covers [j, j + 1) × [i, i + 1), its centre is (j + 0.5, i + 0.5).
+
+Output: TAPVid-3D-layout npz (``tracks_xyz``, ``visibility``, ``queries_xyt``,
+``intrinsics``) plus ``tracks_uv``, ``grid_shape``, ``image_size`` and per-point
+``colors`` — what ``dtk render-gs`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dtk.errors import BadInput
+
+log = logging.getLogger("dtk")
+
+THRESHOLDS = (1, 2, 4, 8, 16)
+PHOTO_TOLERANCE = 24.0   # grey levels (of 255) a visible point's blurred intensity may change by
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise BadInput("dtk track3d needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def bilinear(field: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Sample ``field`` [H, W, C] at continuous positions ``pos`` [N, 2] (pixel centres at +0.5), edge-clamped."""
+    h, w = field.shape[:2]
+    x = np.clip(pos[:, 0] - 0.5, 0, w - 1)
+    y = np.clip(pos[:, 1] - 0.5, 0, h - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    f = field.reshape(h, w, -1)
+    top = f[y0, x0] * (1 - fx) + f[y0, x1] * fx
+    bottom = f[y1, x0] * (1 - fx) + f[y1, x1] * fx
+    return (top * (1 - fy) + bottom * fy).reshape(len(pos), *field.shape[2:])
+
+
+class FlowTracker:
+    """Dense 2D tracks of every first-frame pixel. Override ``flow`` to plug in another (learned) flow."""
+
+    def __init__(self, preset: str = "medium"):
+        cv2 = _cv2()
+        presets = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+                   "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+        self.dis = cv2.DISOpticalFlow_create(presets[preset])
+
+    def flow(self, a: np.ndarray, b: np.ndarray, init: np.ndarray | None = None) -> np.ndarray:
+        """Flow [H, W, 2] from gray frame a to gray frame b (optionally starting from ``init``: DIS takes a
+        flow argument of the right size and type as its initial estimate)."""
+        start = None if init is None else np.ascontiguousarray(init, dtype=np.float32)
+        return self.dis.calc(a, b, start)
+
+    def track(self, gray: np.ndarray, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Positions [T, H·W, 2] and visibility [T, H·W] of every pixel of frame 0, for gray frames [T, H, W]."""
+        T, H, W = gray.shape
+        ys, xs = np.mgrid[0:H, 0:W]
+        grid = np.stack([xs, ys], -1).reshape(-1, 2).astype(np.float32) + 0.5
+        pos = np.empty((T, H * W, 2), np.float32)
+        vis = np.ones((T, H * W), bool)
+        pos[0] = grid
+        cv2 = _cv2()
+        smooth = np.stack([cv2.blur(g, (3, 3)).astype(np.float32) for g in gray])
+        for t in range(1, T):
+            step = self.flow(gray[t - 1], gray[t])
+            pos[t] = pos[t - 1] + bilinear(step, pos[t - 1])
+            if refine:  # frame 0 → t directly, from the chained estimate
+                direct = self.flow(gray[0], gray[t], init=(pos[t] - grid).reshape(H, W, 2))
+                pos[t] = grid + direct.reshape(-1, 2)
+            fwd = pos[t] - grid
+            # the backward flow t → 0 starts from the negated forward field (smooth motion: close enough),
+            # as a large displacement is out of reach of an uninitialised coarse-to-fine search
+            back = bilinear(self.flow(gray[t], gray[0], init=-fwd.reshape(H, W, 2)), pos[t])
+            err = ((fwd + back) ** 2).sum(1)
+            inside = (pos[t, :, 0] >= 0) & (pos[t, :, 0] < W) & (pos[t, :, 1] >= 0) & (pos[t, :, 1] < H)
+            consistent = err <= 0.01 * ((fwd ** 2).sum(1) + (back ** 2).sum(1)) + 0.5
+            # regularised flows can agree across an occluder (both smooth over it): the point must also still
+            # look like itself (blurred intensity within PHOTO_TOLERANCE of frame 0's)
+            looks = np.abs(bilinear(smooth[t][..., None], pos[t])[:, 0] - smooth[0].reshape(-1)) <= PHOTO_TOLERANCE
+            vis[t] = inside & consistent & looks
+        return pos, vis
+
+
+def lift(uv: np.ndarray, depth: np.ndarray, intrinsics) -> np.ndarray:
+    """(u, v) [..., 2] and depth [...] → camera coordinates [..., 3]: z·K⁻¹(u, v, 1)."""
+    fx, fy, cx, cy = intrinsics
+    return np.stack([(uv[..., 0] - cx) * depth / fx, (uv[..., 1] - cy) * depth / fy, depth], -1)
+
+
+def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> list[float]:
+    """A pinhole camera with the given horizontal field of view, square pixels, centred principal point."""
+    if not 0 < fov_deg < 180:
+        raise BadInput(f"--fov {fov_deg}: must be between 0 and 180 degrees")
+    f = 0.5 * width / math.tan(math.radians(fov_deg) / 2)
+    return [f, f, width / 2, height / 2]
+
+
+# ---------------------------------------------------------------------------
+# Depth
+
+
+def read_depth(spec: str, frames: int, size: tuple[int, int]) -> np.ndarray:
+    """Per-frame depth maps [T, H, W] in metres: an npz/npy file [T, H, W], or a folder of per-frame npy or
+    16-bit PNG (millimetres) files sorted by name. Maps of another size are resized (bilinear)."""
+    from PIL import Image
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            data = np.load(path)
+            maps = data[data.files[0]] if hasattr(data, "files") else data
+        except Exception as e:  # noqa: BLE001 - an unreadable file is bad input
+            raise BadInput(f"--depth {spec}: not a readable npz/npy ({type(e).__name__})") from None
+        maps = np.asarray(maps, dtype=np.float32)
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npy", ".png"))
+        if not files:
+            raise BadInput(f"--depth {spec}: no .npy or 16-bit .png depth maps in it")
+        maps = np.stack([np.load(p).astype(np.float32) if p.suffix == ".npy"
+                         else np.asarray(Image.open(p), dtype=np.float32) / 1000.0 for p in files])
+    else:
+        raise BadInput(f"--depth {spec}: no such file or directory")
+    if maps.ndim != 3 or len(maps) != frames:
+        raise BadInput(f"--depth {spec}: {maps.shape[0] if maps.ndim == 3 else maps.shape} depth map(s) of shape "
+                       f"{maps.shape[1:] if maps.ndim == 3 else '?'}; the video has {frames} frames")
+    w, h = size
+    if maps.shape[1:] != (h, w):
+        maps = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.BILINEAR)) for m in maps])
+    return maps
+
+
+def model_depth(model: str, frames: np.ndarray, device: str = "auto") -> np.ndarray:
+    """Depth [T, H, W] from a transformers depth-estimation model (local files or the hub cache only).
+
+    Relative-depth models (Depth Anything V2 and most others) predict inverse depth up to scale and shift:
+    it is turned into depth as 1/(d/median(d)) per clip (median depth 1 m) — a global scale the TAPVid-3D
+    metrics remove by their median alignment; metric models' outputs are used as they are."""
+    from transformers import pipeline
+
+    from dtk.device import resolve_device
+
+    try:
+        estimator = pipeline("depth-estimation", model=model, device=resolve_device(device),
+                             model_kwargs={"local_files_only": True})
+    except Exception as e:  # noqa: BLE001 - missing weights offline, a wrong id
+        raise BadInput(f"--depth-model {model}: could not load it from local files or the hub cache "
+                       f"({type(e).__name__}); download it where there is network, e.g. "
+                       f"`huggingface-cli download {model}`") from None
+    from PIL import Image
+
+    out = []
+    for frame in frames:
+        pred = estimator(Image.fromarray(frame))["predicted_depth"].squeeze().float().cpu().numpy()
+        out.append(np.asarray(Image.fromarray(pred).resize(frame.shape[1::-1], Image.Resampling.BILINEAR)))
+    depth = np.stack(out)
+    if "metric" not in model.lower():
+        depth = np.median(depth) / np.maximum(depth, 1e-6)
+    return depth.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Metrics (TAPVid-3D)
+
+
+@dataclass
+class Scores:
+    aj3d: float
+    apd3d: float
+    oa: float
+    aj2d: float | None = None
+    delta_avg: float | None = None
+
+
+def evaluate(pred_xyz, pred_vis, gt_xyz, gt_vis, intrinsics, pred_uv=None, gt_uv=None) -> Scores:
+    """3D-AJ, APD and OA as TAPVid-3D defines them (predictions scaled by the median ratio of ground-truth to
+    predicted depth over visible points), and 2D AJ / δ_avg when 2D tracks are given (thresholds in pixels)."""
+    fx, fy = intrinsics[:2]
+    both = gt_vis & pred_vis & (pred_xyz[..., 2] > 0)
+    ratio = gt_xyz[..., 2][both] / pred_xyz[..., 2][both]
+    scale = float(np.median(ratio)) if ratio.size else 1.0
+    pred = pred_xyz * scale
+    dist = np.linalg.norm(pred - gt_xyz, axis=-1)
+    oa = float((pred_vis == gt_vis).mean())
+    apd, aj = [], []
+    for thr in THRESHOLDS:
+        within = dist < thr * gt_xyz[..., 2] / math.sqrt(fx * fy)
+        apd.append(_frac(within & gt_vis, gt_vis))
+        aj.append(_jaccard(within, pred_vis, gt_vis))
+    scores = Scores(aj3d=float(np.mean(aj)), apd3d=float(np.mean(apd)), oa=oa)
+    if pred_uv is not None and gt_uv is not None:
+        d2 = np.linalg.norm(pred_uv - gt_uv, axis=-1)
+        scores.delta_avg = float(np.mean([_frac((d2 < t) & gt_vis, gt_vis) for t in THRESHOLDS]))
+        scores.aj2d = float(np.mean([_jaccard(d2 < t, pred_vis, gt_vis) for t in THRESHOLDS]))
+    return scores
+
+
+def _frac(hits, total) -> float:
+    n = total.sum()
+    return float(hits.sum() / n) if n else 1.0
+
+
+def _jaccard(within, pred_vis, gt_vis) -> float:
+    tp = (within & pred_vis & gt_vis).sum()
+    fp = (pred_vis & ~(gt_vis & within)).sum()
+    fn = (gt_vis & ~(pred_vis & within)).sum()
+    return float(tp / max(tp + fp + fn, 1))
+
+
+def load_ground_truth(path: str) -> dict:
+    try:
+        data = np.load(path)
+        gt = {k: data[k] for k in ("tracks_xyz", "visibility", "intrinsics")}
+        if "tracks_uv" in data:
+            gt["tracks_uv"] = data["tracks_uv"]
+    except FileNotFoundError:
+        raise BadInput(f"--eval {path}: no such file") from None
+    except KeyError as e:
+        raise BadInput(f"--eval {path}: no {e.args[0]} (ground truth needs tracks_xyz, visibility, intrinsics)") \
+            from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
+        raise BadInput(f"--eval {path}: not a readable npz ({type(e).__name__})") from None
+    return gt
+
+
+# ---------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class TrackOptions:
+    video: str
+    out: str
+    depth: str | None = None
+    depth_model: str | None = None
+    intrinsics: list[float] | None = None
+    fov: float | None = None
+    max_frames: int | None = None
+    max_side: int | None = None
+    stride: int = 1
+    refine: bool = True
+    preset: str = "medium"
+    eval: str | None = None
+    device: str = "auto"
+    overwrite: bool = False
+
+
+def load_clip(opts: TrackOptions) -> tuple[np.ndarray, float]:
+    """uint8 frames [T, H, W, 3] after --stride, --max-frames and --max-side; and the resize factor."""
+    from PIL import Image
+
+    from dtk.video import read_frames
+
+    frames = (read_frames(opts.video, "VIDEO").numpy() * 255).round().astype(np.uint8)[:: opts.stride]
+    if opts.max_frames:
+        frames = frames[: opts.max_frames]
+    if len(frames) < 2:
+        raise BadInput(f"VIDEO {opts.video}: {len(frames)} frame(s) after --stride/--max-frames; tracking needs 2+")
+    h, w = frames.shape[1:3]
+    factor = 1.0
+    if opts.max_side and max(h, w) > opts.max_side:
+        factor = opts.max_side / max(h, w)
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        frames = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.LANCZOS)) for f in frames])
+    return frames, factor
+
+
+def run_track(opts: TrackOptions) -> dict:
+    import time
+
+    from dtk.io import atomic_write, emit
+
+    out = Path(opts.out)
+    if out.suffix != ".npz":
+        raise BadInput(f"--out {out}: the tracks are written as an .npz file")
+    if out.exists() and not opts.overwrite:
+        raise BadInput(f"--out {out}: exists; pass --overwrite or choose another file")
+    if (opts.depth is None) == (opts.depth_model is None):
+        raise BadInput("give --depth FILE|DIR (per-frame depth maps) or --depth-model ID|PATH")
+    gt = load_ground_truth(opts.eval) if opts.eval else None
+    frames, factor = load_clip(opts)
+    T, H, W = frames.shape[:3]
+    if opts.intrinsics:
+        fx, fy, cx, cy = opts.intrinsics
+        intrinsics = [fx * factor, fy * factor, cx * factor, cy * factor]  # given for the video's own size
+    else:
+        fov = opts.fov if opts.fov is not None else 60.0
+        if opts.fov is None:
+            log.warning("track3d: no --intrinsics or --fov; assuming a 60° horizontal field of view")
+        intrinsics = intrinsics_from_fov(fov, W, H)
+    depth = read_depth(opts.depth, T, (W, H)) if opts.depth else model_depth(opts.depth_model, frames, opts.device)
+    cv2 = _cv2()
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
+    t0 = time.perf_counter()
+    uv, visible = FlowTracker(opts.preset).track(gray, refine=opts.refine)
+    seconds = time.perf_counter() - t0
+    z = np.stack([bilinear(depth[t][..., None], uv[t])[:, 0] for t in range(T)])
+    xyz = lift(uv, z, intrinsics).astype(np.float32)
+    n = H * W
+    arrays = {"tracks_xyz": xyz, "visibility": visible, "tracks_uv": uv,
+              "queries_xyt": np.concatenate([uv[0], np.zeros((n, 1), np.float32)], 1),
+              "intrinsics": np.asarray(intrinsics, np.float32), "grid_shape": np.asarray([H, W]),
+              "image_size": np.asarray([W, H]), "colors": frames[0].reshape(-1, 3)}
+    with atomic_write(out, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    record = {"out": str(out), "frames": T, "points": n, "width": W, "height": H, "intrinsics": intrinsics,
+              "refine": opts.refine, "tracking_seconds": round(seconds, 3),
+              "visible_fraction": float(visible.mean())}
+    if gt is not None:
+        if gt["tracks_xyz"].shape != xyz.shape:
+            raise BadInput(f"--eval {opts.eval}: ground truth of shape {gt['tracks_xyz'].shape}, the tracks are "
+                           f"{xyz.shape} (same video, stride and size needed)")
+        scores = evaluate(xyz, visible, gt["tracks_xyz"], gt["visibility"].astype(bool), gt["intrinsics"],
+                          uv, gt.get("tracks_uv"))
+        record["scores"] = {k: v for k, v in scores.__dict__.items() if v is not None}
+    emit(record)
+    return record

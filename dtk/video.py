@@ -1,0 +1,59 @@
+"""Reading a video: a folder of frames, an animated GIF/WebP/PNG, or anything ffmpeg decodes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtk.errors import BadInput
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_frames(spec: str, option: str = "--video") -> torch.Tensor:
+    """A video as float frames [T, H, W, 3] in 0..1: a folder of images (sorted by name), an animated
+    GIF/WebP/PNG, or any video ffmpeg decodes."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise BadInput(f"{option} {spec}: no image frames in it")
+        try:
+            frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+        except (UnidentifiedImageError, OSError) as e:
+            raise BadInput(f"{option} {spec}: a frame is not a readable image ({e})") from None
+    elif not path.is_file():
+        raise BadInput(f"{option} {spec}: no such file or directory")
+    else:
+        try:
+            with Image.open(path) as im:
+                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+        except (UnidentifiedImageError, OSError):
+            frames = _ffmpeg_frames(path, option)
+    if len({f.shape for f in frames}) != 1:
+        raise BadInput(f"{option} {spec}: frames of different sizes")
+    return torch.from_numpy(np.stack(frames)).double() / 255.0
+
+
+def _ffmpeg_frames(path: Path, option: str) -> list[np.ndarray]:
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise BadInput(f"{option} {path}: not an image sequence PIL reads, and ffmpeg is not installed to decode it "
+                       "(give a folder of frames instead)")
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+    try:
+        w, h = (int(v) for v in probe.stdout.strip().split(",")[:2])
+    except ValueError:
+        raise BadInput(f"{option} {path}: ffprobe finds no video stream") from None
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True).stdout
+    n = len(raw) // (w * h * 3)
+    if n == 0:
+        raise BadInput(f"{option} {path}: ffmpeg decodes no frames")
+    return list(np.frombuffer(raw[: n * w * h * 3], dtype=np.uint8).reshape(n, h, w, 3))

@@ -1,0 +1,120 @@
+"""dtk track3d: metrics on hand-made tracks, a translating textured plane, occlusion, lifting, inputs, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dtk.track3d import evaluate, lift
+
+
+def texture(h, w, seed=0):
+    """A smooth random texture with strong gradients (something for optical flow to lock onto)."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((h // 4 + 2, w // 4 + 2, 3))
+    big = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w + 8, h + 8), Image.Resampling.BICUBIC))
+    return big[4:4 + h, 4:4 + w]
+
+
+def write_clip(folder, frames):
+    folder.mkdir(exist_ok=True)
+    for t, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{t:03d}.png")
+    return folder
+
+
+def test_metrics_on_hand_made_tracks():
+    rng = np.random.default_rng(0)
+    gt = np.concatenate([rng.random((4, 50, 2)), 2 + rng.random((4, 50, 1))], -1)
+    vis = np.ones((4, 50), bool)
+    K = [100.0, 100.0, 32.0, 32.0]
+    perfect = evaluate(gt, vis, gt, vis, K, gt[..., :2] * 100, gt[..., :2] * 100)
+    assert (perfect.aj3d, perfect.apd3d, perfect.oa, perfect.aj2d, perfect.delta_avg) == (1.0, 1.0, 1.0, 1.0, 1.0)
+    # an offset of 3 px back-projected at each point's depth: within 4, 8, 16 px, not 1, 2 → 3/5
+    offset = gt.copy()
+    offset[..., 0] += 3 * gt[..., 2] / 100
+    shifted = evaluate(offset, vis, gt, vis, K)
+    assert shifted.apd3d == pytest.approx(0.6) and shifted.aj3d == pytest.approx(0.6) and shifted.oa == 1.0
+    # a global scale is removed by the median alignment
+    assert evaluate(gt * 3.0, vis, gt, vis, K).apd3d == pytest.approx(1.0)
+    # half the points predicted occluded: OA 0.5; those count as misses in AJ
+    half = vis.copy()
+    half[:, :25] = False
+    s = evaluate(gt, half, gt, vis, K)
+    assert s.oa == pytest.approx(0.5) and s.aj3d == pytest.approx(0.5) and s.apd3d == 1.0
+
+
+def test_lifting_closed_form():
+    uv = np.array([[10.5, 20.5], [32.0, 32.0]])
+    xyz = lift(uv, np.array([2.0, 4.0]), [100.0, 50.0, 32.0, 32.0])
+    assert np.allclose(xyz, [[(10.5 - 32) * 2 / 100, (20.5 - 32) * 2 / 50, 2.0], [0, 0, 4.0]])
+
+
+def test_translating_plane_and_occlusion(run_dtk, tmp_path):
+    h, w, f, d = 64, 80, 100.0, 2.0
+    world = texture(h, w + 40)
+    frames = [np.ascontiguousarray(world[:, 3 * t:3 * t + w]) for t in range(6)]  # the camera slides right 3 px/frame
+    np.save(tmp_path / "depth.npy", np.full((6, h, w), d, np.float32))
+    clip = write_clip(tmp_path / "clip", frames)
+    r = run_dtk("track3d", clip, "--depth", tmp_path / "depth.npy", "--intrinsics", f"{f},{f},{w / 2},{h / 2}",
+                "--out", tmp_path / "t.npz")
+    assert r.exit_code == 0, r.stderr
+    data = np.load(tmp_path / "t.npz")
+    xyz, vis = data["tracks_xyz"], data["visibility"]
+    assert xyz.shape == (6, h * w, 3) and data["colors"].shape == (h * w, 3)
+    stays = (data["tracks_uv"][0, :, 0] > 20) & (data["tracks_uv"][0, :, 0] < w - 20)   # in view all along
+    motion = xyz[5, stays] - xyz[0, stays]
+    assert np.median(motion[:, 0]) == pytest.approx(-15 * d / f, abs=0.01) and abs(np.median(motion[:, 1])) < 0.01
+    assert vis[5, stays].mean() > 0.95
+    leaves = data["tracks_uv"][0, :, 0] < 10   # slides out of the left edge by frame 5
+    assert vis[5, leaves].mean() < 0.1
+    # an occluder: a patch of other texture moves in over the middle from frame 3 on
+    patch = texture(20, 20, seed=5)
+    occluded = [fr.copy() for fr in frames]
+    for t in range(3, 6):
+        occluded[t][20:40, 30:50] = patch
+    clip2 = write_clip(tmp_path / "clip2", occluded)
+    r = run_dtk("track3d", clip2, "--depth", tmp_path / "depth.npy", "--intrinsics", f"{f},{f},{w / 2},{h / 2}",
+                "--out", tmp_path / "t2.npz")
+    assert r.exit_code == 0, r.stderr
+    data = np.load(tmp_path / "t2.npz")
+    uv5, vis5 = data["tracks_uv"][5], data["visibility"][5]
+    under = (uv5[:, 0] > 33) & (uv5[:, 0] < 47) & (uv5[:, 1] > 23) & (uv5[:, 1] < 37)
+    assert under.sum() > 50 and vis5[under].mean() < 0.5      # flagged occluded
+    assert vis5[stays & ~under].mean() > 0.8
+
+
+def test_inputs_and_bad_input(run_dtk, tmp_path):
+    wide = texture(32, 44, seed=1)
+    frames = [np.ascontiguousarray(wide[:, t:t + 40]) for t in range(3)]   # distinct frames (GIF merges repeats)
+    gif = tmp_path / "clip.gif"
+    Image.fromarray(frames[0]).save(gif, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]])
+    webp = tmp_path / "clip.webp"
+    Image.fromarray(frames[0]).save(webp, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]],
+                                    lossless=True)
+    np.savez(tmp_path / "depth.npz", depth=np.ones((3, 32, 40), np.float32))
+    for clip in (gif, webp, write_clip(tmp_path / "frames", frames)):
+        r = run_dtk("track3d", clip, "--depth", tmp_path / "depth.npz", "--fov", 60, "--out", tmp_path / "t.npz",
+                    "--overwrite")
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["frames"] == 3
+    r = run_dtk("track3d", gif, "--depth", tmp_path / "depth.npz", "--max-side", 20, "--out", tmp_path / "s.npz")
+    assert r.exit_code == 0 and np.load(tmp_path / "s.npz")["grid_shape"].tolist() == [16, 20]
+
+    def bad(*args):
+        r = run_dtk("track3d", *args)
+        assert r.exit_code == 2, r.stderr
+        return r.stderr
+
+    assert "1 frame(s)" in bad(gif, "--depth", tmp_path / "depth.npz", "--max-frames", 2, "--stride", 3,
+                                "--out", tmp_path / "x.npz")
+    np.save(tmp_path / "d2.npy", np.ones((2, 32, 40), np.float32))
+    assert "2 depth map(s)" in bad(gif, "--depth", tmp_path / "d2.npy", "--out", tmp_path / "x.npz") \
+        and "the video has 3 frames" in bad(gif, "--depth", tmp_path / "d2.npy", "--out", tmp_path / "x.npz")
+    (tmp_path / "gt.npz").write_bytes(b"not a zip")
+    assert "not a readable npz" in bad(gif, "--depth", tmp_path / "depth.npz", "--eval", tmp_path / "gt.npz",
+                                       "--out", tmp_path / "x.npz")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    assert "clip.mp4" in bad(tmp_path / "clip.mp4", "--depth", tmp_path / "depth.npz", "--out", tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
