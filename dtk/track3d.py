@@ -123,27 +123,44 @@ def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> list[float]:
 # Depth
 
 
-def read_depth(spec: str, frames: int, size: tuple[int, int]) -> np.ndarray:
-    """Per-frame depth maps [T, H, W] in metres: an npz/npy file [T, H, W], or a folder of per-frame npy or
-    16-bit PNG (millimetres) files sorted by name. Maps of another size are resized (bilinear)."""
+def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, max_frames: int | None = None
+               ) -> np.ndarray:
+    """Per-frame depth maps [T, H, W] in metres: an npz (key ``depth``, else its only array) or npy file
+    [T, H, W], or a folder of per-frame .npy or 16-bit .png (millimetres) files in natural name order. Maps
+    for the whole clip are cut by --stride/--max-frames like the frames; maps of another size are resized."""
     from PIL import Image
 
+    from dtk.video import _natural
+
     path = Path(spec)
-    if path.is_file():
-        try:
-            data = np.load(path)
-            maps = data[data.files[0]] if hasattr(data, "files") else data
-        except Exception as e:  # noqa: BLE001 - an unreadable file is bad input
-            raise BadInput(f"--depth {spec}: not a readable npz/npy ({type(e).__name__})") from None
-        maps = np.asarray(maps, dtype=np.float32)
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".npy", ".png"))
-        if not files:
-            raise BadInput(f"--depth {spec}: no .npy or 16-bit .png depth maps in it")
-        maps = np.stack([np.load(p).astype(np.float32) if p.suffix == ".npy"
-                         else np.asarray(Image.open(p), dtype=np.float32) / 1000.0 for p in files])
-    else:
-        raise BadInput(f"--depth {spec}: no such file or directory")
+    try:
+        if path.is_file():
+            data = np.load(path, allow_pickle=False)
+            if hasattr(data, "files"):
+                if "depth" not in data.files and len(data.files) != 1:
+                    raise BadInput(f"--depth {spec}: an npz with several arrays needs one named 'depth' "
+                                   f"(it has {', '.join(data.files)})")
+                data = data["depth" if "depth" in data.files else data.files[0]]
+            maps = np.asarray(data, dtype=np.float32)
+        elif path.is_dir():
+            files = sorted((p for p in path.iterdir() if p.suffix.lower() in (".npy", ".png")), key=_natural)
+            if not files:
+                raise BadInput(f"--depth {spec}: no .npy or 16-bit .png depth maps in it")
+            loaded = [np.load(p, allow_pickle=False).astype(np.float32) if p.suffix.lower() == ".npy"
+                      else np.asarray(Image.open(p), dtype=np.float32) / 1000.0 for p in files]
+            if len({m.shape for m in loaded}) != 1:
+                raise BadInput(f"--depth {spec}: maps of different sizes ({', '.join(sorted({str(m.shape) for m in loaded}))})")
+            maps = np.stack(loaded)
+        else:
+            raise BadInput(f"--depth {spec}: no such file or directory")
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unreadable file is bad input
+        raise BadInput(f"--depth {spec}: not readable depth maps ({type(e).__name__}: {e})") from None
+    if maps.ndim == 3 and len(maps) != frames:
+        cut = maps[::stride][:max_frames] if max_frames else maps[::stride]
+        if len(cut) == frames and (stride > 1 or max_frames):
+            maps = cut   # maps of the whole clip
     if maps.ndim != 3 or len(maps) != frames:
         raise BadInput(f"--depth {spec}: {maps.shape[0] if maps.ndim == 3 else maps.shape} depth map(s) of shape "
                        f"{maps.shape[1:] if maps.ndim == 3 else '?'}; the video has {frames} frames")
@@ -153,12 +170,16 @@ def read_depth(spec: str, frames: int, size: tuple[int, int]) -> np.ndarray:
     return maps
 
 
-def model_depth(model: str, frames: np.ndarray, device: str = "auto") -> np.ndarray:
+METRIC_MODEL_TYPES = ("zoedepth", "depth_pro")
+
+
+def model_depth(model: str, frames: np.ndarray, device: str = "auto", kind: str = "auto") -> np.ndarray:
     """Depth [T, H, W] from a transformers depth-estimation model (local files or the hub cache only).
 
-    Relative-depth models (Depth Anything V2 and most others) predict inverse depth up to scale and shift:
-    it is turned into depth as 1/(d/median(d)) per clip (median depth 1 m) — a global scale the TAPVid-3D
-    metrics remove by their median alignment; metric models' outputs are used as they are."""
+    ``kind``: "depth" (metric models: used as they are), "disparity" (relative models such as Depth Anything
+    V2: inverse depth up to scale — and a shift, which is ignored — turned into 1/(d/median d), a median depth
+    of 1 m, a global scale the TAPVid-3D metrics remove by their median alignment), or "auto": metric when the
+    model's config says so (depth_estimation_type "metric", ZoeDepth, DepthPro), else disparity."""
     from transformers import pipeline
 
     from dtk.device import resolve_device
@@ -177,7 +198,13 @@ def model_depth(model: str, frames: np.ndarray, device: str = "auto") -> np.ndar
         pred = estimator(Image.fromarray(frame))["predicted_depth"].squeeze().float().cpu().numpy()
         out.append(np.asarray(Image.fromarray(pred).resize(frame.shape[1::-1], Image.Resampling.BILINEAR)))
     depth = np.stack(out)
-    if "metric" not in model.lower():
+    if kind == "auto":
+        config = estimator.model.config
+        metric = (getattr(config, "depth_estimation_type", None) == "metric"
+                  or getattr(config, "model_type", "") in METRIC_MODEL_TYPES)
+        kind = "depth" if metric else "disparity"
+        log.info("track3d: %s predicts %s", model, "metric depth" if metric else "relative inverse depth")
+    if kind == "disparity":
         depth = np.median(depth) / np.maximum(depth, 1e-6)
     return depth.astype(np.float32)
 
@@ -196,12 +223,16 @@ class Scores:
 
 
 def evaluate(pred_xyz, pred_vis, gt_xyz, gt_vis, intrinsics, pred_uv=None, gt_uv=None) -> Scores:
-    """3D-AJ, APD and OA as TAPVid-3D defines them (predictions scaled by the median ratio of ground-truth to
-    predicted depth over visible points), and 2D AJ / δ_avg when 2D tracks are given (thresholds in pixels)."""
+    """3D-AJ, APD and OA as TAPVid-3D defines them (the predictions scaled by median‖gt‖/median‖pred‖ over
+    points visible in both, its "median" alignment), and 2D AJ / δ_avg when 2D tracks are given (thresholds
+    in pixels; the query frame 0 left out, as TAP-Vid does)."""
     fx, fy = intrinsics[:2]
-    both = gt_vis & pred_vis & (pred_xyz[..., 2] > 0)
-    ratio = gt_xyz[..., 2][both] / pred_xyz[..., 2][both]
-    scale = float(np.median(ratio)) if ratio.size else 1.0
+    both = gt_vis & pred_vis
+    if both.any():
+        scale = float(np.median(np.linalg.norm(gt_xyz[both], axis=-1)) /
+                      max(np.median(np.linalg.norm(pred_xyz[both], axis=-1)), 1e-12))
+    else:
+        scale = 1.0
     pred = pred_xyz * scale
     dist = np.linalg.norm(pred - gt_xyz, axis=-1)
     oa = float((pred_vis == gt_vis).mean())
@@ -212,9 +243,10 @@ def evaluate(pred_xyz, pred_vis, gt_xyz, gt_vis, intrinsics, pred_uv=None, gt_uv
         aj.append(_jaccard(within, pred_vis, gt_vis))
     scores = Scores(aj3d=float(np.mean(aj)), apd3d=float(np.mean(apd)), oa=oa)
     if pred_uv is not None and gt_uv is not None:
-        d2 = np.linalg.norm(pred_uv - gt_uv, axis=-1)
-        scores.delta_avg = float(np.mean([_frac((d2 < t) & gt_vis, gt_vis) for t in THRESHOLDS]))
-        scores.aj2d = float(np.mean([_jaccard(d2 < t, pred_vis, gt_vis) for t in THRESHOLDS]))
+        d2 = np.linalg.norm(pred_uv[1:] - gt_uv[1:], axis=-1)
+        pv, gv = pred_vis[1:], gt_vis[1:]
+        scores.delta_avg = float(np.mean([_frac((d2 < t) & gv, gv) for t in THRESHOLDS]))
+        scores.aj2d = float(np.mean([_jaccard(d2 < t, pv, gv) for t in THRESHOLDS]))
     return scores
 
 
@@ -230,20 +262,59 @@ def _jaccard(within, pred_vis, gt_vis) -> float:
     return float(tp / max(tp + fp + fn, 1))
 
 
+GT_KEYS = {"tracks_xyz": ("tracks_xyz", "tracks_XYZ"), "visibility": ("visibility",),
+           "intrinsics": ("intrinsics", "fx_fy_cx_cy")}
+
+
 def load_ground_truth(path: str) -> dict:
+    """Ground truth in the TAPVid-3D layout (``tracks_XYZ``/``tracks_xyz``, ``visibility``,
+    ``fx_fy_cx_cy``/``intrinsics``, optional ``queries_xyt`` and ``tracks_uv``)."""
     try:
-        data = np.load(path)
-        gt = {k: data[k] for k in ("tracks_xyz", "visibility", "intrinsics")}
-        if "tracks_uv" in data:
-            gt["tracks_uv"] = data["tracks_uv"]
+        data = np.load(path, allow_pickle=False)
+        gt = {}
+        for name, spellings in GT_KEYS.items():
+            key = next((k for k in spellings if k in data.files), None)
+            if key is None:
+                raise BadInput(f"--eval {path}: no {' or '.join(spellings)} (ground truth needs 3D tracks, "
+                               "visibility and intrinsics)")
+            gt[name] = np.asarray(data[key])
+        for key in ("queries_xyt", "tracks_uv"):
+            if key in data.files:
+                gt[key] = np.asarray(data[key])
+    except BadInput:
+        raise
     except FileNotFoundError:
         raise BadInput(f"--eval {path}: no such file") from None
-    except KeyError as e:
-        raise BadInput(f"--eval {path}: no {e.args[0]} (ground truth needs tracks_xyz, visibility, intrinsics)") \
-            from None
     except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
         raise BadInput(f"--eval {path}: not a readable npz ({type(e).__name__})") from None
+    xyz, vis = gt["tracks_xyz"], gt["visibility"]
+    if xyz.ndim != 3 or xyz.shape[2] != 3 or vis.shape != xyz.shape[:2]:
+        raise BadInput(f"--eval {path}: tracks {xyz.shape} and visibility {vis.shape} (want [T, N, 3] and [T, N])")
+    if "tracks_uv" in gt and gt["tracks_uv"].shape != xyz.shape[:2] + (2,):
+        raise BadInput(f"--eval {path}: tracks_uv {gt['tracks_uv'].shape}, want {xyz.shape[:2] + (2,)}")
+    gt["visibility"] = vis.astype(bool)
     return gt
+
+
+def at_queries(gt: dict, grid_shape: tuple[int, int], frames: int, path: str, uv=None, xyz=None, vis=None):
+    """The dense prediction where the ground truth asks: all of it for dense ground truth [T, H·W], else
+    each query (x, y, t = 0) sampled bilinearly from the dense fields."""
+    T, N = gt["tracks_xyz"].shape[:2]
+    H, W = grid_shape
+    if T != frames:
+        raise BadInput(f"--eval {path}: {T} frames of ground truth, the tracks have {frames} "
+                       "(the same --stride/--max-frames needed)")
+    if N == H * W and "queries_xyt" not in gt:
+        return None if uv is None else (uv, xyz, vis)
+    queries = gt.get("queries_xyt")
+    if queries is None or queries.shape != (N, 3):
+        raise BadInput(f"--eval {path}: {N} ground-truth tracks for {H}x{W} pixels, and no queries_xyt [N, 3]")
+    if np.any(queries[:, 2] != 0):
+        raise BadInput(f"--eval {path}: queries after frame 0; dense tracks answer queries at frame 0 only")
+    if uv is None:  # checked only
+        return None
+    pick = lambda field: np.stack([bilinear(f.reshape(H, W, -1), queries[:, :2]) for f in field])  # noqa: E731
+    return pick(uv), pick(xyz), pick(vis[..., None].astype(np.float32))[..., 0] > 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -256,6 +327,7 @@ class TrackOptions:
     out: str
     depth: str | None = None
     depth_model: str | None = None
+    depth_kind: str = "auto"
     intrinsics: list[float] | None = None
     fov: float | None = None
     max_frames: int | None = None
@@ -268,24 +340,21 @@ class TrackOptions:
     overwrite: bool = False
 
 
-def load_clip(opts: TrackOptions) -> tuple[np.ndarray, float]:
-    """uint8 frames [T, H, W, 3] after --stride, --max-frames and --max-side; and the resize factor."""
+def load_clip(opts: TrackOptions) -> tuple[np.ndarray, tuple[float, float]]:
+    """uint8 frames [T, H, W, 3] after --stride, --max-frames and --max-side; and the resize factors (x, y)."""
     from PIL import Image
 
     from dtk.video import read_frames
 
-    frames = (read_frames(opts.video, "VIDEO").numpy() * 255).round().astype(np.uint8)[:: opts.stride]
-    if opts.max_frames:
-        frames = frames[: opts.max_frames]
+    frames = read_frames(opts.video, "VIDEO", stride=opts.stride, max_frames=opts.max_frames)
     if len(frames) < 2:
         raise BadInput(f"VIDEO {opts.video}: {len(frames)} frame(s) after --stride/--max-frames; tracking needs 2+")
     h, w = frames.shape[1:3]
-    factor = 1.0
     if opts.max_side and max(h, w) > opts.max_side:
         factor = opts.max_side / max(h, w)
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         frames = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.LANCZOS)) for f in frames])
-    return frames, factor
+    return frames, (frames.shape[2] / w, frames.shape[1] / h)
 
 
 def run_track(opts: TrackOptions) -> dict:
@@ -301,17 +370,22 @@ def run_track(opts: TrackOptions) -> dict:
     if (opts.depth is None) == (opts.depth_model is None):
         raise BadInput("give --depth FILE|DIR (per-frame depth maps) or --depth-model ID|PATH")
     gt = load_ground_truth(opts.eval) if opts.eval else None
-    frames, factor = load_clip(opts)
+    if opts.intrinsics and not (all(math.isfinite(v) for v in opts.intrinsics) and min(opts.intrinsics[:2]) > 0):
+        raise BadInput(f"--intrinsics {opts.intrinsics}: focal lengths must be positive and every value finite")
+    frames, (sx, sy) = load_clip(opts)
     T, H, W = frames.shape[:3]
+    if gt is not None:
+        at_queries(gt, (H, W), T, opts.eval)   # before any work: the ground truth must fit these tracks
     if opts.intrinsics:
         fx, fy, cx, cy = opts.intrinsics
-        intrinsics = [fx * factor, fy * factor, cx * factor, cy * factor]  # given for the video's own size
+        intrinsics = [fx * sx, fy * sy, cx * sx, cy * sy]  # given for the video's own size
     else:
         fov = opts.fov if opts.fov is not None else 60.0
         if opts.fov is None:
             log.warning("track3d: no --intrinsics or --fov; assuming a 60° horizontal field of view")
         intrinsics = intrinsics_from_fov(fov, W, H)
-    depth = read_depth(opts.depth, T, (W, H)) if opts.depth else model_depth(opts.depth_model, frames, opts.device)
+    depth = (read_depth(opts.depth, T, (W, H), opts.stride, opts.max_frames) if opts.depth
+             else model_depth(opts.depth_model, frames, opts.device, opts.depth_kind))
     cv2 = _cv2()
     gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
     t0 = time.perf_counter()
@@ -330,11 +404,9 @@ def run_track(opts: TrackOptions) -> dict:
               "refine": opts.refine, "tracking_seconds": round(seconds, 3),
               "visible_fraction": float(visible.mean())}
     if gt is not None:
-        if gt["tracks_xyz"].shape != xyz.shape:
-            raise BadInput(f"--eval {opts.eval}: ground truth of shape {gt['tracks_xyz'].shape}, the tracks are "
-                           f"{xyz.shape} (same video, stride and size needed)")
-        scores = evaluate(xyz, visible, gt["tracks_xyz"], gt["visibility"].astype(bool), gt["intrinsics"],
-                          uv, gt.get("tracks_uv"))
+        q_uv, q_xyz, q_vis = at_queries(gt, (H, W), T, opts.eval, uv, xyz, visible)
+        scores = evaluate(q_xyz, q_vis, gt["tracks_xyz"], gt["visibility"], gt["intrinsics"], q_uv,
+                          gt.get("tracks_uv"))
         record["scores"] = {k: v for k, v in scores.__dict__.items() if v is not None}
     emit(record)
     return record

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dtk.errors import BadInput
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_frames(spec: str, option: str = "--video") -> torch.Tensor:
-    """A video as float frames [T, H, W, 3] in 0..1: a folder of images (sorted by name), an animated
-    GIF/WebP/PNG, or any video ffmpeg decodes."""
+def _natural(path: Path):
+    """Sort key: 2.png before 10.png."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def read_frames(spec: str, option: str = "--video", stride: int = 1, max_frames: int | None = None) -> np.ndarray:
+    """A video as uint8 frames [T, H, W, 3] (every ``stride``-th, at most ``max_frames``): a folder of images
+    (in natural order of their names), an animated GIF/WebP/PNG, or any video ffmpeg decodes."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    def wanted(i: int) -> bool:
+        return i % stride == 0 and (max_frames is None or i // stride < max_frames)
 
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
         if not files:
             raise BadInput(f"{option} {spec}: no image frames in it")
         try:
-            frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+            frames = [np.asarray(Image.open(p).convert("RGB")) for i, p in enumerate(files) if wanted(i)]
         except (UnidentifiedImageError, OSError) as e:
             raise BadInput(f"{option} {spec}: a frame is not a readable image ({e})") from None
     elif not path.is_file():
@@ -33,12 +41,12 @@ def read_frames(spec: str, option: str = "--video") -> torch.Tensor:
     else:
         try:
             with Image.open(path) as im:
-                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+                frames = [np.asarray(f.convert("RGB")) for i, f in enumerate(ImageSequence.Iterator(im)) if wanted(i)]
         except (UnidentifiedImageError, OSError):
-            frames = _ffmpeg_frames(path, option)
+            frames = [f for i, f in enumerate(_ffmpeg_frames(path, option)) if wanted(i)]
     if len({f.shape for f in frames}) != 1:
         raise BadInput(f"{option} {spec}: frames of different sizes")
-    return torch.from_numpy(np.stack(frames)).double() / 255.0
+    return np.stack(frames)
 
 
 def _ffmpeg_frames(path: Path, option: str) -> list[np.ndarray]:

@@ -17,6 +17,8 @@ from dtk.cli.render_gs import _floats
 @click.option("--depth-model", metavar="ID|PATH", help="A transformers depth-estimation model from local files or "
               "the hub cache (e.g. depth-anything/Depth-Anything-V2-Small-hf); relative depth is scaled to a "
               "median of 1 m.")
+@click.option("--depth-kind", type=click.Choice(["auto", "depth", "disparity"]), default="auto", show_default=True,
+              help="What --depth-model predicts: metric depth, or relative inverse depth; auto reads its config.")
 @click.option("--intrinsics", callback=_floats(4), metavar="FX,FY,CX,CY", help="Of the video at its own size.")
 @click.option("--fov", type=float, default=None, help="Horizontal field of view in degrees [60, without --intrinsics].")
 @click.option("--max-frames", type=click.IntRange(min=2), default=None)
@@ -31,7 +33,7 @@ from dtk.cli.render_gs import _floats
 @device_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @config_option
-def command(video, out, depth, depth_model, intrinsics, fov, max_frames, max_side, stride, refine, preset, eval_gt,
+def command(video, out, depth, depth_model, depth_kind, intrinsics, fov, max_frames, max_side, stride, refine, preset, eval_gt,
             device, overwrite):
     """Track every pixel of the first frame of VIDEO through the clip and lift the tracks to 3D.
 
@@ -50,6 +52,7 @@ def command(video, out, depth, depth_model, intrinsics, fov, max_frames, max_sid
     """
     from dtk.track3d import TrackOptions, run_track
 
-    run_track(TrackOptions(video=video, out=out, depth=depth, depth_model=depth_model, intrinsics=intrinsics,
+    run_track(TrackOptions(video=video, out=out, depth=depth, depth_model=depth_model, depth_kind=depth_kind,
+                           intrinsics=intrinsics,
                            fov=fov, max_frames=max_frames, max_side=max_side, stride=stride, refine=refine,
                            preset=preset, eval=eval_gt, device=device, overwrite=overwrite))

@@ -83,8 +83,12 @@ def load_tracks(path: str) -> Tracks:
     return tracks
 
 
-def colors_from_frames(tracks: Tracks, frames: torch.Tensor) -> torch.Tensor:
-    """Per-frame colours [T, N, 3] sampled (nearest pixel) where each track projects in its frame."""
+def colors_from_frames(tracks: Tracks, frames) -> torch.Tensor:
+    """Per-frame colours [T, N, 3] in 0..1, sampled (nearest pixel) where each track projects in its frame;
+    ``frames`` [T, H, W, 3]: uint8, or floats in 0..1."""
+    frames = torch.as_tensor(np.asarray(frames))
+    if frames.dtype == torch.uint8:
+        frames = frames.double() / 255.0
     T, H, W, _ = frames.shape
     if T != tracks.frames:
         raise BadInput(f"--video: {T} frames, the tracks have {tracks.frames}")
