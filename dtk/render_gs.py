@@ -53,7 +53,13 @@ def _source(opts: RenderOptions):
 
     if (opts.tracks is None) == (opts.ply is None):
         raise BadInput("give --tracks NPZ (a 4D field) or --ply FILE (a static 3DGS scene)")
+    if opts.size is not None and min(opts.size) < 1:
+        raise BadInput(f"--size {opts.size[0]}x{opts.size[1]}: both sides must be at least 1 pixel")
+    if opts.intrinsics is not None and not (all(np.isfinite(opts.intrinsics)) and min(opts.intrinsics[:2]) > 0):
+        raise BadInput(f"--intrinsics {opts.intrinsics}: focal lengths must be positive and every value finite")
     if opts.ply:
+        if opts.video:
+            raise BadInput("--video colours tracks; a --ply scene has its own colours")
         if opts.intrinsics is None or opts.size is None:
             raise BadInput("--ply: also give --intrinsics fx,fy,cx,cy and --size WxH (a PLY has no camera)")
         g = read_ply(opts.ply)
@@ -68,7 +74,13 @@ def _source(opts: RenderOptions):
     else:
         raise BadInput(f"--tracks {opts.tracks}: holds no colors; give --video with the clip's frames")
     fx, fy, cx, cy = tracks.intrinsics
-    size = opts.size or tracks.size or (round(2 * cx), round(2 * cy))
+    own = tuple(tracks.size) if tracks.size else (round(2 * cx), round(2 * cy))
+    size = tuple(opts.size) if opts.size else own
+    if size != own:  # another output size: the same view, scaled
+        sx, sy = size[0] / own[0], size[1] / own[1]
+        tracks.intrinsics = [fx * sx, fy * sy, cx * sx, cy * sy]
+    if opts.color_source == "current" and colors.dim() == 2:
+        log.warning("render-gs: --color-source current needs per-frame colours (--video); using the tracks' colours")
     if opts.frames is not None and opts.frames != tracks.frames:
         raise BadInput(f"--frames {opts.frames}: the tracks have {tracks.frames} frames")
     return (tracks.frames, list(tracks.intrinsics), tuple(size), tracks.median_depth(),
@@ -160,6 +172,7 @@ def _encode(out: Path, k: int, frames: int, fps: float, fmt: str) -> str:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             partial = Path(tmp) / name
             cmd = ["ffmpeg", "-v", "error", "-y", "-framerate", str(fps), "-i", str(out / f"cam{k}-%05d.png"),
+                   "-frames:v", str(frames),
                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", str(partial)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:

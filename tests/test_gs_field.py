@@ -84,11 +84,12 @@ def test_cameras_and_bad_specs(tmp_path):
     views, Ks = camera_path(f"json:{tmp_path / 'cams.json'}", 2, [1, 1, 0, 0], 1.0)
     assert Ks.shape == (2, 3, 3) and float(Ks[1, 0, 0]) == 50.0
     for bad, message in (("spin:3", "unknown camera 'spin'"), ("translate:1,2", "expected 3 number(s)"),
-                         ("rotate:a,b,c", "expected 3 number(s)"), (f"json:{tmp_path / 'cams.json'}", "for a clip of 3")):
+                         ("rotate:a,b,c", "expected 3 number(s)"), (f"json:{tmp_path / 'cams.json'}", "for a clip of 3"),
+                         (f"json:{tmp_path}", "cannot read it"), ("dolly:-3,2", "depth + DELTA must be positive")):
         with pytest.raises(BadInput) as e:
             camera_path(bad, 3, [50, 50, 24, 20], 2.0)
         assert message in str(e.value)
-        assert "grammar" in str(e.value) or "json" in bad
+        assert "grammar" in str(e.value) or "json" in bad or "dolly" in bad
 
 
 def test_tracks_bad_input_and_nan_points(tmp_path):

@@ -63,3 +63,7 @@ def test_render_gs_bad_input(run_dtk, tmp_path):
                                        b"property float x\nend_header\n")
     assert "missing properties y, z" in bad("--ply", tmp_path / "bad.ply", "--intrinsics", "1,1,1,1", "--size", "4x4")
     assert "expected 4 comma-separated numbers" in bad("--ply", tmp_path / "bad.ply", "--intrinsics", "1,1")
+    assert "focal lengths must be positive" in bad("--ply", tmp_path / "bad.ply", "--intrinsics", "0,0,4,4",
+                                                   "--size", "4x4")
+    assert "both sides must be at least 1" in bad("--tracks", tracks, "--video", frames, "--size", "0x0")
+    assert "depth + DELTA must be positive" in bad("--tracks", tracks, "--video", frames, "--camera", "dolly:-3,2")

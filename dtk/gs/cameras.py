@@ -13,6 +13,11 @@ the clip (amount × t/(T−1)) unless it says otherwise:
                              so the subject at DEPTH keeps its size (DEPTH default: the median depth)
     focal:FACTOR             focal length × FACTOR
     json:FILE                {"viewmats": [T][4][4], "intrinsics": [T][3][3] or [fx, fy, cx, cy] per frame}
+
+Conventions: OpenCV camera axes (x right, y down, z forward); a view matrix maps
+the input camera's coordinates of the frame to the new camera's (world-to-camera,
+as gsplat's ``viewmats``). Positive yaw turns the camera to its right, positive
+pitch up; orbit swings it around the pivot by yaw.
 """
 
 from __future__ import annotations
@@ -84,14 +89,16 @@ def camera_path(spec: str, frames: int, intrinsics: list[float], median_depth: f
         elif kind == "orbit":
             values = _numbers(args, spec, 1, 2)
             depth = values[1] if len(values) > 1 else median_depth
+            if depth <= 0:
+                raise BadInput(f"--camera {spec}: the orbit's pivot depth ({depth:g}) must be positive")
             R = rotation(math.radians(values[0]) * s, 0.0, 0.0)
             pivot = torch.tensor([0.0, 0.0, depth], dtype=torch.float64)
             centre = pivot - R @ pivot   # the camera swings around the pivot, still looking at it
         elif kind == "dolly":
             values = _numbers(args, spec, 1, 2)
             depth = values[1] if len(values) > 1 else median_depth
-            if depth <= 0:
-                raise BadInput(f"--camera {spec}: the subject depth must be positive")
+            if depth <= 0 or depth + values[0] <= 0:
+                raise BadInput(f"--camera {spec}: the subject depth ({depth:g}) and depth + DELTA must be positive")
             centre = torch.tensor([0.0, 0.0, -values[0] * s], dtype=torch.float64)
             scale = (depth + values[0] * s) / depth
         elif kind == "focal":
@@ -113,6 +120,8 @@ def _from_json(spec: str, path: str, frames: int):
         intr = torch.tensor(data["intrinsics"], dtype=torch.float64)
     except FileNotFoundError:
         raise BadInput(f"--camera {spec}: no such file") from None
+    except OSError as e:
+        raise BadInput(f"--camera {spec}: cannot read it ({e.strerror})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise BadInput(f"--camera {spec}: needs viewmats [T][4][4] and intrinsics [T][3][3] or [T][4] "
                        f"({type(e).__name__}: {e})") from None

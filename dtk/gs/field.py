@@ -51,7 +51,7 @@ class Tracks:
 
 def load_tracks(path: str) -> Tracks:
     try:
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise BadInput(f"--tracks {path}: no such file") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
@@ -60,15 +60,20 @@ def load_tracks(path: str) -> Tracks:
     if missing:
         raise BadInput(f"--tracks {path}: no {', '.join(missing)} (TAPVid-3D layout: tracks_xyz [T,N,3], "
                        "visibility [T,N], intrinsics [fx,fy,cx,cy])")
-    xyz = torch.from_numpy(np.asarray(data["tracks_xyz"], dtype=np.float64))
-    vis = torch.from_numpy(np.asarray(data["visibility"]).astype(bool))
-    intr = [float(v) for v in np.asarray(data["intrinsics"], dtype=np.float64).reshape(-1)]
+    try:
+        xyz = torch.from_numpy(np.asarray(data["tracks_xyz"], dtype=np.float64))
+        vis = torch.from_numpy(np.asarray(data["visibility"]).astype(bool))
+        intr = [float(v) for v in np.asarray(data["intrinsics"], dtype=np.float64).reshape(-1)]
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"--tracks {path}: arrays of the wrong kind ({e})") from None
     if xyz.dim() != 3 or xyz.shape[2] != 3:
         raise BadInput(f"--tracks {path}: tracks_xyz has shape {tuple(xyz.shape)}, want [T, N, 3]")
     if tuple(vis.shape) != tuple(xyz.shape[:2]):
         raise BadInput(f"--tracks {path}: visibility {tuple(vis.shape)} does not match tracks_xyz "
                        f"{tuple(xyz.shape[:2])}")
-    if len(intr) != 4 or intr[0] <= 0 or intr[1] <= 0:
+    if 0 in xyz.shape[:2]:
+        raise BadInput(f"--tracks {path}: no points or no frames (tracks_xyz {tuple(xyz.shape)})")
+    if len(intr) != 4 or not all(np.isfinite(intr)) or intr[0] <= 0 or intr[1] <= 0:
         raise BadInput(f"--tracks {path}: intrinsics {intr}: want [fx, fy, cx, cy] with positive focal lengths")
     colors = None
     if "colors" in data:
@@ -146,18 +151,24 @@ def frame_gaussians(tracks: Tracks, t: int, colors: torch.Tensor, *, scale_px: f
 
 PLY_REQUIRED = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
                 "rot_0", "rot_1", "rot_2", "rot_3")
-PLY_ORDER = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1",
-             "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
+SH_REST = 45   # f_rest_0..44: the degree-3 bands the original 3DGS loader expects (written as zeros)
+PLY_ORDER = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
+             *(f"f_rest_{i}" for i in range(SH_REST)), "opacity", "scale_0", "scale_1", "scale_2",
+             "rot_0", "rot_1", "rot_2", "rot_3")
+PLY_TYPES = {"float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8", "uchar": "u1", "uint8": "u1",
+             "char": "i1", "int8": "i1", "ushort": "<u2", "uint16": "<u2", "short": "<i2", "int16": "<i2",
+             "uint": "<u4", "uint32": "<u4", "int": "<i4", "int32": "<i4"}
 
 
 def write_ply(path: Path, g: Gaussians) -> None:
-    """Binary little-endian float32 PLY in the layout of the original 3DGS code (no higher SH bands)."""
+    """Binary little-endian float32 PLY in the layout of the original 3DGS code (degree-3 SH, higher bands 0)."""
     from dtk.io import atomic_write
 
     n = len(g.means)
     opac = g.opacities.clamp(1e-6, 1 - 1e-6)
     columns = [g.means, torch.zeros(n, 3, dtype=g.means.dtype), (g.colors - 0.5) / SH_C0,
-               torch.log(opac / (1 - opac))[:, None], torch.log(g.scales), g.quats]
+               torch.zeros(n, SH_REST, dtype=g.means.dtype), torch.log(opac / (1 - opac))[:, None],
+               torch.log(g.scales), g.quats]
     table = torch.cat([c.double() for c in columns], 1).numpy().astype("<f4")
     header = ("ply\nformat binary_little_endian 1.0\n" f"element vertex {n}\n"
               + "".join(f"property float {name}\n" for name in PLY_ORDER) + "end_header\n")
@@ -177,13 +188,21 @@ def read_ply(path: str) -> Gaussians:
     lines = raw[:end].decode("ascii", "replace").splitlines()
     if "format binary_little_endian 1.0" not in lines:
         raise BadInput(f"--ply {path}: only binary little-endian PLY is read (as 3DGS writes it)")
-    count, names, types = 0, [], []
+    count, names, types, element = 0, [], [], None
     for line in lines:
         parts = line.split()
-        if parts[:2] == ["element", "vertex"]:
-            count = int(parts[2])
-        elif parts[:1] == ["property"] and len(parts) == 3:
-            types.append({"float": "<f4", "double": "<f8", "uchar": "u1", "int": "<i4"}.get(parts[1], "<f4"))
+        if parts[:1] == ["element"]:
+            element = parts[1] if len(parts) > 1 else None
+            if element == "vertex":
+                if len(parts) != 3 or not parts[2].isdigit():
+                    raise BadInput(f"--ply {path}: bad vertex count line {line!r}")
+                count = int(parts[2])
+            elif not names:
+                raise BadInput(f"--ply {path}: element {element} before the vertices; 3DGS files have vertices first")
+        elif parts[:1] == ["property"] and element == "vertex":
+            if len(parts) != 3 or parts[1] not in PLY_TYPES:
+                raise BadInput(f"--ply {path}: property {' '.join(parts[1:])!r} is not a scalar of a known type")
+            types.append(PLY_TYPES[parts[1]])
             names.append(parts[2])
     missing = [p for p in PLY_REQUIRED if p not in names]
     if missing:

@@ -9,8 +9,9 @@ near plane or off the image get radius 0.
 
 Rasterisation: for every pixel centre p, front to back by depth,
 σ = ½(a dx² + c dy²) + b dx dy with d = μ' − p, α = min(0.99, o·e^{−σ}), skipped
-below 1/255; C += c·α·T, T ← T(1 − α); a Gaussian that would take T to 1e-4 or
-below ends the pixel (as gsplat does). Instead of a loop per pixel, every
+below 1/255 (α capped at 0.99 as in the original 3DGS; gsplat caps at 0.999, so
+the two differ for opacities above 0.99); C += c·α·T, T ← T(1 − α); a Gaussian
+that would take T to 1e-4 or below ends the pixel (as gsplat does). Instead of a loop per pixel, every
 (Gaussian, pixel) pair inside the radii is one row: rows are made in depth
 order, stably sorted by pixel, and each pixel's transmittance is an exclusive
 cumulative sum of log(1 − α) within its segment — no Python loop per Gaussian
@@ -147,8 +148,8 @@ def render(means, quats, scales, opacities, colors, viewmats, Ks, width: int, he
            background: torch.Tensor | None = None, backend: str = "auto"):
     """RGB [C, H, W, D], alpha [C, H, W, 1] and depth [C, H, W, 1] of N Gaussians seen by C cameras.
 
-    ``backend``: "torch" (this module, any device), "gsplat" (CUDA, needs gsplat), "auto" (gsplat when the
-    tensors are on CUDA and gsplat imports, else torch)."""
+    ``backend``: "torch" (this module, CPU tensors), "gsplat" (CUDA, needs gsplat), "auto" (gsplat when the
+    tensors are on CUDA and gsplat's kernels load, else torch)."""
     if backend == "auto":
         backend = "gsplat" if means.is_cuda and _has_gsplat() else "torch"
     if backend == "gsplat":
@@ -163,6 +164,13 @@ def render(means, quats, scales, opacities, colors, viewmats, Ks, width: int, he
 
 
 def _has_gsplat() -> bool:
+    """gsplat importable with its CUDA kernels (built, or buildable: it compiles them on first use)."""
     import importlib.util
 
-    return importlib.util.find_spec("gsplat") is not None
+    if importlib.util.find_spec("gsplat") is None:
+        return False
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception:  # noqa: BLE001 - any failure to load the kernels means: not available
+        return False
+    return _C is not None
