@@ -181,3 +181,14 @@ def test_build_pixel_quick(tmp_path):
                        cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["prompt"] == "star"
+
+
+def test_shipped_pixel_demo_loads_and_samples(run_dtk, tmp_path):
+    from dtk.demo.pixel import CLASSES
+    from dtk.diffusion.loading import resolve_model
+
+    ref = resolve_model("demo-pixel")
+    assert ref.family == "pixel" and ref.manifest["classes"] == CLASSES
+    r = run_dtk("sample", "--model", "demo-pixel", "--class", "star", "--steps", 2, "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["width"] == 32
