@@ -102,10 +102,11 @@ class DiffusionDPO(Method):
         captions = drop_captions(batch["caption"], run.rng.rand() >= self.empty_prompt_prob)
         cond = run.encode_prompts(captions)
         alpha, sigma = run.alpha_sigma(t)
+        # a pair with an undecodable image counts for nothing (and is counted)
+        valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=x_w.device)
         if self.sft:
             x_t = alpha * x_w + sigma * eps
             target = eps if run.prediction_type == "epsilon" else alpha * eps - sigma * x_w
-            valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=x_t.device, dtype=torch.float32)
             err = per_example_mse(run.predict(run.unet, x_t, t, cond), target)
             return (err * valid).sum() / valid.sum().clamp(min=1), {}
         x0 = torch.cat([x_w, x_l])
@@ -118,8 +119,7 @@ class DiffusionDPO(Method):
         logged_w, logged_l = float(model_w.detach().mean()), float(model_l.detach().mean())
         ref_w, ref_l = per_example_mse(self._reference(run, x_t, t2, cond2), target).chunk(2)
         inside = dpo_inside(model_w, model_l, ref_w, ref_l, self.beta)
-        valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=inside.device)
-        if not bool(valid.all()):  # a pair with an undecodable image counts for nothing (and is counted)
+        if not bool(valid.all()):
             inside = torch.where(valid, inside, torch.zeros_like(inside))
             loss = -(F.logsigmoid(inside) * valid).sum() / valid.sum().clamp(min=1)
             return loss, {"unreadable": float((~valid).sum())}
