@@ -109,6 +109,27 @@ def test_rasteriser_equals_a_per_pixel_loop():
         assert torch.allclose(alpha[cam, ..., 0], acc, atol=1e-9)
 
 
+def test_bands_threads_and_key_widths_give_the_same_image(monkeypatch):
+    """The image does not depend on how it is cut into bands, on threads, or on int32/int64 keys."""
+    import dtk.gs.render as gs_render
+
+    means, quats, scales, opacities, colors = random_gaussians(80, seed=5)
+    viewmats, Ks = cameras(31, 23)
+    proj = project(means, covariances(quats, scales), viewmats, Ks, 31, 23)
+    expected = rasterize(proj, colors, opacities, 31, 23)
+    threads = torch.get_num_threads()
+    for band_elements, int32_max, n_threads in ((10, 2**31 - 1, 2), (8_000_000, 100, 1), (50, 100, 3)):
+        monkeypatch.setattr(gs_render, "_BAND_ELEMENTS", band_elements)
+        monkeypatch.setattr(gs_render, "_INT32_MAX", int32_max)
+        torch.set_num_threads(n_threads)
+        try:
+            got = rasterize(proj, colors, opacities, 31, 23)
+        finally:
+            torch.set_num_threads(threads)
+        for a, b in zip(got, expected):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_background_and_nothing_drawn():
     means, quats, scales, opacities, colors = random_gaussians(5)
     viewmats, Ks = cameras(16, 12)

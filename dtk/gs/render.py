@@ -11,15 +11,23 @@ Rasterisation: for every pixel centre p, front to back by depth,
 σ = ½(a dx² + c dy²) + b dx dy with d = μ' − p, α = min(0.99, o·e^{−σ}), skipped
 below 1/255 (α capped at 0.99 as in the original 3DGS; gsplat caps at 0.999, so
 the two differ for opacities above 0.99); C += c·α·T, T ← T(1 − α); a Gaussian
-that would take T to 1e-4 or below ends the pixel (as gsplat does). Instead of a loop per pixel, every
-(Gaussian, pixel) pair inside the radii is one row: rows are made in depth
-order, stably sorted by pixel, and each pixel's transmittance is an exclusive
-cumulative sum of log(1 − α) within its segment — no Python loop per Gaussian
-or per pixel.
+that would take T to 1e-4 or below ends the pixel (as gsplat does).
+
+How it is vectorised (no Python loop per Gaussian or per pixel): α ≥ 1/255 ⟺
+σ ≤ ln(255·o), an ellipse, so each Gaussian only visits its ellipse's bounding
+box (inside the radii box). Gaussians with boxes of one size are evaluated
+together on a dense [n, h, w] grid by broadcasting (no gathers); the pairs that
+pass are compacted to one int key per (pixel, depth rank), sorted once, and
+each pixel's transmittance is an exclusive cumulative sum of log(1 − α) within
+its run of keys. The image is cut into horizontal bands, which bounds the
+memory per band, keeps the keys within int32 (half the sorting time of int64)
+and lets the bands run on the intra-op threads at once.
 """
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +37,10 @@ EPS2D = 0.3
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.99
 T_MIN = 1e-4
+_INT32_MAX = 2**31 - 1
+_BAND_ELEMENTS = 8_000_000   # dense grid elements per band at most (memory: ~20 bytes each)
+BANDS_PER_THREAD = 2        # bands per intra-op thread: evens out the work between threads
+_FAR = 1e15                  # a pixel offset that gives α = 0: marks grid cells outside a Gaussian's box
 
 
 def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
@@ -59,7 +71,9 @@ def project(means: torch.Tensor, covars: torch.Tensor, viewmats: torch.Tensor, K
     """Project N Gaussians (means [N, 3], covariances [N, 3, 3]) into C cameras (viewmats [C, 4, 4], Ks [C, 3, 3])."""
     R, T = viewmats[:, :3, :3], viewmats[:, :3, 3]
     t = torch.einsum("cij,nj->cni", R, means) + T[:, None, :]
-    cov_c = torch.einsum("cij,njk,clk->cnil", R, covars, R)
+    # vec(R Σ Rᵀ) = (R ⊗ R) vec(Σ): one matrix product per camera instead of N small ones
+    kron = torch.einsum("cij,ckl->cikjl", R, R).reshape(-1, 9, 9)
+    cov_c = (covars.reshape(1, -1, 9) @ kron.transpose(-1, -2)).view(len(R), -1, 3, 3)
     x, y, z = t.unbind(-1)
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
@@ -68,10 +82,13 @@ def project(means: torch.Tensor, covars: torch.Tensor, viewmats: torch.Tensor, K
     margin_x, margin_y = 0.3 * 0.5 * width / fx, 0.3 * 0.5 * height / fy
     xc = z * torch.clamp(x / z, -(cx / fx + margin_x), (width - cx) / fx + margin_x)
     yc = z * torch.clamp(y / z, -(cy / fy + margin_y), (height - cy) / fy + margin_y)
-    zero = torch.zeros_like(z)
-    J = torch.stack([fx / z, zero, -fx * xc / z**2, zero, fy / z, -fy * yc / z**2], -1).view(*z.shape, 2, 3)
-    cov2d = J @ cov_c @ J.transpose(-1, -2) + eps2d * torch.eye(2, dtype=means.dtype, device=means.device)
-    a, b, c = cov2d[..., 0, 0], 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0]), cov2d[..., 1, 1]
+    # Σ' = J Σ_c Jᵀ written out: J has zeros at (0, 1) and (1, 0)
+    j00, j02, j11, j12 = fx / z, -fx * xc / z**2, fy / z, -fy * yc / z**2
+    s00, s01, s02 = cov_c[..., 0, 0], cov_c[..., 0, 1], cov_c[..., 0, 2]
+    s11, s12, s22 = cov_c[..., 1, 1], cov_c[..., 1, 2], cov_c[..., 2, 2]
+    a = j00 * j00 * s00 + 2 * j00 * j02 * s02 + j02 * j02 * s22 + eps2d
+    b = j00 * j11 * s01 + j00 * j12 * s02 + j02 * j11 * s12 + j02 * j12 * s22
+    c = j11 * j11 * s11 + 2 * j11 * j12 * s12 + j12 * j12 * s22 + eps2d
     det = a * c - b * b
     conics = torch.stack([c, -b, a], -1) / det.clamp(min=1e-10)[..., None]
     means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], -1)
@@ -83,20 +100,104 @@ def project(means: torch.Tensor, covars: torch.Tensor, viewmats: torch.Tensor, K
     return Projection(means2d, conics, radii, z)
 
 
-def _pairs(mean2d, radii, width: int, height: int):
-    """Every (Gaussian, pixel) whose pixel centre lies inside the Gaussian's radii box and the image,
-    Gaussians in the given order: (Gaussian index, pixel x, pixel y)."""
-    x0 = torch.ceil(mean2d[:, 0] - radii[:, 0] - 0.5).clamp(0, width - 1).long()
-    x1 = torch.floor(mean2d[:, 0] + radii[:, 0] - 0.5).clamp(-1, width - 1).long()
-    y0 = torch.ceil(mean2d[:, 1] - radii[:, 1] - 0.5).clamp(0, height - 1).long()
-    y1 = torch.floor(mean2d[:, 1] + radii[:, 1] - 0.5).clamp(-1, height - 1).long()
-    w, h = (x1 - x0 + 1).clamp(min=0), (y1 - y0 + 1).clamp(min=0)
-    counts = w * h
-    gauss = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    # (index_select: much faster than advanced indexing for long index vectors on the CPU)
-    local = torch.arange(len(gauss)) - (torch.cumsum(counts, 0) - counts).index_select(0, gauss)
-    wg = w.index_select(0, gauss)
-    return gauss, x0.index_select(0, gauss) + local % wg, y0.index_select(0, gauss) + local // wg
+def _grid_size(n: torch.Tensor) -> torch.Tensor:
+    """Box sides rounded up (exact to 7, then in steps of a quarter of the power of two below): few
+    distinct grid shapes, at most 25% wasted cells per axis."""
+    q = torch.pow(2, (torch.log2(n.clamp(min=1).double()).floor() - 2).clamp(min=0)).long()
+    return (n + q - 1) // q * q
+
+
+def _boxes(table: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Inclusive pixel boxes [N, 4] (x0, x1, y0, y1) of the ellipses σ ≤ ln(255·o), within the radii; an
+    empty box (y1 < y0) for Gaussians that touch no pixel centre."""
+    mx, my, a, b, c, o = table[:, :6].unbind(1)
+    s = torch.log(o.clamp(min=1e-30) / ALPHA_MIN)
+    det = a * c - b * b
+    # the ellipse ½dᵀQd ≤ s has half-extents √(2s·(Q⁻¹)_xx) and √(2s·(Q⁻¹)_yy); widened by a hair, since
+    # every pair is tested again on σ
+    ex = torch.sqrt((2 * s * c / det).clamp(min=0)) * (1 + 1e-6) + 1e-6
+    ey = torch.sqrt((2 * s * a / det).clamp(min=0)) * (1 + 1e-6) + 1e-6
+    ex, ey = torch.minimum(ex, radii[:, 0].to(ex.dtype)), torch.minimum(ey, radii[:, 1].to(ey.dtype))
+    box = torch.stack([torch.ceil(mx - ex - 0.5).clamp(0, width), torch.floor(mx + ex - 0.5).clamp(-1, width - 1),
+                       torch.ceil(my - ey - 0.5).clamp(0, height), torch.floor(my + ey - 0.5).clamp(-1, height - 1)],
+                      1).long()
+    empty = (s <= 0) | (box[:, 1] < box[:, 0]) | (box[:, 3] < box[:, 2])
+    box[:, 3] = torch.where(empty, -1, box[:, 3])
+    return box
+
+
+def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_start: int, y_stop: int,
+          width: int) -> torch.Tensor:
+    """Composite rows [y_start, y_stop): table rows (mean x, y, conic a, b, c, opacity) in depth order, the
+    values to accumulate per Gaussian [N, D], boxes [N, 4] → [(y_stop − y_start)·width, D] sums of weight·values."""
+    inside = ((boxes[:, 2] < y_stop) & (boxes[:, 3] >= y_start)).nonzero().squeeze(1)   # depth order kept
+    n, n_pix = len(inside), (y_stop - y_start) * width
+    out = torch.zeros(n_pix, values.shape[1], dtype=values.dtype)
+    if n == 0:
+        return out
+    key_type = torch.int32 if n * n_pix <= _INT32_MAX else torch.long
+    params = torch.cat([table.index_select(0, inside)[:, :6], boxes.index_select(0, inside).to(table.dtype)], 1)
+    params[:, 8].clamp_(min=y_start)
+    params[:, 9].clamp_(max=y_stop - 1)
+    box = params[:, 6:].long()
+    w, h = box[:, 1] - box[:, 0] + 1, box[:, 3] - box[:, 2] + 1
+    grid_w, grid_h = _grid_size(w), _grid_size(h)
+    shape_id = grid_w * (y_stop - y_start + 1) + grid_h
+    keys, sigmas = [], []
+    shape_id, by_shape = torch.sort(shape_id, stable=True)
+    shapes, per_shape = torch.unique_consecutive(shape_id, return_counts=True)
+    for shape, members in zip(shapes.tolist(), torch.split(by_shape, per_shape.tolist())):
+        gw, gh = divmod(shape, y_stop - y_start + 1)   # a few grid shapes, each evaluated for all its Gaussians
+        mx, my, a, b, c, s_max, x0, _, y0, _ = params.index_select(0, members).unbind(1)
+        jx, jy = torch.arange(gw, dtype=table.dtype), torch.arange(gh, dtype=table.dtype)
+        dx = (mx - x0 - 0.5)[:, None] - jx          # mean minus pixel centre, per column and row of the grid
+        dy = (my - y0 - 0.5)[:, None] - jy
+        dx.masked_fill_(jx >= w.index_select(0, members)[:, None], _FAR)
+        dy.masked_fill_(jy >= h.index_select(0, members)[:, None], _FAR)
+        sigma = (0.5 * c[:, None] * dy * dy)[:, :, None] + (0.5 * a[:, None] * dx * dx)[:, None, :]
+        sigma.addcmul_((b[:, None] * dy)[:, :, None], dx[:, None, :])
+        hit = (sigma <= s_max[:, None, None]).view(-1).nonzero().squeeze(1)   # ⟺ o·e^{−σ} ≥ 1/255
+        row = ((y0.long()[:, None] - y_start + jy.long()) * (width * n) + members[:, None]).to(key_type)
+        col = ((x0.long()[:, None] + jx.long()) * n).to(key_type)
+        keys.append((row[:, :, None] + col[:, None, :]).view(-1).index_select(0, hit))
+        sigmas.append(sigma.view(-1).index_select(0, hit))
+    key, order = torch.sort(torch.cat(keys), stable=True)      # keys are unique: by pixel, then front to back
+    pixel = torch.div(key, n, rounding_mode="floor")
+    rank = key - pixel * n
+    # σ < 0 only from rounding (conics are positive definite): counted as σ = 0
+    alpha = torch.exp(-torch.cat(sigmas).index_select(0, order).clamp_(min=0))
+    alpha = alpha.mul_(table[:, 6].index_select(0, inside).index_select(0, rank)).clamp_(max=ALPHA_MAX)
+    pixels, counts = torch.unique_consecutive(pixel, return_counts=True)
+    log_keep = torch.log1p(-alpha).double()      # double: the cumulative sum runs over the whole band
+    before = torch.cumsum(log_keep, 0).sub_(log_keep)
+    # subtract each pixel's own start: a cumulative sum of the jumps between consecutive starts
+    starts = torch.cumsum(counts, 0).sub_(counts)
+    at_start = before.index_select(0, starts)
+    jumps = torch.zeros_like(before).index_copy_(0, starts, torch.diff(at_start, prepend=at_start.new_zeros(1)))
+    before.sub_(torch.cumsum(jumps, 0))
+    live = (before + log_keep) > math.log(T_MIN)                   # gsplat's early stop
+    weight = torch.exp(before).to(alpha.dtype).mul_(alpha).mul_(live)
+    contrib = values.index_select(0, inside).index_select(0, rank).mul_(weight[:, None])
+    out[pixels.long()] = torch.segment_reduce(contrib, "sum", lengths=counts)
+    return out
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _run_bands(work, bands: int) -> list:
+    """Bands on the intra-op threads at once (each band's ops single-threaded), or in turn."""
+    global _pool
+    threads = torch.get_num_threads()
+    if threads == 1 or bands == 1:
+        return [work(i) for i in range(bands)]
+    if _pool is None or _pool._max_workers != threads:
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="dtk-gs")
+    torch.set_num_threads(1)
+    try:
+        return list(_pool.map(work, range(bands)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, width: int, height: int,
@@ -108,39 +209,32 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
     for cam in range(cams):  # cameras are few; everything inside is vectorised
         col = colors[cam] if colors.dim() == 3 else colors
         drawn = (proj.radii[cam] > 0).all(-1).nonzero().squeeze(1)
-        order = drawn[torch.argsort(proj.depths[cam, drawn], stable=True)]       # front to back
-        # one row per drawn Gaussian, gathered once: mean (2), conic (3), opacity, depth, colour (D)
-        table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], opacities[order, None],
-                           proj.depths[cam, order, None], col[order]], 1)
-        gauss, px, py = _pairs(table[:, :2], proj.radii[cam, order], width, height)
-        rows = table.index_select(0, gauss)
-        dx = rows[:, 0] - (px.to(table.dtype) + 0.5)
-        dy = rows[:, 1] - (py.to(table.dtype) + 0.5)
-        sigma = 0.5 * (rows[:, 2] * dx * dx + rows[:, 4] * dy * dy) + rows[:, 3] * dx * dy
-        alpha = torch.clamp(rows[:, 5] * torch.exp(-sigma), max=ALPHA_MAX)
-        keep = ((sigma >= 0) & (alpha >= ALPHA_MIN)).nonzero().squeeze(1)
-        pixel = (py * width + px).index_select(0, keep)
-        pixel, by_pixel = torch.sort(pixel, stable=True)                           # depth order kept per pixel
-        keep = keep.index_select(0, by_pixel)
-        alpha, rows = alpha.index_select(0, keep), rows.index_select(0, keep)
-        log_keep = torch.log1p(-alpha)
-        csum = torch.cumsum(log_keep.double(), 0)
-        first = torch.ones_like(pixel, dtype=torch.bool)
-        first[1:] = pixel[1:] != pixel[:-1]
-        seg_start = torch.cummax(torch.where(first, torch.arange(len(pixel)), torch.zeros_like(pixel)), 0).values
-        before = (csum - log_keep.double()) - (csum - log_keep.double()).index_select(0, seg_start)
-        T = torch.exp(before).to(alpha.dtype)                                       # transmittance in front
-        live = torch.exp(before + log_keep.double()) > T_MIN                       # gsplat's early stop
-        weight = torch.where(live, alpha * T, torch.zeros_like(alpha))
-        n_pix = width * height
-        rgb = torch.zeros(n_pix, col.shape[-1], dtype=col.dtype).index_add_(0, pixel, weight[:, None] * rows[:, 7:])
-        acc = torch.zeros(n_pix, dtype=alpha.dtype).index_add_(0, pixel, weight)
-        depth = torch.zeros(n_pix, dtype=alpha.dtype).index_add_(0, pixel, weight * rows[:, 6])
+        # front to back; drawn depths are positive, so their bit patterns sort like the floats (and an
+        # integer sort is an order of magnitude faster)
+        depth = proj.depths[cam, drawn].contiguous()
+        bits = depth.view({2: torch.int16, 4: torch.int32, 8: torch.long}[depth.element_size()])
+        order = drawn[torch.argsort(bits, stable=True)]
+        table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], opacities[order, None]], 1)
+        boxes = _boxes(table, proj.radii[cam, order], width, height)
+        table[:, 5] = torch.log(table[:, 5].clamp(min=1e-30) / ALPHA_MIN)        # σ bound, per Gaussian
+        table = torch.cat([table, opacities[order, None]], 1)
+        # accumulated per pixel: colour, depth and 1 (→ alpha)
+        values = torch.cat([col[order], proj.depths[cam, order, None], torch.ones_like(opacities[order, None])], 1)
+        # bands: at least one per thread; int32 keys; a bounded dense grid per band
+        cells = ((boxes[:, 1] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 2] + 1)).clamp(min=0).sum().item()
+        bands = max(BANDS_PER_THREAD * torch.get_num_threads(), math.ceil(1.5 * cells / _BAND_ELEMENTS))
+        while bands < height and (height // bands + 1) * width * len(order) / bands > _INT32_MAX:
+            bands *= 2
+        bands = min(bands, height)
+        edges = [height * i // bands for i in range(bands + 1)]
+        parts = _run_bands(lambda i: _band(table, values, boxes, edges[i], edges[i + 1], width), bands)
+        out = torch.cat(parts)
+        rgb, depth, acc = out[:, :-2], out[:, -2], out[:, -1]
         if background is not None:
             rgb = rgb + (1 - acc)[:, None] * background
-        out_rgb.append(rgb.view(height, width, -1))
-        out_alpha.append(acc.view(height, width, 1))
-        out_depth.append((depth / acc.clamp(min=1e-10)).view(height, width, 1))
+        out_rgb.append(rgb.reshape(height, width, -1))
+        out_alpha.append(acc.reshape(height, width, 1))
+        out_depth.append((depth / acc.clamp(min=1e-10)).reshape(height, width, 1))
     return torch.stack(out_rgb), torch.stack(out_alpha), torch.stack(out_depth)
 
 
