@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dtk.errors import BadInput, RunFailure
+from dtk.errors import BadInput
 
 log = logging.getLogger("dtk")
 
@@ -112,7 +110,7 @@ def run_render(opts: RenderOptions) -> list[dict]:
         log.warning("render-gs: no gsplat for %s (pip install gsplat); rendering on the CPU", device)
         device = torch.device("cpu")
     backend = "gsplat" if device.type == "cuda" else "torch"
-    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    dtype = torch.float32
     out.mkdir(parents=True, exist_ok=True)
     background = torch.tensor(opts.background, dtype=dtype, device=device)
     files: list[str] = []
@@ -163,26 +161,11 @@ def _encode(out: Path, k: int, frames: int, fps: float, fmt: str) -> str:
     """camK.mp4 through ffmpeg when it is there (or asked for), else an animated WebP (or GIF)."""
     from PIL import Image
 
+    from dtk.video import write_video
+
     if fmt == "auto":
         fmt = "mp4" if shutil.which("ffmpeg") else "webp"
     name = f"cam{k}.{fmt}"
-    if fmt == "mp4":
-        if shutil.which("ffmpeg") is None:
-            raise BadInput("--video-format mp4: ffmpeg is not installed (use webp or gif)")
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            partial = Path(tmp) / name
-            cmd = ["ffmpeg", "-v", "error", "-y", "-framerate", str(fps), "-i", str(out / f"cam{k}-%05d.png"),
-                   "-frames:v", str(frames),
-                   "-c:v", "libx264", "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", str(partial)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RunFailure(f"ffmpeg could not encode {name}: {result.stderr.strip()[-300:]}")
-            shutil.move(str(partial), out / name)
-        return name
-    images = [Image.open(out / f"cam{k}-{t:05d}.png").convert("RGB") for t in range(frames)]
-    from dtk.io import atomic_write
-
-    with atomic_write(out / name, "wb") as f:
-        images[0].save(f, format=fmt.upper(), save_all=True, append_images=images[1:],
-                       duration=max(1, round(1000 / fps)), loop=0, **({"lossless": True} if fmt == "webp" else {}))
+    images = [np.asarray(Image.open(out / f"cam{k}-{t:05d}.png").convert("RGB")) for t in range(frames)]
+    write_video(out / name, images, fps)
     return name

@@ -3,7 +3,10 @@
 2D: optical flow (OpenCV DIS, no weights) chained frame to frame gives each
 first-frame pixel a path; with refinement the flow from frame 0 straight to
 frame t is then computed starting from the chained estimate, which removes the
-drift chaining accumulates and re-acquires points after short occlusions.
+drift chaining accumulates and re-acquires points after short occlusions. Per
+point the refined position is kept where it matches frame 0 at least as well
+(blurred intensity) as the chained one — long-range flow fails too, under
+large deformation — and the chain continues from the kept position.
 Visibility: a point is visible in frame t when it is inside the frame, the
 backward flow t → 0 brings it back to where it started (forward–backward
 consistency, |f + b(x + f)|² ≤ 0.01(|f|² + |b|²) + 0.5), and it still looks like
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +93,12 @@ class FlowTracker:
             step = self.flow(gray[t - 1], gray[t])
             pos[t] = pos[t - 1] + bilinear(step, pos[t - 1])
             if refine:  # frame 0 → t directly, from the chained estimate
-                direct = self.flow(gray[0], gray[t], init=(pos[t] - grid).reshape(H, W, 2))
-                pos[t] = grid + direct.reshape(-1, 2)
+                direct = grid + self.flow(gray[0], gray[t], init=(pos[t] - grid).reshape(H, W, 2)).reshape(-1, 2)
+                # kept per point where it matches frame 0 at least as well: a long-range flow can also fail
+                # (large deformation), and then the chained estimate is the better one
+                err_chained = np.abs(bilinear(smooth[t][..., None], pos[t])[:, 0] - smooth[0].reshape(-1))
+                err_direct = np.abs(bilinear(smooth[t][..., None], direct)[:, 0] - smooth[0].reshape(-1))
+                pos[t] = np.where((err_direct <= err_chained)[:, None], direct, pos[t])
             fwd = pos[t] - grid
             # the backward flow t → 0 starts from the negated forward field (smooth motion: close enough),
             # as a large displacement is out of reach of an uninitialised coarse-to-fine search
@@ -318,6 +326,45 @@ def at_queries(gt: dict, grid_shape: tuple[int, int], frames: int, path: str, uv
 
 
 # ---------------------------------------------------------------------------
+# Overlay
+
+
+def overlay(frames: np.ndarray, uv: np.ndarray, visible: np.ndarray, points: int = 400, trail: int = 8
+            ) -> list[np.ndarray]:
+    """Frames [T, H, W, 3] with about ``points`` tracks drawn (a regular subsample of the first frame's
+    pixels, coloured by where they started): a dot where visible, a ring where occluded, and the last
+    ``trail`` frames of the path. Small videos are drawn enlarged (at least 256 pixels on the long side)."""
+    import colorsys
+
+    from PIL import Image, ImageDraw
+
+    T, H, W = frames.shape[:3]
+    step = max(1, round(math.sqrt(H * W / points)))
+    ys, xs = np.mgrid[step // 2:H:step, step // 2:W:step]
+    idx = (ys * W + xs).ravel()
+    colours = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(x / W, 0.9, 1.0 - 0.4 * y / H))
+               for x, y in zip(xs.ravel(), ys.ravel())]
+    zoom = max(1, math.ceil(256 / max(H, W)))
+    path = uv[:, idx] * zoom
+    out = []
+    for t in range(T):
+        image = Image.fromarray(frames[t]).resize((W * zoom, H * zoom), Image.Resampling.NEAREST)
+        draw = ImageDraw.Draw(image)
+        for i, colour in enumerate(colours):
+            for s in range(max(1, t - trail + 1), t + 1):   # the trail: segments between visible positions
+                if visible[s, idx[i]] and visible[s - 1, idx[i]]:
+                    draw.line([tuple(path[s - 1, i]), tuple(path[s, i])], fill=colour, width=1)
+            x, y = path[t, i]
+            r = 1.5 + zoom * 0.5
+            if visible[t, idx[i]]:
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+            else:
+                draw.ellipse([x - r, y - r, x + r, y + r], outline=colour)
+        out.append(np.asarray(image))
+    return out
+
+
+# ---------------------------------------------------------------------------
 # The command
 
 
@@ -336,6 +383,9 @@ class TrackOptions:
     refine: bool = True
     preset: str = "medium"
     eval: str | None = None
+    viz: str | None = None
+    viz_points: int = 400
+    fps: float = 12.0
     device: str = "auto"
     overwrite: bool = False
 
@@ -367,6 +417,12 @@ def run_track(opts: TrackOptions) -> dict:
         raise BadInput(f"--out {out}: the tracks are written as an .npz file")
     if out.exists() and not opts.overwrite:
         raise BadInput(f"--out {out}: exists; pass --overwrite or choose another file")
+    if opts.viz and Path(opts.viz).suffix.lower() not in (".mp4", ".webp", ".gif"):
+        raise BadInput(f"--viz {opts.viz}: the overlay is written as .mp4, .webp or .gif")
+    if opts.viz and Path(opts.viz).suffix.lower() == ".mp4" and shutil.which("ffmpeg") is None:
+        raise BadInput(f"--viz {opts.viz}: writing mp4 needs ffmpeg, which is not installed (use .webp or .gif)")
+    if opts.viz and Path(opts.viz).exists() and not opts.overwrite:
+        raise BadInput(f"--viz {opts.viz}: exists; pass --overwrite or choose another file")
     if (opts.depth is None) == (opts.depth_model is None):
         raise BadInput("give --depth FILE|DIR (per-frame depth maps) or --depth-model ID|PATH")
     gt = load_ground_truth(opts.eval) if opts.eval else None
@@ -400,9 +456,15 @@ def run_track(opts: TrackOptions) -> dict:
               "image_size": np.asarray([W, H]), "colors": frames[0].reshape(-1, 3)}
     with atomic_write(out, "wb") as f:
         np.savez_compressed(f, **arrays)
+    if opts.viz:
+        from dtk.video import write_video
+
+        write_video(Path(opts.viz), overlay(frames, uv, visible, opts.viz_points), opts.fps)
     record = {"out": str(out), "frames": T, "points": n, "width": W, "height": H, "intrinsics": intrinsics,
               "refine": opts.refine, "tracking_seconds": round(seconds, 3),
               "visible_fraction": float(visible.mean())}
+    if opts.viz:
+        record["viz"] = opts.viz
     if gt is not None:
         q_uv, q_xyz, q_vis = at_queries(gt, (H, W), T, opts.eval, uv, xyz, visible)
         scores = evaluate(q_xyz, q_vis, gt["tracks_xyz"], gt["visibility"], gt["intrinsics"], q_uv,

@@ -65,3 +65,39 @@ def _ffmpeg_frames(path: Path, option: str) -> list[np.ndarray]:
     if n == 0:
         raise BadInput(f"{option} {path}: ffmpeg decodes no frames")
     return list(np.frombuffer(raw[: n * w * h * 3], dtype=np.uint8).reshape(n, h, w, 3))
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    """uint8 frames [H, W, 3] as a video chosen by the suffix: .mp4 (H.264 through ffmpeg), .webp (lossless,
+    animated) or .gif; written atomically (a partial file never stands under the final name)."""
+    from PIL import Image
+
+    from dtk.errors import RunFailure
+    from dtk.io import atomic_write
+
+    suffix = path.suffix.lower()
+    if suffix == ".mp4":
+        if shutil.which("ffmpeg") is None:
+            raise BadInput(f"{path}: writing mp4 needs ffmpeg, which is not installed (use .webp or .gif)")
+        import os
+        import tempfile
+
+        h, w = frames[0].shape[:2]
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:   # renamed into place when complete
+            partial = Path(tmp) / "video.mp4"
+            cmd = ["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+                   "-framerate", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                   "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", str(partial)]
+            result = subprocess.run(cmd, input=b"".join(np.ascontiguousarray(fr).tobytes() for fr in frames),
+                                    capture_output=True)
+            if result.returncode != 0:
+                raise RunFailure(f"ffmpeg could not encode {path.name}: "
+                                 f"{result.stderr.decode(errors='replace').strip()[-300:]}")
+            os.replace(partial, path)
+        return
+    if suffix not in (".webp", ".gif"):
+        raise BadInput(f"{path}: a video is written as .mp4, .webp or .gif")
+    images = [Image.fromarray(fr) for fr in frames]
+    with atomic_write(path, "wb") as f:
+        images[0].save(f, format=suffix[1:].upper(), save_all=True, append_images=images[1:],
+                       duration=max(1, round(1000 / fps)), loop=0, **({"lossless": True} if suffix == ".webp" else {}))

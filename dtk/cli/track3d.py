@@ -30,11 +30,17 @@ from dtk.cli.render_gs import _floats
               help="OpenCV DIS flow preset.")
 @click.option("--eval", "eval_gt", metavar="GT.npz", help="Score against ground truth: 3D-AJ, APD, OA (and 2D AJ, "
               "δ_avg when it has tracks_uv).")
+@click.option("--viz", type=click.Path(dir_okay=False), metavar="FILE.mp4|.webp|.gif",
+              help="Also write an overlay video of a subsample of the tracks (dot: visible, ring: occluded).")
+@click.option("--viz-points", type=click.IntRange(min=1), default=400, show_default=True,
+              help="About how many tracks the overlay draws.")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
+              help="Frame rate of the overlay video.")
 @device_option
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (and --viz) file.")
 @config_option
 def command(video, out, depth, depth_model, depth_kind, intrinsics, fov, max_frames, max_side, stride, refine, preset, eval_gt,
-            device, overwrite):
+            viz, viz_points, fps, device, overwrite):
     """Track every pixel of the first frame of VIDEO through the clip and lift the tracks to 3D.
 
     VIDEO is a folder of frames, an animated GIF/WebP, or a video ffmpeg
@@ -48,6 +54,7 @@ def command(video, out, depth, depth_model, depth_kind, intrinsics, fov, max_fra
     Examples:
       dtk track3d clip/ --depth depth.npz --intrinsics 500,500,320,240 --out tracks.npz
       dtk track3d clip.mp4 --depth-model depth-anything/Depth-Anything-V2-Small-hf --max-side 256 --out t.npz
+      dtk track3d clip/ --depth depth.npz --fov 60 --out t.npz --viz tracks.webp
       dtk render-gs --tracks tracks.npz --video clip/ --camera orbit:15 --out render/
     """
     from dtk.track3d import TrackOptions, run_track
@@ -55,4 +62,5 @@ def command(video, out, depth, depth_model, depth_kind, intrinsics, fov, max_fra
     run_track(TrackOptions(video=video, out=out, depth=depth, depth_model=depth_model, depth_kind=depth_kind,
                            intrinsics=intrinsics,
                            fov=fov, max_frames=max_frames, max_side=max_side, stride=stride, refine=refine,
-                           preset=preset, eval=eval_gt, device=device, overwrite=overwrite))
+                           preset=preset, eval=eval_gt, viz=viz, viz_points=viz_points, fps=fps,
+                           device=device, overwrite=overwrite))
