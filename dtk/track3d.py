@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dtk.errors import BadInput
+from dtk.errors import BadInput, RunFailure
 
 log = logging.getLogger("dtk")
 
@@ -181,40 +181,56 @@ def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, m
 METRIC_MODEL_TYPES = ("zoedepth", "depth_pro")
 
 
-def model_depth(model: str, frames: np.ndarray, device: str = "auto", kind: str = "auto") -> np.ndarray:
-    """Depth [T, H, W] from a transformers depth-estimation model (local files or the hub cache only).
+def model_depth(model: str, frames: np.ndarray, device: str = "auto", kind: str = "auto"
+                ) -> tuple[np.ndarray, float | None]:
+    """Depth [T, H, W] from a transformers depth-estimation model (local files or the hub cache only), and
+    the focal length in pixels when the model predicts one (Depth Pro), else None.
 
     ``kind``: "depth" (metric models: used as they are), "disparity" (relative models such as Depth Anything
     V2: inverse depth up to scale — and a shift, which is ignored — turned into 1/(d/median d), a median depth
     of 1 m, a global scale the TAPVid-3D metrics remove by their median alignment), or "auto": metric when the
     model's config says so (depth_estimation_type "metric", ZoeDepth, DepthPro), else disparity."""
-    from transformers import pipeline
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     from dtk.device import resolve_device
 
     try:
-        estimator = pipeline("depth-estimation", model=model, device=resolve_device(device),
-                             model_kwargs={"local_files_only": True})
+        processor = AutoImageProcessor.from_pretrained(model, local_files_only=True)
+        net = AutoModelForDepthEstimation.from_pretrained(model, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - missing weights offline, a wrong id
         raise BadInput(f"--depth-model {model}: could not load it from local files or the hub cache "
                        f"({type(e).__name__}); download it where there is network, e.g. "
                        f"`huggingface-cli download {model}`") from None
-    from PIL import Image
-
-    out = []
+    dev = resolve_device(device)
+    net.to(dev).eval()
+    out, focals = [], []
     for frame in frames:
-        pred = estimator(Image.fromarray(frame))["predicted_depth"].squeeze().float().cpu().numpy()
-        out.append(np.asarray(Image.fromarray(pred).resize(frame.shape[1::-1], Image.Resampling.BILINEAR)))
+        h, w = frame.shape[:2]
+        inputs = processor(images=Image.fromarray(frame), return_tensors="pt").to(dev)
+        with torch.no_grad():
+            outputs = net(**inputs)
+        # the frame size: target size for most models, the source size (padding removed) for ZoeDepth
+        post = processor.post_process_depth_estimation(outputs, [(h, w)])[0]
+        pred = post["predicted_depth"].squeeze().float().cpu().numpy()
+        if pred.shape != (h, w):
+            pred = np.asarray(Image.fromarray(pred).resize((w, h), Image.Resampling.BILINEAR))
+        out.append(pred)
+        if post.get("focal_length") is not None:
+            focals.append(float(post["focal_length"]))
     depth = np.stack(out)
     if kind == "auto":
-        config = estimator.model.config
-        metric = (getattr(config, "depth_estimation_type", None) == "metric"
-                  or getattr(config, "model_type", "") in METRIC_MODEL_TYPES)
+        metric = (getattr(net.config, "depth_estimation_type", None) == "metric"
+                  or getattr(net.config, "model_type", "") in METRIC_MODEL_TYPES)
         kind = "depth" if metric else "disparity"
         log.info("track3d: %s predicts %s", model, "metric depth" if metric else "relative inverse depth")
+    if not np.isfinite(depth).all() or np.median(depth) <= 0:
+        raise RunFailure(f"--depth-model {model}: predicts no usable depth (non-finite values, or a median of "
+                         f"{float(np.median(depth)):.3g})")
     if kind == "disparity":
         depth = np.median(depth) / np.maximum(depth, 1e-6)
-    return depth.astype(np.float32)
+    return depth.astype(np.float32), (float(np.median(focals)) if focals else None)
 
 
 # ---------------------------------------------------------------------------
@@ -432,16 +448,23 @@ def run_track(opts: TrackOptions) -> dict:
     T, H, W = frames.shape[:3]
     if gt is not None:
         at_queries(gt, (H, W), T, opts.eval)   # before any work: the ground truth must fit these tracks
+    if opts.fov is not None:
+        intrinsics_from_fov(opts.fov, W, H)   # a bad --fov is refused before the depth model runs
+    focal = None
+    if opts.depth:
+        depth = read_depth(opts.depth, T, (W, H), opts.stride, opts.max_frames)
+    else:
+        depth, focal = model_depth(opts.depth_model, frames, opts.device, opts.depth_kind)
     if opts.intrinsics:
         fx, fy, cx, cy = opts.intrinsics
         intrinsics = [fx * sx, fy * sy, cx * sx, cy * sy]  # given for the video's own size
+    elif opts.fov is None and focal is not None:
+        intrinsics = [focal, focal, W / 2, H / 2]
+        log.info("track3d: focal length %.1f px from %s", focal, opts.depth_model)
     else:
-        fov = opts.fov if opts.fov is not None else 60.0
         if opts.fov is None:
             log.warning("track3d: no --intrinsics or --fov; assuming a 60° horizontal field of view")
-        intrinsics = intrinsics_from_fov(fov, W, H)
-    depth = (read_depth(opts.depth, T, (W, H), opts.stride, opts.max_frames) if opts.depth
-             else model_depth(opts.depth_model, frames, opts.device, opts.depth_kind))
+        intrinsics = intrinsics_from_fov(opts.fov if opts.fov is not None else 60.0, W, H)
     cv2 = _cv2()
     gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
     t0 = time.perf_counter()

@@ -180,3 +180,51 @@ def test_procedural_scene_ground_truth_and_overlay(run_dtk, tmp_path):
     # (3D scores are harsher than 2D at 64 pixels: depth sampled across card edges)
     assert all(s["aj2d"] > 0.6 and s["apd3d"] > 0.3 and s["oa"] > 0.8 for s in scores.values()), scores
     assert scores["--refine"]["apd3d"] > scores["--no-refine"]["apd3d"]
+
+
+def tiny_depth_model(path):
+    """A randomly initialised Depth Anything (DINOv2 backbone, DPT head) saved like a hub download."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers import DPTImageProcessorPil
+
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                            patch_size=4, image_size=16, out_features=["stage1", "stage2"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 16],
+                                 fusion_hidden_size=16, head_hidden_size=8, reassemble_factors=[2, 1], patch_size=4,
+                                 depth_estimation_type="relative")
+    model = DepthAnythingForDepthEstimation(config)
+    with torch.no_grad():
+        model.head.conv3.bias.fill_(1.0)    # positive disparities, varying around 1
+    model.save_pretrained(path)
+    DPTImageProcessorPil(size={"height": 16, "width": 16}, keep_aspect_ratio=False).save_pretrained(path)
+    return path
+
+
+def test_depth_model_and_its_focal_length(run_dtk, tmp_path, monkeypatch):
+    model = tiny_depth_model(tmp_path / "depth-model")
+    frames = [np.ascontiguousarray(texture(24, 40, seed=2)[:, :32]) for _ in range(3)]
+    clip = write_clip(tmp_path / "clip", frames)
+    r = run_dtk("track3d", clip, "--depth-model", model, "--fov", 90, "--out", tmp_path / "t.npz")
+    assert r.exit_code == 0, r.stderr
+    data = np.load(tmp_path / "t.npz")
+    z = data["tracks_xyz"][..., 2]
+    assert np.isfinite(z).all() and (z > 0).all() and np.median(z[0]) == pytest.approx(1.0, rel=0.05)  # relative
+    assert json.loads(r.stdout)["intrinsics"] == pytest.approx([16.0, 16.0, 16.0, 12.0])            # --fov 90
+    # a model that predicts its focal length (as Depth Pro does) sets the intrinsics when none are given
+    import torch
+    from transformers import AutoImageProcessor
+
+    cls = type(AutoImageProcessor.from_pretrained(model))
+    original = cls.post_process_depth_estimation
+
+    def with_focal(self, outputs, *args, **kwargs):
+        return [dict(o, focal_length=torch.tensor(40.0)) for o in original(self, outputs, *args, **kwargs)]
+
+    monkeypatch.setattr(cls, "post_process_depth_estimation", with_focal)
+    r = run_dtk("track3d", clip, "--depth-model", model, "--out", tmp_path / "f.npz")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["intrinsics"] == pytest.approx([40.0, 40.0, 16.0, 12.0])
+    r = run_dtk("track3d", clip, "--depth-model", tmp_path / "missing", "--out", tmp_path / "m.npz")
+    assert r.exit_code == 2 and "could not load it from local files" in r.stderr

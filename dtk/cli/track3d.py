@@ -20,7 +20,8 @@ from dtk.cli.render_gs import _floats
 @click.option("--depth-kind", type=click.Choice(["auto", "depth", "disparity"]), default="auto", show_default=True,
               help="What --depth-model predicts: metric depth, or relative inverse depth; auto reads its config.")
 @click.option("--intrinsics", callback=_floats(4), metavar="FX,FY,CX,CY", help="Of the video at its own size.")
-@click.option("--fov", type=float, default=None, help="Horizontal field of view in degrees [60, without --intrinsics].")
+@click.option("--fov", type=float, default=None, help="Horizontal field of view in degrees [without --intrinsics: "
+              "the depth model's focal length when it predicts one (Depth Pro), else 60].")
 @click.option("--max-frames", type=click.IntRange(min=2), default=None)
 @click.option("--max-side", type=click.IntRange(min=8), default=None, help="Downscale so the longer side is at most this.")
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True, help="Use every N-th frame.")
