@@ -173,6 +173,10 @@ def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, m
         raise BadInput(f"--depth {spec}: {maps.shape[0] if maps.ndim == 3 else maps.shape} depth map(s) of shape "
                        f"{maps.shape[1:] if maps.ndim == 3 else '?'}; the video has {frames} frames")
     w, h = size
+    mh, mw = maps.shape[1:]
+    if abs(mw / mh - w / h) > 0.02 * (w / h):
+        raise BadInput(f"--depth {spec}: maps of {mw}x{mh}, the frames are {w}x{h} (after --max-side); another "
+                       "resolution is resized, another aspect ratio is refused")
     if maps.shape[1:] != (h, w):
         maps = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.BILINEAR)) for m in maps])
     return maps

@@ -137,6 +137,10 @@ def test_inputs_and_bad_input(run_dtk, tmp_path):
     np.save(tmp_path / "d2.npy", np.ones((2, 32, 40), np.float32))
     assert "2 depth map(s)" in bad(gif, "--depth", tmp_path / "d2.npy", "--out", tmp_path / "x.npz") \
         and "the video has 3 frames" in bad(gif, "--depth", tmp_path / "d2.npy", "--out", tmp_path / "x.npz")
+    np.save(tmp_path / "d3.npy", np.ones((3, 32, 32), np.float32))
+    assert "maps of 32x32, the frames are 40x32" in bad(gif, "--depth", tmp_path / "d3.npy", "--out", tmp_path / "x.npz")
+    np.save(tmp_path / "half.npy", np.ones((3, 16, 20), np.float32))     # another resolution: resized
+    assert run_dtk("track3d", gif, "--depth", tmp_path / "half.npy", "--out", tmp_path / "h.npz").exit_code == 0
     (tmp_path / "gt.npz").write_bytes(b"not a zip")
     assert "not a readable npz" in bad(gif, "--depth", tmp_path / "depth.npz", "--eval", tmp_path / "gt.npz",
                                        "--out", tmp_path / "x.npz")
