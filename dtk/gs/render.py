@@ -108,10 +108,9 @@ def _grid_size(n: torch.Tensor) -> torch.Tensor:
 
 
 def _boxes(table: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Inclusive pixel boxes [N, 4] (x0, x1, y0, y1) of the ellipses σ ≤ ln(255·o), within the radii; an
-    empty box (y1 < y0) for Gaussians that touch no pixel centre."""
-    mx, my, a, b, c, o = table[:, :6].unbind(1)
-    s = torch.log(o.clamp(min=1e-30) / ALPHA_MIN)
+    """Inclusive pixel boxes [N, 4] (x0, x1, y0, y1) of the ellipses σ ≤ s = ln(255·o), within the radii (table
+    columns: mean x, y, conic a, b, c, s); an empty box (y1 < y0) for Gaussians that touch no pixel centre."""
+    mx, my, a, b, c, s = table[:, :6].unbind(1)
     det = a * c - b * b
     # the ellipse ½dᵀQd ≤ s has half-extents √(2s·(Q⁻¹)_xx) and √(2s·(Q⁻¹)_yy); widened by a hair, since
     # every pair is tested again on σ
@@ -128,8 +127,9 @@ def _boxes(table: torch.Tensor, radii: torch.Tensor, width: int, height: int) ->
 
 def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_start: int, y_stop: int,
           width: int) -> torch.Tensor:
-    """Composite rows [y_start, y_stop): table rows (mean x, y, conic a, b, c, opacity) in depth order, the
-    values to accumulate per Gaussian [N, D], boxes [N, 4] → [(y_stop − y_start)·width, D] sums of weight·values."""
+    """Composite rows [y_start, y_stop): table rows (mean x, y, conic a, b, c, σ bound, opacity) in depth order,
+    the values to accumulate per Gaussian [N, D], boxes [N, 4] → [(y_stop − y_start)·width, D] sums of
+    weight·values."""
     inside = ((boxes[:, 2] < y_stop) & (boxes[:, 3] >= y_start)).nonzero().squeeze(1)   # depth order kept
     n, n_pix = len(inside), (y_stop - y_start) * width
     out = torch.zeros(n_pix, values.shape[1], dtype=values.dtype)
@@ -162,6 +162,8 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
         keys.append((row[:, :, None] + col[:, None, :]).view(-1).index_select(0, hit))
         sigmas.append(sigma.view(-1).index_select(0, hit))
     key, order = torch.sort(torch.cat(keys), stable=True)      # keys are unique: by pixel, then front to back
+    if len(key) == 0:
+        return out
     pixel = torch.div(key, n, rounding_mode="floor")
     rank = key - pixel * n
     # σ < 0 only from rounding (conics are positive definite): counted as σ = 0
@@ -214,12 +216,12 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
         depth = proj.depths[cam, drawn].contiguous()
         bits = depth.view({2: torch.int16, 4: torch.int32, 8: torch.long}[depth.element_size()])
         order = drawn[torch.argsort(bits, stable=True)]
-        table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], opacities[order, None]], 1)
+        opacity = opacities[order, None]
+        sigma_bound = torch.log(opacity.clamp(min=1e-30) / ALPHA_MIN)            # α ≥ 1/255 ⟺ σ ≤ this
+        table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], sigma_bound, opacity], 1)
         boxes = _boxes(table, proj.radii[cam, order], width, height)
-        table[:, 5] = torch.log(table[:, 5].clamp(min=1e-30) / ALPHA_MIN)        # σ bound, per Gaussian
-        table = torch.cat([table, opacities[order, None]], 1)
         # accumulated per pixel: colour, depth and 1 (→ alpha)
-        values = torch.cat([col[order], proj.depths[cam, order, None], torch.ones_like(opacities[order, None])], 1)
+        values = torch.cat([col[order], proj.depths[cam, order, None], torch.ones_like(opacity)], 1)
         # bands: at least one per thread; int32 keys; a bounded dense grid per band
         cells = ((boxes[:, 1] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 2] + 1)).clamp(min=0).sum().item()
         bands = max(BANDS_PER_THREAD * torch.get_num_threads(), math.ceil(1.5 * cells / _BAND_ELEMENTS))
