@@ -130,6 +130,53 @@ def test_bands_threads_and_key_widths_give_the_same_image(monkeypatch):
             assert torch.allclose(a, b, atol=1e-12)
 
 
+def test_gaussians_larger_than_a_band():
+    """Gaussians whose boxes span several bands (and round up past a band's height) are drawn on every row."""
+    means, quats, scales, opacities, colors = random_gaussians(6, seed=7, depth=(2.5, 3.0))
+    scales = scales * 6 + 0.3                    # footprints of most of the frame
+    means[:, :2] *= 0.2
+    viewmats, Ks = cameras(40, 36)
+    proj = project(means, covariances(quats, scales), viewmats[:1], Ks[:1], 40, 36)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)                     # 4 bands of 9 rows: boxes of 9 rows round up to grids of 10
+    try:
+        rgb, alpha, _ = rasterize(proj, colors, opacities * 0.5 + 0.5, 40, 36)
+    finally:
+        torch.set_num_threads(threads)
+    image, acc = loop_rasterize(proj, colors, opacities * 0.5 + 0.5, 40, 36)
+    assert acc.min() > 0.5
+    assert torch.allclose(alpha[0, ..., 0], acc, atol=1e-9) and torch.allclose(rgb[0], image, atol=1e-9)
+
+
+def _rasterize_in_child(proj, colors, opacities, queue):
+    queue.put(float(rasterize(proj, colors, opacities, 24, 20)[1].sum()))
+
+
+def test_rasterizing_in_a_forked_child_after_the_parent():
+    """The band thread pool of the parent does not survive fork(): the child makes its own. (Only the
+    rasteriser runs in the child: torch's BLAS thread pool itself hangs in a forked child.)"""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        means, quats, scales, opacities, colors = random_gaussians(30)
+        viewmats, Ks = cameras(24, 20)
+        proj = project(means, covariances(quats, scales), viewmats, Ks, 24, 20)
+        expected = float(rasterize(proj, colors, opacities, 24, 20)[1].sum())
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_rasterize_in_child, args=(proj, colors, opacities, queue))
+        child.start()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+            pytest.fail("the forked child hung")
+        assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_background_and_nothing_drawn():
     means, quats, scales, opacities, colors = random_gaussians(5)
     viewmats, Ks = cameras(16, 12)

@@ -27,6 +27,8 @@ and lets the bands run on the intra-op threads at once.
 from __future__ import annotations
 
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -142,16 +144,19 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     box = params[:, 6:].long()
     w, h = box[:, 1] - box[:, 0] + 1, box[:, 3] - box[:, 2] + 1
     grid_w, grid_h = _grid_size(w), _grid_size(h)
-    shape_id = grid_w * (y_stop - y_start + 1) + grid_h
+    base = int(grid_h.max()) + 1          # (grid_w, grid_h) packed into one integer
+    shape_id = grid_w * base + grid_h
     keys, sigmas = [], []
     shape_id, by_shape = torch.sort(shape_id, stable=True)
     shapes, per_shape = torch.unique_consecutive(shape_id, return_counts=True)
     for shape, members in zip(shapes.tolist(), torch.split(by_shape, per_shape.tolist())):
-        gw, gh = divmod(shape, y_stop - y_start + 1)   # a few grid shapes, each evaluated for all its Gaussians
+        gw, gh = divmod(shape, base)      # a few grid shapes, each evaluated for all its Gaussians
         mx, my, a, b, c, s_max, x0, _, y0, _ = params.index_select(0, members).unbind(1)
         jx, jy = torch.arange(gw, dtype=table.dtype), torch.arange(gh, dtype=table.dtype)
         dx = (mx - x0 - 0.5)[:, None] - jx          # mean minus pixel centre, per column and row of the grid
         dy = (my - y0 - 0.5)[:, None] - jy
+        # grid cells beyond a Gaussian's own box: an offset so large that σ > any bound (conics are positive
+        # definite, eigenvalues ≥ 1/(λ_max + 0.3)), so they never pass the test below
         dx.masked_fill_(jx >= w.index_select(0, members)[:, None], _FAR)
         dy.masked_fill_(jy >= h.index_select(0, members)[:, None], _FAR)
         sigma = (0.5 * c[:, None] * dy * dy)[:, :, None] + (0.5 * a[:, None] * dx * dx)[:, None, :]
@@ -184,22 +189,26 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     return out
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None   # (process id, threads, pool): a forked child makes its own
+_pool_lock = threading.Lock()
 
 
 def _run_bands(work, bands: int) -> list:
-    """Bands on the intra-op threads at once (each band's ops single-threaded), or in turn."""
+    """Bands on the intra-op threads at once, or in turn. While they run, torch's (process-wide) intra-op
+    thread count is 1, so that each band's ops stay on its own thread."""
     global _pool
     threads = torch.get_num_threads()
     if threads == 1 or bands == 1:
         return [work(i) for i in range(bands)]
-    if _pool is None or _pool._max_workers != threads:
-        _pool = ThreadPoolExecutor(threads, thread_name_prefix="dtk-gs")
-    torch.set_num_threads(1)
-    try:
-        return list(_pool.map(work, range(bands)))
-    finally:
-        torch.set_num_threads(threads)
+    with _pool_lock:
+        if _pool is None or _pool[:2] != (os.getpid(), threads):
+            _pool = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="dtk-gs"))
+        pool = _pool[2]
+        torch.set_num_threads(1)
+        try:
+            return list(pool.map(work, range(bands)))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, width: int, height: int,
@@ -211,18 +220,20 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
     for cam in range(cams):  # cameras are few; everything inside is vectorised
         col = colors[cam] if colors.dim() == 3 else colors
         drawn = (proj.radii[cam] > 0).all(-1).nonzero().squeeze(1)
-        # front to back; drawn depths are positive, so their bit patterns sort like the floats (and an
-        # integer sort is an order of magnitude faster)
+        # front to back; positive floats' bit patterns sort like the floats, and an integer sort is an order
+        # of magnitude faster (project() draws only depths beyond the near plane)
         depth = proj.depths[cam, drawn].contiguous()
-        bits = depth.view({2: torch.int16, 4: torch.int32, 8: torch.long}[depth.element_size()])
-        order = drawn[torch.argsort(bits, stable=True)]
+        if len(depth) and depth.min() > 0:
+            depth = depth.view({2: torch.int16, 4: torch.int32, 8: torch.long}[depth.element_size()])
+        order = drawn[torch.argsort(depth, stable=True)]
         opacity = opacities[order, None]
         sigma_bound = torch.log(opacity.clamp(min=1e-30) / ALPHA_MIN)            # α ≥ 1/255 ⟺ σ ≤ this
         table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], sigma_bound, opacity], 1)
         boxes = _boxes(table, proj.radii[cam, order], width, height)
         # accumulated per pixel: colour, depth and 1 (→ alpha)
         values = torch.cat([col[order], proj.depths[cam, order, None], torch.ones_like(opacity)], 1)
-        # bands: at least one per thread; int32 keys; a bounded dense grid per band
+        # bands: at least BANDS_PER_THREAD per thread; a bounded dense grid per band; and a guess at enough of
+        # them for int32 keys (N/bands Gaussians per band; _band checks and falls back to int64)
         cells = ((boxes[:, 1] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 2] + 1)).clamp(min=0).sum().item()
         bands = max(BANDS_PER_THREAD * torch.get_num_threads(), math.ceil(1.5 * cells / _BAND_ELEMENTS))
         while bands < height and (height // bands + 1) * width * len(order) / bands > _INT32_MAX:
