@@ -44,12 +44,12 @@ def main() -> None:
 
     w = Path(args.work)
     times: dict = {}
-    step([sys.executable, "-m", "dtk.demo.tracks", "--out", w / "scenes", "--scenes", args.scenes, "--frames",
-          args.frames, "--size", args.size], w / "scenes" / f"scene-{args.scenes - 1:03d}" / "scene.json", times,
-         "scenes")
+    scenes = w / f"scenes-{args.scenes}x{args.frames}x{args.size}"     # made again for other settings
+    step([sys.executable, "-m", "dtk.demo.tracks", "--out", scenes, "--scenes", args.scenes, "--frames",
+          args.frames, "--size", args.size], scenes / f"scene-{args.scenes - 1:03d}" / "scene.json", times, "scenes")
     results: dict[str, list[dict]] = {"chained": [], "refined": []}
     for i in range(args.scenes):
-        scene = w / "scenes" / f"scene-{i:03d}"
+        scene = scenes / f"scene-{i:03d}"
         info = json.loads((scene / "scene.json").read_text())
         for name, flag in (("chained", "--no-refine"), ("refined", "--refine")):
             cmd = [sys.executable, "-m", "dtk", "track3d", scene / "frames", "--depth", scene / "depth.npy",
@@ -73,7 +73,7 @@ def main() -> None:
                            for c, r in zip(results["chained"], results["refined"]))
     lines = [f"{args.scenes} procedural scenes (`python -m dtk.demo.tracks`), {args.frames} frames at "
              f"{args.size}×{args.size} ({n_pix:,} tracked pixels), exact depth maps, DIS preset {args.preset}; "
-             f"4,096 ground-truth tracks per scene; machine: {machine()}", "",
+             f"{info['queries']:,} ground-truth tracks per scene; machine: {machine()}", "",
              "| tracker | 3D-AJ | APD | OA | 2D AJ | δ_avg | tracking s (median) | frames/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
              f"APD per scene, chained → refined: {per_scene}", "",

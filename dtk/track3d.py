@@ -94,8 +94,9 @@ class FlowTracker:
             pos[t] = pos[t - 1] + bilinear(step, pos[t - 1])
             if refine:  # frame 0 → t directly, from the chained estimate
                 direct = grid + self.flow(gray[0], gray[t], init=(pos[t] - grid).reshape(H, W, 2)).reshape(-1, 2)
-                # kept per point where it matches frame 0 at least as well: a long-range flow can also fail
-                # (large deformation), and then the chained estimate is the better one
+                # kept per point where it matches frame 0 at least as well (ties: the direct one): a long-range
+                # flow can also fail (large deformation), and then the chained estimate is the better one. (The
+                # choice favours photometric agreement, which the visibility test below also checks.)
                 err_chained = np.abs(bilinear(smooth[t][..., None], pos[t])[:, 0] - smooth[0].reshape(-1))
                 err_direct = np.abs(bilinear(smooth[t][..., None], direct)[:, 0] - smooth[0].reshape(-1))
                 pos[t] = np.where((err_direct <= err_chained)[:, None], direct, pos[t])
@@ -174,7 +175,8 @@ def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, m
                        f"{maps.shape[1:] if maps.ndim == 3 else '?'}; the video has {frames} frames")
     w, h = size
     mh, mw = maps.shape[1:]
-    if abs(mw / mh - w / h) > 0.02 * (w / h):
+    # the same aspect ratio, up to a pixel of rounding at the frames' (possibly --max-side reduced) size
+    if abs(mw * h / mh - w) > max(1.0, 0.02 * w):
         raise BadInput(f"--depth {spec}: maps of {mw}x{mh}, the frames are {w}x{h} (after --max-side); another "
                        "resolution is resized, another aspect ratio is refused")
     if maps.shape[1:] != (h, w):

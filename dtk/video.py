@@ -75,6 +75,9 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     from dtk.errors import RunFailure
     from dtk.io import atomic_write
 
+    if not frames:
+        raise BadInput(f"{path}: no frames to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix == ".mp4":
         if shutil.which("ffmpeg") is None:
