@@ -189,8 +189,11 @@ def test_procedural_scene_ground_truth_and_overlay(run_dtk, tmp_path):
 def tiny_depth_model(path):
     """A randomly initialised Depth Anything (DINOv2 backbone, DPT head) saved like a hub download."""
     import torch
+    import transformers
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers import DPTImageProcessorPil
+
+    # transformers 5 names the PIL-backed processor (no torchvision needed) apart; 4.x has only the one
+    processor_class = getattr(transformers, "DPTImageProcessorPil", None) or transformers.DPTImageProcessor
 
     backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                             patch_size=4, image_size=16, out_features=["stage1", "stage2"],
@@ -202,7 +205,7 @@ def tiny_depth_model(path):
     with torch.no_grad():
         model.head.conv3.bias.fill_(1.0)    # positive disparities, varying around 1
     model.save_pretrained(path)
-    DPTImageProcessorPil(size={"height": 16, "width": 16}, keep_aspect_ratio=False).save_pretrained(path)
+    processor_class(size={"height": 16, "width": 16}, keep_aspect_ratio=False).save_pretrained(path)
     return path
 
 
