@@ -95,6 +95,8 @@ def run_render(opts: RenderOptions) -> list[dict]:
     from dtk.gs.render import render
     from dtk.io import atomic_write, emit, prepare_out_dir, run_record, write_json
 
+    if opts.video_format == "mp4" and shutil.which("ffmpeg") is None:   # refused before any rendering
+        raise BadInput("--video-format mp4: ffmpeg is not installed (use webp or gif)")
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
     for spec in opts.cameras:  # the grammar first, before any data is read
         if not spec.startswith("json:"):

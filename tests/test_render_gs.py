@@ -67,3 +67,8 @@ def test_render_gs_bad_input(run_dtk, tmp_path):
                                                    "--size", "4x4")
     assert "both sides must be at least 1" in bad("--tracks", tracks, "--video", frames, "--size", "0x0")
     assert "depth + DELTA must be positive" in bad("--tracks", tracks, "--video", frames, "--camera", "dolly:-3,2")
+    import shutil
+
+    if shutil.which("ffmpeg") is None:   # refused before anything is rendered
+        assert "ffmpeg is not installed" in bad("--tracks", tracks, "--video", frames, "--video-format", "mp4")
+        assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
