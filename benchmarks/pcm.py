@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="training steps of every run")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"])
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights, exported (0 = none)")
     ap.add_argument("--cfg-range", default="1,1",
                     help="teacher CFG w in the LCM convention: 1,1 = diffusers scale 2.0, the demo teacher's own")
     ap.add_argument("--num-images", type=int, default=1000)
@@ -59,7 +62,9 @@ def main() -> None:
         step([sys.executable, "-m", "dtk.demo.shapes", "--out", data, "--num", args.images, "--seed", 7],
              data / "captions.txt", times, "images")
     common = ["--data", data, "--full", "--max-steps", args.steps, "--batch-size", args.batch_size,
-              "--lr", args.lr, "--cfg-range", args.cfg_range, "--checkpoint-every", 500, "--log-every", 100]
+              "--lr", args.lr, "--lr-schedule", args.lr_schedule, "--warmup-steps", args.warmup_steps,
+              "--ema-decay", args.ema_decay, "--cfg-range", args.cfg_range, "--checkpoint-every", 500,
+              "--log-every", 100]
     for name, extra in runs.items():
         step([*dtk, "distill-pcm", *common, *extra, "--out", w / name], w / name / "dtk.json", times, name)
     step([*dtk, "eval", "--scheduler", "ddim-trailing", "--steps", "25", "--num-images", args.num_images,
@@ -89,7 +94,8 @@ def main() -> None:
     lines = [
         f"demo teacher (guidance {teacher['rows'][0]['guidance']:g}), shapes-v1 ({args.num_images} images per row, "
         f"FD noise floor {teacher['noise_floor']:.1f}); every run: data {args.data or f'{args.images} shapes images'}, "
-        f"full UNet, {args.steps} steps × batch {args.batch_size}, lr {args.lr:g}, teacher CFG w ∈ [{args.cfg_range}] "
+        f"full UNet, {args.steps} steps × batch {args.batch_size}, lr {args.lr:g} {args.lr_schedule} "
+        f"(warm-up {args.warmup_steps}), EMA {args.ema_decay:g}, teacher CFG w ∈ [{args.cfg_range}] "
         "(LCM convention), N = 50; consistency = feature cosine of each step count's samples to the 8-step ones",
         f"machine: {machine()}",
         "",
