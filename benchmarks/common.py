@@ -38,6 +38,15 @@ def save(name: str, title: str, args, table: str) -> Path:
     return out
 
 
+def report(name: str, title: str, args, lines: list[str]) -> str:
+    """Print a benchmark's table (its lines joined) and, with --save, write it as ``results/NAME.md``."""
+    table = "\n".join(lines)
+    print(table)
+    if args.save:
+        save(name, title, args, table)
+    return table
+
+
 def step(cmd: list, done: Path, times: dict, name: str) -> None:
     """Run one command of a benchmark pipeline (printed first), unless ``done`` exists; record its wall time."""
     print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, step  # noqa: E402
+from common import machine, report, step  # noqa: E402
 
 
 def write_two_shape_folder(out: Path, n: int, seed: int, split: str) -> None:
@@ -135,10 +135,7 @@ def main() -> None:
         f"- DPO+NPO > DPO: {verdict('DPO+NPO', 'DPO')}",
         f"- Self-NPO > base: {verdict('base+Self-NPO', 'base')}",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("dpo", "DPO, NPO and Self-NPO on the demo model", args, table)
+    report("dpo", "DPO, NPO and Self-NPO on the demo model", args, lines)
 
 
 if __name__ == "__main__":

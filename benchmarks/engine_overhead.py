@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import machine, report  # noqa: E402
 
 
 def make_pairs(model_spec, out: Path, n: int) -> None:
@@ -199,10 +199,7 @@ def main() -> None:
         "",
         f"engine overhead: {100 * (e / b - 1):+.1f}% (median), target ≤ 5%",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save(f"engine_overhead-{args.objective}{'-lora' if args.lora else ''}", "training engine overhead", args, table)
+    report(f"engine_overhead-{args.objective}{'-lora' if args.lora else ''}", "training engine overhead", args, lines)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,11 @@ and between two renderings of *different* captions. `dtk eval`'s default
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
 
 
 def main() -> None:
@@ -44,14 +48,9 @@ def main() -> None:
         _, _, other = shapes.make_split(n, seed=BENCHMARK_SEED + 7, split="heldout")
         a, b = feats(attrs, BENCHMARK_SEED + 1), feats(attrs, BENCHMARK_SEED + 2)
         rows.append((n, fd(a, b), fd(a, feats(other, BENCHMARK_SEED + 3))))
-    table = "\n".join(["| images | FD same captions (noise floor) | FD other captions |", "|---:|---:|---:|",
-                       *[f"| {n} | {same:.2f} | {diff:.2f} |" for n, same, diff in rows]])
-    print(table)
-    if args.save:
-        out = Path(__file__).parent / "results" / "fd_noise_floor.md"
-        out.write_text(f"# FD noise floor of shapes-v1\n\nCommand: `python benchmarks/fd_noise_floor.py --sizes {args.sizes}`"
-                       f"\n\n{table}\n")
-        print(f"wrote {out}")
+    report("fd_noise_floor", "FD noise floor of shapes-v1", args,
+           ["| images | FD same captions (noise floor) | FD other captions |", "|---:|---:|---:|",
+            *[f"| {n} | {same:.2f} | {diff:.2f} |" for n, same, diff in rows]])
 
 
 if __name__ == "__main__":

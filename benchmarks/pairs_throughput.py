@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import machine, report  # noqa: E402
 
 
 def main() -> None:
@@ -90,10 +90,7 @@ def main() -> None:
         f"| diffusers pipeline __call__ (latents out, nothing written) | {args.num / pipe_s:.2f} |",
         f"| dtk reflow-pairs (noise + latents, shard written) | {args.num / dtk_s:.2f} |",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("pairs_throughput", "reflow pair generation throughput", args, table)
+    report("pairs_throughput", "reflow pair generation throughput", args, lines)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, step  # noqa: E402
+from common import machine, report, step  # noqa: E402
 
 RUNS = {
     "lcm": ["--method", "lcm"],
@@ -114,10 +114,7 @@ def main() -> None:
         f"- PCM consistency (1 vs 8 steps) above LCM's: PCM K=4 {cons['pcm-k4']:.3f}, LCM {cons['lcm']:.3f} "
         f"({'met' if cons['pcm-k4'] > cons['lcm'] else 'NOT met'})",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save(args.results_name, "PCM vs LCM on the demo teacher", args, table)
+    report(args.results_name, "PCM vs LCM on the demo teacher", args, lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, step  # noqa: E402
+from common import machine, report, step  # noqa: E402
 
 
 def main() -> None:
@@ -112,10 +112,7 @@ def main() -> None:
         f"({'met' if ratio.get(1, 9) <= 1.5 else 'NOT met'}); "
         f"2-step ≤ 1.2×: {ratio.get(2, float('nan')):.2f}× ({'met' if ratio.get(2, 9) <= 1.2 else 'NOT met'})",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("reflow", "Rectified Diffusion on the demo model", args, table)
+    report("reflow", "Rectified Diffusion on the demo model", args, lines)
 
 if __name__ == "__main__":
     main()

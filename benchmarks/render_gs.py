@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import machine, report  # noqa: E402
 
 
 def field(width: int, height: int, f: float = 300.0):
@@ -129,10 +129,7 @@ def main() -> None:
              "target: ≤ 0.1 s per 320×240 frame on 2 cores — " + ("not measured" if at_target is None else
                                                                   f"{'met' if at_target <= 0.1 else 'NOT met'} "
                                                                   f"({at_target:.3f} s)")]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("render_gs", "render-gs CPU rasteriser", args, table)
+    report("render_gs", "render-gs CPU rasteriser", args, lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import machine, report  # noqa: E402
 
 
 def main() -> None:
@@ -84,10 +84,7 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *[f"| {name} | {bs} | {med:.3f} | {best:.3f} |" for name, bs, med, best in rows],
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("sample_speed", "sample speed", args, table)
+    report("sample_speed", "sample speed", args, lines)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, step  # noqa: E402
+from common import machine, report, step  # noqa: E402
 
 
 def target_errors(batch: int, bank: int, big: int = 4096, trials: int = 8, seed: int = 0) -> list[dict]:
@@ -135,10 +135,7 @@ def main() -> None:
         f"- SCT 2-step FD-real within 1.3× of the base model's 50-step: {best_sct} {ratio:.2f}× "
         f"({'met' if ratio <= 1.3 else 'NOT met'})",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("sct", "ECT vs SCT on the pixel demo", args, table)
+    report("sct", "ECT vs SCT on the pixel demo", args, lines)
 
 
 if __name__ == "__main__":

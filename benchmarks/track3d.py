@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, step  # noqa: E402
+from common import machine, report, step  # noqa: E402
 
 METRICS = ("aj3d", "apd3d", "oa", "aj2d", "delta_avg")
 
@@ -81,10 +81,7 @@ def main() -> None:
              f"{'met' if refined > chained else 'NOT met'} ({refined:.3f} vs {chained:.3f}); "
              f"all {n_pix:,} pixels over {args.frames} frames in under 10 s on 2 cores — "
              f"{'met' if slowest < 10 else 'NOT met'} (slowest refined scene {slowest:.2f} s)"]
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        save("track3d", "dtk track3d on procedural scenes with exact ground truth", args, table)
+    report("track3d", "dtk track3d on procedural scenes with exact ground truth", args, lines)
 
 
 if __name__ == "__main__":
