@@ -94,9 +94,11 @@ def run_render(opts: RenderOptions) -> list[dict]:
     from dtk.gs.field import write_ply
     from dtk.gs.render import render
     from dtk.io import atomic_write, emit, prepare_out_dir, run_record, write_json
+    from dtk.video import video_problem
 
-    if opts.video_format == "mp4" and shutil.which("ffmpeg") is None:   # refused before any rendering
-        raise BadInput("--video-format mp4: ffmpeg is not installed (use webp or gif)")
+    problem = opts.video_format != "auto" and video_problem("." + opts.video_format)
+    if problem:   # refused before any rendering
+        raise BadInput(f"--video-format {opts.video_format}: {problem}")
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
     for spec in opts.cameras:  # the grammar first, before any data is read
         if not spec.startswith("json:"):

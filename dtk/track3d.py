@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -439,10 +438,12 @@ def run_track(opts: TrackOptions) -> dict:
         raise BadInput(f"--out {out}: the tracks are written as an .npz file")
     if out.exists() and not opts.overwrite:
         raise BadInput(f"--out {out}: exists; pass --overwrite or choose another file")
-    if opts.viz and Path(opts.viz).suffix.lower() not in (".mp4", ".webp", ".gif"):
-        raise BadInput(f"--viz {opts.viz}: the overlay is written as .mp4, .webp or .gif")
-    if opts.viz and Path(opts.viz).suffix.lower() == ".mp4" and shutil.which("ffmpeg") is None:
-        raise BadInput(f"--viz {opts.viz}: writing mp4 needs ffmpeg, which is not installed (use .webp or .gif)")
+    if opts.viz:
+        from dtk.video import video_problem
+
+        problem = video_problem(Path(opts.viz).suffix)
+        if problem:
+            raise BadInput(f"--viz {opts.viz}: {problem}")
     if opts.viz and Path(opts.viz).exists() and not opts.overwrite:
         raise BadInput(f"--viz {opts.viz}: exists; pass --overwrite or choose another file")
     if (opts.depth is None) == (opts.depth_model is None):

@@ -67,6 +67,18 @@ def _ffmpeg_frames(path: Path, option: str) -> list[np.ndarray]:
     return list(np.frombuffer(raw[: n * w * h * 3], dtype=np.uint8).reshape(n, h, w, 3))
 
 
+VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
+
+
+def video_problem(suffix: str) -> str | None:
+    """Why a video with this suffix cannot be written here (None: it can): what callers check before any work."""
+    if suffix.lower() not in VIDEO_SUFFIXES:
+        return "a video is written as .mp4, .webp or .gif"
+    if suffix.lower() == ".mp4" and shutil.which("ffmpeg") is None:
+        return "writing mp4 needs ffmpeg, and ffmpeg is not installed (use .webp or .gif)"
+    return None
+
+
 def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     """uint8 frames [H, W, 3] as a video chosen by the suffix: .mp4 (H.264 through ffmpeg), .webp (lossless,
     animated) or .gif; written atomically (a partial file never stands under the final name)."""
@@ -77,11 +89,12 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
 
     if not frames:
         raise BadInput(f"{path}: no frames to write")
+    problem = video_problem(path.suffix)
+    if problem:
+        raise BadInput(f"{path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix == ".mp4":
-        if shutil.which("ffmpeg") is None:
-            raise BadInput(f"{path}: writing mp4 needs ffmpeg, which is not installed (use .webp or .gif)")
         import os
         import tempfile
 
@@ -98,8 +111,6 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
                                  f"{result.stderr.decode(errors='replace').strip()[-300:]}")
             os.replace(partial, path)
         return
-    if suffix not in (".webp", ".gif"):
-        raise BadInput(f"{path}: a video is written as .mp4, .webp or .gif")
     images = [Image.fromarray(fr) for fr in frames]
     with atomic_write(path, "wb") as f:
         images[0].save(f, format=suffix[1:].upper(), save_all=True, append_images=images[1:],

@@ -138,7 +138,9 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     if n == 0:
         return out
     key_type = torch.int32 if n * n_pix <= _INT32_MAX else torch.long
-    params = torch.cat([table.index_select(0, inside)[:, :6], boxes.index_select(0, inside).to(table.dtype)], 1)
+    rows = table.index_select(0, inside)
+    opacity = rows[:, 6]
+    params = torch.cat([rows[:, :6], boxes.index_select(0, inside).to(table.dtype)], 1)
     params[:, 8].clamp_(min=y_start)
     params[:, 9].clamp_(max=y_stop - 1)
     box = params[:, 6:].long()
@@ -173,7 +175,7 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     rank = key - pixel * n
     # σ < 0 only from rounding (conics are positive definite): counted as σ = 0
     alpha = torch.exp(-torch.cat(sigmas).index_select(0, order).clamp_(min=0))
-    alpha = alpha.mul_(table[:, 6].index_select(0, inside).index_select(0, rank)).clamp_(max=ALPHA_MAX)
+    alpha = alpha.mul_(opacity.index_select(0, rank)).clamp_(max=ALPHA_MAX)
     pixels, counts = torch.unique_consecutive(pixel, return_counts=True)
     log_keep = torch.log1p(-alpha).double()      # double: the cumulative sum runs over the whole band
     before = torch.cumsum(log_keep, 0).sub_(log_keep)
@@ -222,10 +224,10 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
         drawn = (proj.radii[cam] > 0).all(-1).nonzero().squeeze(1)
         # front to back; positive floats' bit patterns sort like the floats, and an integer sort is an order
         # of magnitude faster (project() draws only depths beyond the near plane)
-        depth = proj.depths[cam, drawn].contiguous()
-        if len(depth) and depth.min() > 0:
-            depth = depth.view({2: torch.int16, 4: torch.int32, 8: torch.long}[depth.element_size()])
-        order = drawn[torch.argsort(depth, stable=True)]
+        sort_key = proj.depths[cam, drawn].contiguous()
+        if len(sort_key) and sort_key.min() > 0:
+            sort_key = sort_key.view({2: torch.int16, 4: torch.int32, 8: torch.long}[sort_key.element_size()])
+        order = drawn[torch.argsort(sort_key, stable=True)]
         opacity = opacities[order, None]
         sigma_bound = torch.log(opacity.clamp(min=1e-30) / ALPHA_MIN)            # α ≥ 1/255 ⟺ σ ≤ this
         table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], sigma_bound, opacity], 1)
