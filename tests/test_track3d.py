@@ -235,3 +235,19 @@ def test_depth_model_and_its_focal_length(run_dtk, tmp_path, monkeypatch):
     assert json.loads(r.stdout)["intrinsics"] == pytest.approx([40.0, 40.0, 16.0, 12.0])
     r = run_dtk("track3d", clip, "--depth-model", tmp_path / "missing", "--out", tmp_path / "m.npz")
     assert r.exit_code == 2 and "could not load it from local files" in r.stderr
+
+
+def test_another_flow_plugs_into_the_tracker():
+    """FlowTracker's engine is its ``flow`` method: a subclass with a known flow gives the known tracks."""
+    pytest.importorskip("cv2")
+    from dtk.track3d import FlowTracker
+
+    class OnePixelRight(FlowTracker):
+        def flow(self, a, b, init=None):   # one pixel right per frame forward in time (frames get brighter)
+            f = np.zeros(a.shape + (2,), np.float32)
+            f[..., 0] = (int(b[0, 0]) - int(a[0, 0])) / 10
+            return f
+
+    gray = np.stack([np.full((8, 10), 10 * (t + 1), np.uint8) for t in range(3)])
+    pos, vis = OnePixelRight().track(gray, refine=False)
+    assert np.allclose(pos[2] - pos[0], [2.0, 0.0])
