@@ -19,7 +19,8 @@ box (inside the radii box). Gaussians with boxes of one size are evaluated
 together on a dense [n, h, w] grid by broadcasting (no gathers); the pairs that
 pass are compacted to one int key per (pixel, depth rank), sorted once, and
 each pixel's transmittance is an exclusive cumulative sum of log(1 − α) within
-its run of keys. The image is cut into horizontal bands, which bounds the
+its run of keys; the weighted sums of colours are one sparse (pixel × Gaussian)
+CSR matrix times the colours. The image is cut into horizontal bands, which bounds the
 memory per band, keeps the keys within int32 (half the sorting time of int64)
 and lets the bands run on the intra-op threads at once.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -43,6 +45,12 @@ _INT32_MAX = 2**31 - 1
 _BAND_ELEMENTS = 8_000_000   # dense grid elements per band at most (memory: ~20 bytes each)
 BANDS_PER_THREAD = 2        # bands per intra-op thread: evens out the work between threads
 _FAR = 1e15                  # a pixel offset that gives α = 0: marks grid cells outside a Gaussian's box
+
+
+with warnings.catch_warnings():  # torch warns once per process that sparse CSR (used by _band) is "beta"
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                            size=(0, 0), check_invariants=False)
 
 
 def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
@@ -168,27 +176,30 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
         col = ((x0.long()[:, None] + jx.long()) * n).to(key_type)
         keys.append((row[:, :, None] + col[:, None, :]).view(-1).index_select(0, hit))
         sigmas.append(sigma.view(-1).index_select(0, hit))
-    key, order = torch.sort(torch.cat(keys), stable=True)      # keys are unique: by pixel, then front to back
+    key, order = torch.sort(torch.cat(keys))      # keys are unique: by pixel, then front to back
     if len(key) == 0:
         return out
     pixel = torch.div(key, n, rounding_mode="floor")
     rank = key - pixel * n
     # σ < 0 only from rounding (conics are positive definite): counted as σ = 0
-    alpha = torch.exp(-torch.cat(sigmas).index_select(0, order).clamp_(min=0))
+    alpha = torch.cat(sigmas).index_select(0, order).clamp_(min=0).neg_().exp_()
     alpha = alpha.mul_(opacity.index_select(0, rank)).clamp_(max=ALPHA_MAX)
-    pixels, counts = torch.unique_consecutive(pixel, return_counts=True)
-    log_keep = torch.log1p(-alpha).double()      # double: the cumulative sum runs over the whole band
-    before = torch.cumsum(log_keep, 0).sub_(log_keep)
-    # subtract each pixel's own start: a cumulative sum of the jumps between consecutive starts
-    starts = torch.cumsum(counts, 0).sub_(counts)
-    at_start = before.index_select(0, starts)
-    jumps = torch.zeros_like(before).index_copy_(0, starts, torch.diff(at_start, prepend=at_start.new_zeros(1)))
-    before.sub_(torch.cumsum(jumps, 0))
-    live = (before + log_keep) > math.log(T_MIN)                   # gsplat's early stop
-    weight = torch.exp(before).to(alpha.dtype).mul_(alpha).mul_(live)
-    contrib = values.index_select(0, inside).index_select(0, rank).mul_(weight[:, None])
-    out[pixels.long()] = torch.segment_reduce(contrib, "sum", lengths=counts)
-    return out
+    # each pixel's run of pairs: row pointers over all the band's pixels (empty runs included)
+    counts = torch.bincount(pixel, minlength=n_pix)
+    row_start = torch.cumsum(counts, 0).sub_(counts)
+    log_keep = torch.log1p(-alpha)
+    # transmittance before each pair: an exclusive cumulative sum of log(1 − α) within its pixel's run; in
+    # double, since the sum runs over the whole band, then each run's own start subtracted
+    before = torch.cumsum(log_keep, 0, dtype=torch.float64).sub_(log_keep)
+    run_start = before.index_select(0, row_start.clamp(max=len(key) - 1))
+    before = before.sub_(run_start.index_select(0, pixel)).to(alpha.dtype)
+    stopped = (before + log_keep) <= math.log(T_MIN)                # gsplat's early stop
+    weight = torch.exp(before).mul_(alpha).masked_fill_(stopped, 0)
+    # Σ over each pixel's pairs of weight · values[rank]: a sparse (pixel × Gaussian) matrix times the values
+    index_type = key.dtype
+    rows = torch.cat([row_start, counts.sum().view(1)]).to(index_type)
+    mixing = torch.sparse_csr_tensor(rows, rank.to(index_type), weight, size=(n_pix, n), check_invariants=False)
+    return mixing @ values.index_select(0, inside)
 
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None   # (process id, threads, pool): a forked child makes its own
