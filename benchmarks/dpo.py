@@ -7,7 +7,8 @@ Every step is a dtk command (printed before it runs):
 
 1. two-shape training captions of the shapes grammar (where the demo is weakest), the
    base model's samples of them (`dtk sample --num-per-prompt 4`) and their preference pairs
-   (`dtk score --pairs-out`, the shapes reward: attribute accuracy);
+   (`dtk score --pairs-out`, the shapes reward; ranked by its continuous shapes/confidence
+   by default, since attribute accuracy ties for most pairs of one caption);
 2. `dtk dpo`, `dtk train-npo --from-pairs` on those pairs, `dtk train-npo --self`
    on the captioned images (no labels), all LoRA with the same steps and batch;
 3. every configuration samples the same held-out captions with the same seeds
@@ -50,8 +51,8 @@ def write_two_shape_folder(out: Path, n: int, seed: int, split: str) -> None:
     (out / "captions.txt").write_text("".join(c + "\n" for c in caps))
 
 
-def rewards(manifest: Path) -> list[float]:
-    return [json.loads(line)["scores"]["shapes"] for line in manifest.read_text().splitlines() if line.strip()]
+def rewards(manifest: Path, key: str = "shapes") -> list[float]:
+    return [json.loads(line)["scores"][key] for line in manifest.read_text().splitlines() if line.strip()]
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
@@ -67,6 +68,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate of every run (the demo is tiny)")
     ap.add_argument("--beta", type=float, default=2500.0)
+    ap.add_argument("--pair-by", default="shapes/confidence",
+                    help="score that ranks the pairs: shapes (attribute accuracy; many ties) or shapes/confidence")
+    ap.add_argument("--tie-margin", type=float, default=0.01, help="score differences up to this are ties")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
 
@@ -78,7 +82,8 @@ def main() -> None:
     write_two_shape_folder(w / "heldout", args.eval_prompts, seed=4, split="heldout")
     step([*dtk, "sample", "--prompts", w / "train" / "captions.txt", "--num-per-prompt", 4, "--batch-size", 16,
           "--out", w / "samples"], w / "samples" / "dtk.json", times, "samples")
-    step([*dtk, "score", "--data", w / "samples" / "samples.jsonl", "--pairs-out", w / "pairs.parquet"],
+    step([*dtk, "score", "--data", w / "samples" / "samples.jsonl", "--pair-by", args.pair_by, "--tie-margin",
+          args.tie_margin, "--pairs-out", w / "pairs.parquet"],
          w / "pairs.parquet", times, "pairs")
     lora = ["--max-steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--lora-rank", 8,
             "--checkpoint-every", 250, "--log-every", 50]
@@ -92,7 +97,7 @@ def main() -> None:
     configs = {"base": [], "base (other seeds)": ["--seed", 1], "DPO": ["--model", w / "dpo"],
                "base+NPO": ["--npo", w / "npo"], "DPO+NPO": ["--model", w / "dpo", "--npo", w / "npo"],
                "base+Self-NPO": ["--npo", w / "self-npo"]}
-    scores = {}
+    scores, confidence = {}, {}
     for i, (name, extra) in enumerate(configs.items()):
         out = w / f"eval-{i}"
         step([*dtk, "sample", "--prompts", w / "heldout" / "captions.txt", "--batch-size", 16, *extra, "--out", out],
@@ -100,6 +105,7 @@ def main() -> None:
         step([*dtk, "score", "--data", out / "samples.jsonl", "--out", out / "scored.jsonl"],
              out / "scored.jsonl", times, f"score-{name}")
         scores[name] = rewards(out / "scored.jsonl")
+        confidence[name] = rewards(out / "scored.jsonl", "shapes/confidence")
 
     base = scores["base"]
     mean = {name: sum(s) / len(s) for name, s in scores.items()}
@@ -108,7 +114,8 @@ def main() -> None:
     n = len(base)
     sd = (sum((x - mean["base"]) ** 2 for x in base) / max(1, n - 1)) ** 0.5
     noise = max(abs(mean["base (other seeds)"] - mean["base"]), 2 * sd * (2 / n) ** 0.5)
-    rows = [f"| {name} | {mean[name]:.4f} | {mean[name] - mean['base']:+.4f} | {win_rate(s, base):.3f} |"
+    rows = [f"| {name} | {mean[name]:.4f} | {mean[name] - mean['base']:+.4f} | {win_rate(s, base):.3f} | "
+            f"{sum(confidence[name]) / n:.4f} | {win_rate(confidence[name], confidence['base']):.3f} |"
             for name, s in scores.items()]
 
     def verdict(a, b):
@@ -117,16 +124,19 @@ def main() -> None:
 
     n_pairs = json.loads((w / "dpo" / "dtk.json").read_text())["data"]
     lines = [
-        f"demo model; pairs: {args.prompts} two-shape training captions × 4 samples scored by the shapes reward → "
+        f"demo model; pairs: {args.prompts} two-shape training captions × 4 samples scored by the shapes reward, ranked by "
+        f"{args.pair_by} (differences ≤ {args.tie_margin:g} are ties) → "
         f"{n_pairs['examples']} pairs ({n_pairs.get('ties_dropped', 0)} ties dropped); every run LoRA rank 8, "
         f"{args.steps} steps × batch {args.batch_size}, lr {args.lr:g}; DPO/NPO β {args.beta:g}; evaluation: "
         f"{args.eval_prompts} held-out two-shape captions, one image each, the same seeds for every configuration",
         f"machine: {machine()}",
         "",
-        "| configuration | mean reward | vs base | win rate vs base |",
-        "|---|---:|---:|---:|",
+        "| configuration | mean reward | vs base | win rate vs base | mean confidence | confidence win rate |",
+        "|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        "reward: the shapes reward (attribute accuracy, the fraction of the caption's attributes the demo "
+        "classifier reads back); confidence: its shapes/confidence (the mean probability of the stated values)",
         f"seed-to-seed noise: {noise:.4f} in mean reward (the larger of |base − base with other seeds| and two "
         "standard errors of a difference of means)",
         "",

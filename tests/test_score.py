@@ -53,6 +53,26 @@ def test_shapes_reward_orders_correct_above_incorrect(run_dtk, tmp_path):
     assert recs[1]["scores"]["shapes/color1"] == 0.0 and recs[1]["scores"]["shapes/shape1"] == 1.0
     assert recs[2]["scores"]["shapes/shape1"] == 0.0 and recs[2]["scores"]["shapes/color1"] == 1.0
     assert recs[0]["seed"] == 0  # the manifest's fields pass through
+    conf = [rec["scores"]["shapes/confidence"] for rec in recs]
+    assert all(0.0 < c <= 1.0 for c in conf)
+    assert conf[0] > 0.8 and conf[0] > conf[1] and conf[0] > conf[2]  # a wrong attribute has a low probability
+
+
+def test_shapes_confidence_is_the_mean_probability_of_the_stated_values():
+    import torch
+
+    from dtk.demo.classifier import confidence, load_classifier
+
+    model = load_classifier()
+    images = torch.rand(3, 3, 64, 64)
+    stated = [shapes.stated_attributes(_attrs(c)) for c in (RED, BLUE_STAR, RED)]
+    with torch.no_grad():
+        logits = model(images)
+    want = []
+    for j, attrs in enumerate(stated):
+        p = [logits[k][j].softmax(-1)[[str(c) for c in model.labels[k]].index(str(v))].item() for k, v in attrs.items()]
+        want.append(sum(p) / len(p))
+    assert confidence(model, images, stated, batch_size=2) == pytest.approx(want, abs=1e-6)
 
 
 def test_pairs_file_round_trip(run_dtk, tmp_path):

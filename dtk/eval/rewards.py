@@ -2,7 +2,9 @@
 
 * ``shapes``    — the demo classifier: fraction of the caption's attributes it
                   reads back from the image (``shapes``), and 0/1 per attribute
-                  (``shapes/color1`` …). Built in, offline.
+                  (``shapes/color1`` …), and ``shapes/confidence``: the mean
+                  probability it gives the stated values (continuous; ranks
+                  images that are both read correctly). Built in, offline.
 * ``clip``      — CLIP score, 100·max(cos(image, text), 0) (the torchmetrics
                   convention). Default weights: openai/clip-vit-large-patch14.
 * ``pickscore`` — PickScore (Kirstain et al. 2023): logit_scale·cos with the
@@ -62,19 +64,21 @@ class ShapesReward:
         self.model = load_classifier(device)
 
     def __call__(self, images, prompts: list[str]) -> list[dict]:
-        from dtk.demo.classifier import predict
+        from dtk.demo.classifier import confidence, predict
         from dtk.demo.shapes import parse_caption, stated_attributes
 
-        preds = predict(self.model, images_to_tensor(images))
-        out = []
-        for prompt, pred in zip(prompts, preds):
+        stated = []
+        for prompt in prompts:
             attrs = parse_caption(prompt)
             if attrs is None:
                 raise BadInput(f"--reward shapes: prompt {prompt!r} is not a caption of the shapes grammar "
                                "(e.g. 'a large red circle on a white background')")
-            stated = stated_attributes(attrs)
-            hits = {f"shapes/{k}": float(pred[k] == v) for k, v in stated.items()}
-            out.append({"shapes": sum(hits.values()) / len(hits), **hits})
+            stated.append(stated_attributes(attrs))
+        pixels = images_to_tensor(images)
+        out = []
+        for want, pred, conf in zip(stated, predict(self.model, pixels), confidence(self.model, pixels, stated)):
+            hits = {f"shapes/{k}": float(pred[k] == v) for k, v in want.items()}
+            out.append({"shapes": sum(hits.values()) / len(hits), "shapes/confidence": conf, **hits})
         return out
 
 
