@@ -44,14 +44,16 @@ def test_saved_lora_reproduces_the_trained_adapter(family, tiny_sd, tiny_sdxl, t
     with safe_open(str(diffusers_file), "pt") as f:
         meta = f.metadata()
     assert (meta["dtk.lora.rank"], meta["dtk.lora.alpha"]) == ("4", "32")
-    assert torch.allclose(_images(model_dir, loras=[(diffusers_file, 1.0)]), reference, atol=1e-5)
+    # dtk fuses LoRAs into the weights: equal to the unfused adapter up to float rounding (an alpha/rank error
+    # would be off by the size of the update, ~0.4 here)
+    assert torch.allclose(_images(model_dir, loras=[(diffusers_file, 1.0)]), reference, atol=5e-4)
 
     kohya_file = save_kohya(tmp_path / "k.safetensors", unet)
     with safe_open(str(kohya_file), "pt") as f:
         keys = list(f.keys())
         assert float(f.get_tensor([k for k in keys if k.endswith(".alpha")][0])) == 32.0
     assert all(k.startswith("lora_unet_") for k in keys)
-    assert torch.allclose(_images(model_dir, loras=[(kohya_file, 1.0)]), reference, atol=1e-5)
+    assert torch.allclose(_images(model_dir, loras=[(kohya_file, 1.0)]), reference, atol=5e-4)
 
     # a LoRA scale multiplies the update: scale 0 is the base model
     assert torch.allclose(_images(model_dir, loras=[(kohya_file, 0.0)]), base, atol=1e-6)

@@ -148,7 +148,6 @@ class LoadedModel:
     device: Any
     dtype: Any
     guide: "LoadedModel | None" = None   # a worse version of the model guiding its consistency sampling
-    adapters: list = field(default_factory=list)  # (adapter name, weight) of the LoRAs applied
     npo: Any = None                               # dtk.diffusion.npo.NPOBranch: the negative CFG branch
 
     @property

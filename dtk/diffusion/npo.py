@@ -4,7 +4,8 @@
 
 The NPO LoRA is loaded as one more adapter ("npo") on the same UNet; the two
 branches are two UNet evaluations per step, the positive one with that adapter
-at weight 0, so the positive model is exactly the model (and its own LoRAs).
+at weight 0, so the positive model is exactly the model (its own LoRAs are
+fused into its weights when it loads).
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ ADAPTER = "npo"
 
 @dataclass
 class NPOBranch:
-    adapters: list[str]        # the positive model's own adapters
-    scales: list[float]
     npo_scale: float
     spec: str
 
     def positive(self, pipe) -> None:
-        pipe.set_adapters(self.adapters + [ADAPTER], adapter_weights=self.scales + [0.0])
+        pipe.set_adapters([ADAPTER], adapter_weights=[0.0])
 
     def negative(self, pipe) -> None:
-        pipe.set_adapters(self.adapters + [ADAPTER], adapter_weights=self.scales + [self.npo_scale])
+        pipe.set_adapters([ADAPTER], adapter_weights=[self.npo_scale])
 
 
 def root_pipeline(ref) -> Path:
@@ -53,7 +52,7 @@ def npo_model_dir(spec: str):
 
 
 def attach_npo(model, spec: str, scale: float) -> None:
-    """Load the NPO LoRA of ``spec`` beside the model's own adapters (``model.npo``)."""
+    """Load the NPO LoRA of ``spec`` as an adapter of the model (``model.npo``)."""
     ref = npo_model_dir(spec)
     if model.family == "pixel":
         raise BadInput(f"--npo {spec}: NPO sampling is for SD/SDXL models with classifier-free guidance")
@@ -69,5 +68,5 @@ def attach_npo(model, spec: str, scale: float) -> None:
         raise BadInput(f"--npo {spec}: its LoRA does not fit {model.ref.spec} ({type(e).__name__})") from None
     if ADAPTER not in {n for names in pipe.get_list_adapters().values() for n in names}:
         raise BadInput(f"--npo {spec}: none of its LoRA weights match a layer of {model.ref.spec}")
-    model.npo = NPOBranch([n for n, _ in model.adapters], [w for _, w in model.adapters], float(scale), spec)
+    model.npo = NPOBranch(float(scale), spec)
     model.npo.positive(pipe)

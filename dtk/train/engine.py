@@ -409,11 +409,8 @@ def _load_model(config: TrainConfig, accelerator, weight_dtype):
     from dtk.diffusion.loading import open_model, resolve_model
 
     ref = resolve_model(config.model)
-    model = open_model(ref, accelerator.device, torch.float32, config.model_config, guide=False)
+    model = open_model(ref, accelerator.device, torch.float32, config.model_config, guide=False)   # LoRAs fused
     pipe = model.pipe
-    if ref.loras:
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
     for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipe, name, None)
         if module is not None:
