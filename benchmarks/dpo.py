@@ -75,6 +75,15 @@ def main() -> None:
     args = ap.parse_args()
 
     w = Path(args.work)
+    # done steps are reused: only under the same settings (pairs made otherwise would be reported as these)
+    settings = {k: getattr(args, k) for k in ("prompts", "eval_prompts", "steps", "batch_size", "lr", "beta",
+                                               "pair_by", "tie_margin")}
+    recorded = w / "settings.json"
+    if (recorded.exists() and json.loads(recorded.read_text()) != settings) or \
+            (not recorded.exists() and (w / "samples").exists()):
+        sys.exit(f"dpo.py: {w} holds a run with other settings ({recorded}); use a fresh --work")
+    w.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings))
     dtk = [sys.executable, "-m", "dtk"]
     times: dict = {}
     # two-shape captions: where the demo is weakest (shape2 accuracy ~0.84), so preferences have room to act

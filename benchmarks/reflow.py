@@ -113,7 +113,7 @@ def main() -> None:
         f"training: full UNet, batch {args.batch_size}, lr {args.lr:g} cosine, EMA 0.999; "
         f"rectified {args.train_steps} steps (reflow-long: {args.long_steps}"
         + (f"; reflow-long2: {args.continue_steps} more from reflow-long's weights, the lr schedule restarted"
-           if args.continue_steps else "") + "), phased (K=4, online teacher) "
+           if args.long_steps and args.continue_steps else "") + "), phased (K=4, online teacher) "
         f"{args.phased_steps} steps; *-g1 rows sample with guidance 1.0 instead of the recommended 1.5",
         f"machine: {machine()}",
         "",

@@ -107,6 +107,10 @@ def test_rasteriser_equals_a_per_pixel_loop():
         assert acc.max() > 0.9  # overlapping, opaque: the early stop and the order matter
         assert torch.allclose(rgb[cam], image, atol=1e-9)
         assert torch.allclose(alpha[cam, ..., 0], acc, atol=1e-9)
+    # float32 geometry with float64 colours: the images come out in the colours' type
+    proj32 = project(means.float(), covariances(quats, scales).float(), viewmats.float(), Ks.float(), 24, 20)
+    rgb32, _, _ = rasterize(proj32, colors, opacities.float(), 24, 20)
+    assert rgb32.dtype == torch.float64 and torch.allclose(rgb32, rgb, atol=1e-4)
 
 
 def test_bands_threads_and_key_widths_give_the_same_image(monkeypatch):

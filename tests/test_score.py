@@ -61,7 +61,7 @@ def test_shapes_reward_orders_correct_above_incorrect(run_dtk, tmp_path):
 def test_shapes_confidence_is_the_mean_probability_of_the_stated_values():
     import torch
 
-    from dtk.demo.classifier import confidence, load_classifier
+    from dtk.demo.classifier import load_classifier, predict, read
 
     model = load_classifier()
     images = torch.rand(3, 3, 64, 64)
@@ -72,7 +72,9 @@ def test_shapes_confidence_is_the_mean_probability_of_the_stated_values():
     for j, attrs in enumerate(stated):
         p = [logits[k][j].softmax(-1)[[str(c) for c in model.labels[k]].index(str(v))].item() for k, v in attrs.items()]
         want.append(sum(p) / len(p))
-    assert confidence(model, images, stated, batch_size=2) == pytest.approx(want, abs=1e-6)
+    preds, conf = read(model, images, stated, batch_size=2)
+    assert conf == pytest.approx(want, abs=1e-6)
+    assert preds == predict(model, images)
 
 
 def test_pairs_file_round_trip(run_dtk, tmp_path):

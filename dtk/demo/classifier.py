@@ -84,27 +84,30 @@ def _to_model(model, images):
 def predict(model: ShapesClassifier, images: torch.Tensor, batch_size: int = 256) -> list[dict]:
     """images: float [B,3,H,W] in [0,1]. Returns one flat label dict per image
     (keys of ``shapes.LABELS``; ``count`` is an int)."""
-    out: list[dict] = []
+    return read(model, images, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def read(model: ShapesClassifier, images: torch.Tensor, stated: list[dict] | None = None,
+         batch_size: int = 256) -> tuple[list[dict], list[float]]:
+    """One pass of the classifier: the predicted labels per image (as ``predict``) and, given ``stated`` (one
+    {label: value} dict per image, as ``shapes.stated_attributes`` gives), each image's confidence: the mean
+    probability it gives the stated value of each stated attribute — a continuous companion of attribute
+    accuracy, with no ties between images that are both read correctly."""
+    values = {k: [_decode_class(k, c) for c in classes] for k, classes in model.labels.items()}
+    preds: list[dict] = []
+    confidence: list[float] = []
     for i in range(0, images.shape[0], batch_size):
         logits = model(_to_model(model, images[i:i + batch_size]))
         idx = {k: v.argmax(-1).tolist() for k, v in logits.items()}
         for j in range(len(next(iter(idx.values())))):
-            out.append({k: _decode_class(k, model.labels[k][idx[k][j]]) for k in idx})
-    return out
-
-
-@torch.no_grad()
-def confidence(model: ShapesClassifier, images: torch.Tensor, stated: list[dict], batch_size: int = 256) -> list[float]:
-    """Per image, the mean probability the classifier gives the stated value of each stated attribute
-    (``stated``: one {label: value} dict per image, as ``shapes.stated_attributes`` gives): a continuous
-    companion of attribute accuracy, with no ties between images that are both read correctly."""
-    out: list[float] = []
-    for i in range(0, images.shape[0], batch_size):
-        probs = {k: v.float().softmax(-1).cpu() for k, v in model(_to_model(model, images[i:i + batch_size])).items()}
-        for j, want in enumerate(stated[i:i + batch_size]):
-            p = [probs[k][j, [_decode_class(k, c) for c in model.labels[k]].index(v)].item() for k, v in want.items()]
-            out.append(sum(p) / len(p))
-    return out
+            preds.append({k: values[k][idx[k][j]] for k in idx})
+        if stated is not None:
+            probs = {k: v.float().softmax(-1).cpu() for k, v in logits.items()}
+            for j, want in enumerate(stated[i:i + batch_size]):
+                p = [probs[k][j, values[k].index(v)].item() for k, v in want.items()]
+                confidence.append(sum(p) / len(p))
+    return preds, confidence
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ class ShapesReward:
         self.model = load_classifier(device)
 
     def __call__(self, images, prompts: list[str]) -> list[dict]:
-        from dtk.demo.classifier import confidence, predict
+        from dtk.demo.classifier import read
         from dtk.demo.shapes import parse_caption, stated_attributes
 
         stated = []
@@ -74,9 +74,8 @@ class ShapesReward:
                 raise BadInput(f"--reward shapes: prompt {prompt!r} is not a caption of the shapes grammar "
                                "(e.g. 'a large red circle on a white background')")
             stated.append(stated_attributes(attrs))
-        pixels = images_to_tensor(images)
         out = []
-        for want, pred, conf in zip(stated, predict(self.model, pixels), confidence(self.model, pixels, stated)):
+        for want, pred, conf in zip(stated, *read(self.model, images_to_tensor(images), stated)):
             hits = {f"shapes/{k}": float(pred[k] == v) for k, v in want.items()}
             out.append({"shapes": sum(hits.values()) / len(hits), "shapes/confidence": conf, **hits})
         return out

@@ -198,8 +198,10 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     # Σ over each pixel's pairs of weight · values[rank]: a sparse (pixel × Gaussian) matrix times the values
     index_type = key.dtype
     rows = torch.cat([row_start, counts.sum().view(1)]).to(index_type)
-    mixing = torch.sparse_csr_tensor(rows, rank.to(index_type), weight, size=(n_pix, n), check_invariants=False)
-    return mixing @ values.index_select(0, inside)
+    values = values.index_select(0, inside)
+    mixing = torch.sparse_csr_tensor(rows, rank.to(index_type), weight.to(values.dtype), size=(n_pix, n),
+                                     check_invariants=False)
+    return mixing @ values
 
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None   # (process id, threads, pool): a forked child makes its own
