@@ -309,6 +309,34 @@ def test_kohya_export_and_full_export(tiny_sd, sd_pairs, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_full_training_on_a_model_with_a_text_encoder_lora_keeps_that_part(tiny_sd, sd_pairs, tmp_path):
+    """A full UNet saved from a base with LoRAs holds their UNet part; their text-encoder part still applies."""
+    from tiny_models import make_tiny_lora
+
+    from dtk.diffusion.loading import open_model, resolve_model
+
+    lora = make_tiny_lora(tiny_sd, tmp_path / "lora", text_encoder=True, seed=4)
+    based = tmp_path / "with-lora"
+    based.mkdir()
+    (based / "dtk.json").write_text(json.dumps({"kind": "model", "base_model": str(tiny_sd),
+                                                "loras": [{"path": str(lora), "scale": 1.0}]}))
+    full = tmp_path / "full"
+    train(RectifiedDiffusion(allow_other_teacher=True), config(full, based, sd_pairs, max_steps=1, full=True))
+
+    def weights(model_dir):
+        pipe = open_model(resolve_model(str(model_dir)), torch.device("cpu"), torch.float32).pipe
+        return pipe.text_encoder.state_dict(), pipe.unet.state_dict()
+
+    from diffusers import UNet2DConditionModel
+
+    (te_lora, _), (te_full, unet_full), (te_base, _) = weights(based), weights(full), weights(tiny_sd)
+    key = next(k for k in te_base if k.endswith("self_attn.q_proj.weight"))
+    assert not torch.equal(te_lora[key], te_base[key])                 # the LoRA has a text-encoder part
+    assert all(torch.equal(te_full[k], te_lora[k]) for k in te_lora)   # ... kept by the full model
+    saved = UNet2DConditionModel.from_pretrained(str(full / "unet")).state_dict()
+    assert all(torch.equal(unet_full[k], saved[k]) for k in saved)     # its UNet part is not applied twice
+
+
 def test_bf16_autocast_and_gradient_checkpointing(tiny_sd, sd_pairs, tmp_path):
     """The same run in fp32, under bf16 autocast, and with activations recomputed: close losses."""
     losses = {}

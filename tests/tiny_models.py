@@ -66,8 +66,9 @@ def build_tiny_pipeline(name: str, out: Path, seed: int = 0) -> Path:
 
 
 def make_tiny_lora(pipe_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 4.0, seed: int = 0,
-                   family: str = "sd") -> Path:
-    """A random (non-zero) LoRA on the UNet attention projections, saved in the diffusers layout."""
+                   family: str = "sd", text_encoder: bool = False) -> Path:
+    """A random (non-zero) LoRA on the UNet attention projections (and with ``text_encoder`` on the first text
+    encoder's attention projections too), saved in the diffusers layout."""
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -79,8 +80,16 @@ def make_tiny_lora(pipe_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    extra = {}
+    if text_encoder:
+        from transformers import CLIPTextModel
+
+        encoder = CLIPTextModel.from_pretrained(str(pipe_dir / "text_encoder"))
+        encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        extra["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+    cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True, **extra)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 

@@ -39,6 +39,8 @@ class ModelRef:
     single_file: bool = False
     loras: list[tuple[Path, float]] = field(default_factory=list)
     unet_dir: Path | None = None    # full UNet weights replacing the base UNet
+    # LoRAs whose UNet part is already in unet_dir (fused before training): applied to the text encoders only
+    text_encoder_loras: list[tuple[Path, float]] = field(default_factory=list)
     sampler: dict[str, Any] = field(default_factory=dict)   # recommended settings
     manifest: dict[str, Any] = field(default_factory=dict)  # the dtk.json, if any
 
@@ -94,7 +96,9 @@ def _from_dir(spec: str, path: Path) -> ModelRef:
     ref.manifest = {**inherited, **manifest}
     ref.sampler = {**ref.sampler, **manifest.get("sampler", {})}
     if manifest.get("unet"):
-        ref.loras = []  # a saved full UNet already holds its base model's LoRAs (fused before training)
+        # a saved full UNet already holds its base model's LoRAs (fused before training); their text-encoder
+        # parts were not saved with it, so they still apply there
+        ref.text_encoder_loras, ref.loras = ref.text_encoder_loras + ref.loras, []
     for entry in manifest.get("loras", []):
         lora_path = path / entry["path"]
         if not lora_path.exists():
@@ -224,12 +228,14 @@ def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
 
     model = load_model(ref, device, dtype, model_config)
     apply_loras(model, list(ref.loras) + list(extra_loras))
+    apply_loras(model, ref.text_encoder_loras, text_encoders_only=True)
     if guide is None:
         guide = (ref.sampler.get("consistency") or {}).get("guide")
     if guide:
         guide_ref = resolve_guide(guide, ref)
         model.guide = load_model(guide_ref, device, dtype)
         apply_loras(model.guide, list(guide_ref.loras))
+        apply_loras(model.guide, guide_ref.text_encoder_loras, text_encoders_only=True)
     if npo:
         from dtk.diffusion.npo import attach_npo
 

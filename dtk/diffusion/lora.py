@@ -35,8 +35,9 @@ def lora_file(path: str | Path) -> Path:
     return p
 
 
-def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]]) -> None:
-    """Load every LoRA as its own adapter and fuse them all into the weights with their scales."""
+def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]], text_encoders_only: bool = False) -> None:
+    """Load every LoRA as its own adapter and fuse them all into the weights with their scales (with
+    ``text_encoders_only``, only their text-encoder parts: the UNet already holds the rest)."""
     if not loras:
         return
     if model.family == "pixel":
@@ -52,14 +53,15 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]]) -> No
             msg = " ".join(str(e).split())[:300]
             raise BadInput(f"--lora {path}: does not match the model {model.ref.spec!r} ({type(e).__name__}: {msg})") from None
         loaded = {n for adapters in pipe.get_list_adapters().values() for n in adapters}
-        if name not in loaded:
+        if name not in loaded and not text_encoders_only:
             raise BadInput(f"--lora {path}: none of its weights match a layer of the model {model.ref.spec!r}")
         names.append(name)
         scales.append(scale)
     pipe.set_adapters(names, adapter_weights=scales)
     # fused into the weights, then the LoRA layers removed: sampling runs at the base model's speed (on the
     # demo model a LoRA layer per module costs ~40% of it); NPO adds its own adapter afterwards
-    pipe.fuse_lora(adapter_names=names)
+    encoders = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+    pipe.fuse_lora(components=encoders if text_encoders_only else ["unet", *encoders], adapter_names=names)
     pipe.unload_lora_weights()
 
 
