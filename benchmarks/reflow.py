@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--phased-steps", type=int, default=1500)
     ap.add_argument("--long-steps", type=int, default=9000, help="a longer rectified run (0 = none)")
-    ap.add_argument("--continue-steps", type=int, default=0,
-                    help="then this many more steps from reflow-long's weights, a warm restart of the same "
-                         "schedule (0 = none)")
+    ap.add_argument("--continue-steps", default="",
+                    help="comma-separated stages after reflow-long, each this many more steps from the previous "
+                         "stage's weights with the lr schedule restarted (reflow-long2, reflow-long3, ...)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--num-images", type=int, default=1000, help="benchmark images per model and step count")
@@ -72,11 +72,14 @@ def main() -> None:
         step([*dtk, "train-reflow", "--data", w / "pairs", "--out", w / "reflow-long", "--max-steps", args.long_steps,
               *train], w / "reflow-long" / "dtk.json", times, "reflow-long")
         evals["reflow-long-g1"] = ["--model", w / "reflow-long", "--steps", "1,2,4", "--guidance", "1.0"]
-    if args.long_steps and args.continue_steps:
-        step([*dtk, "train-reflow", "--model", w / "reflow-long", "--allow-other-teacher", "--data", w / "pairs",
-              "--out", w / "reflow-long2", "--max-steps", args.continue_steps, *train],
-             w / "reflow-long2" / "dtk.json", times, "reflow-long2")
-        evals["reflow-long2-g1"] = ["--model", w / "reflow-long2", "--steps", "1,2,4", "--guidance", "1.0"]
+    stages = [int(v) for v in args.continue_steps.split(",") if v] if args.long_steps else []
+    previous = "reflow-long"
+    for i, more in enumerate(stages, start=2):
+        name = f"reflow-long{i}"
+        step([*dtk, "train-reflow", "--model", w / previous, "--allow-other-teacher", "--data", w / "pairs",
+              "--out", w / name, "--max-steps", more, *train], w / name / "dtk.json", times, name)
+        evals[f"{name}-g1"] = ["--model", w / name, "--steps", "1,2,4", "--guidance", "1.0"]
+        previous = name
     for name, opts in evals.items():
         step([*dtk, "eval", *opts, "--num-images", args.num_images, "--out", w / f"eval-{name}"],
              w / f"eval-{name}" / "eval.json", times, f"eval-{name}")
@@ -85,9 +88,9 @@ def main() -> None:
     teacher25 = next(r for r in results["teacher"]["rows"] if r["steps"] == 25)
     runs = {name: name.removesuffix("-g1") for name in evals if name != "teacher"}
     trained = {name: json.loads((w / run / "dtk.json").read_text())["training"] for name, run in runs.items()}
-    if "reflow-long2-g1" in trained:  # a continuation: count what its starting point saw too
-        first = trained["reflow-long-g1"]
-        trained["reflow-long2-g1"] = {k: trained["reflow-long2-g1"][k] + first[k] for k in ("examples_seen", "seconds")}
+    for i in range(2, len(stages) + 2):  # a continuation: count what its starting points saw too
+        before, this = trained["reflow-long-g1" if i == 2 else f"reflow-long{i - 1}-g1"], trained[f"reflow-long{i}-g1"]
+        trained[f"reflow-long{i}-g1"] = {k: this[k] + before[k] for k in ("examples_seen", "seconds")}
     rows = []
     for name, res in results.items():
         for r in res["rows"]:
@@ -112,8 +115,8 @@ def main() -> None:
         + (f" ({pairs_min / 60:.0f} min)" if pairs_min else ""),
         f"training: full UNet, batch {args.batch_size}, lr {args.lr:g} cosine, EMA 0.999; "
         f"rectified {args.train_steps} steps (reflow-long: {args.long_steps}"
-        + (f"; reflow-long2: {args.continue_steps} more from reflow-long's weights, the lr schedule restarted"
-           if args.long_steps and args.continue_steps else "") + "), phased (K=4, online teacher) "
+        + "".join(f"; reflow-long{i}: {more} more from the previous run's weights, the lr schedule restarted"
+                  for i, more in enumerate(stages, start=2)) + "), phased (K=4, online teacher) "
         f"{args.phased_steps} steps; *-g1 rows sample with guidance 1.0 instead of the recommended 1.5",
         f"machine: {machine()}",
         "",
