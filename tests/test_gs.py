@@ -43,6 +43,9 @@ def test_projection_equals_gsplat_reference():
     assert torch.allclose(ours.conics[shown], conics[shown], rtol=1e-9, atol=1e-9)
     assert torch.allclose(ours.depths, depths)
     assert torch.allclose(covars, ref._quat_scale_to_covar_preci(quats, scales, compute_preci=False)[0])
+    # isotropic Gaussians take a shortcut (Σ = s² I whatever the rotation): the same matrices
+    iso = scales[:, :1].expand(-1, 3).contiguous()
+    assert torch.allclose(covariances(quats, iso), ref._quat_scale_to_covar_preci(quats, iso, compute_preci=False)[0])
 
 
 def test_single_gaussian_closed_form():

@@ -63,9 +63,18 @@ def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
 
 
 def covariances(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Σ = R S Sᵀ Rᵀ [N, 3, 3] from quaternions [N, 4] and scales [N, 3]."""
-    m = quat_to_rotmat(quats) * scales[:, None, :]
-    return m @ m.transpose(-1, -2)
+    """Σ = R S Sᵀ Rᵀ [N, 3, 3] from quaternions [N, 4] and scales [N, 3]: Σ_ij = Σ_k R_ik R_jk s_k², written
+    out on [N] columns (batched 3×3 products are several times slower on the CPU)."""
+    if bool((scales[:, 1:] == scales[:, :1]).all()):   # isotropic (fields from tracks): Σ = s² I, any rotation
+        return torch.diag_embed((scales * scales).to(torch.result_type(quats, scales)))
+    r = quat_to_rotmat(quats).reshape(-1, 9).T.contiguous()   # rows of R as [N] columns
+    s2 = (scales * scales).T.contiguous()
+
+    def entry(i: int, j: int) -> torch.Tensor:
+        return sum(r[3 * i + k] * r[3 * j + k] * s2[k] for k in range(3))
+
+    xx, xy, xz, yy, yz, zz = entry(0, 0), entry(0, 1), entry(0, 2), entry(1, 1), entry(1, 2), entry(2, 2)
+    return torch.stack([xx, xy, xz, xy, yy, yz, xz, yz, zz], -1).view(-1, 3, 3)
 
 
 @dataclass
@@ -241,12 +250,14 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
         if len(sort_key) and sort_key.min() > 0:
             sort_key = sort_key.view({2: torch.int16, 4: torch.int32, 8: torch.long}[sort_key.element_size()])
         order = drawn[torch.argsort(sort_key, stable=True)]
-        opacity = opacities[order, None]
+        opacity = opacities[:, None].to(col.dtype)
         sigma_bound = torch.log(opacity.clamp(min=1e-30) / ALPHA_MIN)            # α ≥ 1/255 ⟺ σ ≤ this
-        table = torch.cat([proj.means2d[cam, order], proj.conics[cam, order], sigma_bound, opacity], 1)
-        boxes = _boxes(table, proj.radii[cam, order], width, height)
-        # accumulated per pixel: colour, depth and 1 (→ alpha)
-        values = torch.cat([col[order], proj.depths[cam, order, None], torch.ones_like(opacity)], 1)
+        # every per-Gaussian column in one table, put in depth order by one gather: mean x, y, conic a, b, c,
+        # σ bound, opacity | radii x, y | the values accumulated per pixel: colour, depth and 1 (→ alpha)
+        rows = torch.cat([proj.means2d[cam], proj.conics[cam], sigma_bound, opacity, proj.radii[cam].to(col.dtype),
+                          col, proj.depths[cam, :, None], torch.ones_like(opacity)], 1).index_select(0, order)
+        table, values = rows[:, :7], rows[:, 9:]
+        boxes = _boxes(table, rows[:, 7:9], width, height)
         # bands: at least BANDS_PER_THREAD per thread; a bounded dense grid per band; and a guess at enough of
         # them for int32 keys (N/bands Gaussians per band; _band checks and falls back to int64)
         cells = ((boxes[:, 1] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 2] + 1)).clamp(min=0).sum().item()
