@@ -14,7 +14,9 @@ Prints a markdown table (and with --save writes benchmarks/results/reflow.md):
 FD-real, FD-teacher and accuracy per model and step count, training images
 seen and wall time, against the targets of the paper's SD1.5 ratios
 (rectified 1-step FD-real ≤ 1.5× the teacher's 25-step, 2-step ≤ 1.2×).
-Steps already done in --work (their dtk.json exists) are not redone.
+Steps already done in --work (their dtk.json exists) are not redone, so
+`--continue-steps 9000,9000` after an earlier run adds only the continuation
+stages (each from the previous stage's weights, the lr schedule restarted).
 """
 
 from __future__ import annotations
