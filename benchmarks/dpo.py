@@ -51,8 +51,9 @@ def write_two_shape_folder(out: Path, n: int, seed: int, split: str) -> None:
     (out / "captions.txt").write_text("".join(c + "\n" for c in caps))
 
 
-def rewards(manifest: Path, key: str = "shapes") -> list[float]:
-    return [json.loads(line)["scores"][key] for line in manifest.read_text().splitlines() if line.strip()]
+def scores_of(manifest: Path) -> list[dict]:
+    """The ``scores`` of every line of a scored manifest."""
+    return [json.loads(line)["scores"] for line in manifest.read_text().splitlines() if line.strip()]
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
@@ -113,8 +114,9 @@ def main() -> None:
              out / "dtk.json", times, f"sample-{name}")
         step([*dtk, "score", "--data", out / "samples.jsonl", "--out", out / "scored.jsonl"],
              out / "scored.jsonl", times, f"score-{name}")
-        scores[name] = rewards(out / "scored.jsonl")
-        confidence[name] = rewards(out / "scored.jsonl", "shapes/confidence")
+        scored = scores_of(out / "scored.jsonl")
+        scores[name] = [s["shapes"] for s in scored]
+        confidence[name] = [s["shapes/confidence"] for s in scored]
 
     base = scores["base"]
     mean = {name: sum(s) / len(s) for name, s in scores.items()}

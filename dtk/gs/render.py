@@ -53,13 +53,17 @@ with warnings.catch_warnings():  # torch warns once per process that sparse CSR 
                             size=(0, 0), check_invariants=False)
 
 
-def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
-    """Unit quaternions (w, x, y, z) [..., 4] → rotation matrices [..., 3, 3]."""
+def _rotation_entries(quats: torch.Tensor) -> list[torch.Tensor]:
+    """The nine entries R_00, R_01, … R_22 (row-major) of the rotations of quaternions (w, x, y, z) [..., 4]."""
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    rows = [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+    return [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
             2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
             2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]
-    return torch.stack(rows, -1).view(*quats.shape[:-1], 3, 3)
+
+
+def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions (w, x, y, z) [..., 4] → rotation matrices [..., 3, 3]."""
+    return torch.stack(_rotation_entries(quats), -1).view(*quats.shape[:-1], 3, 3)
 
 
 def covariances(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,7 @@ def covariances(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     out on [N] columns (batched 3×3 products are several times slower on the CPU)."""
     if bool((scales[:, 1:] == scales[:, :1]).all()):   # isotropic (fields from tracks): Σ = s² I, any rotation
         return torch.diag_embed((scales * scales).to(torch.result_type(quats, scales)))
-    r = quat_to_rotmat(quats).reshape(-1, 9).T.contiguous()   # rows of R as [N] columns
+    r = _rotation_entries(quats)
     s2 = (scales * scales).T.contiguous()
 
     def entry(i: int, j: int) -> torch.Tensor:
@@ -151,9 +155,8 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     weight·values."""
     inside = ((boxes[:, 2] < y_stop) & (boxes[:, 3] >= y_start)).nonzero().squeeze(1)   # depth order kept
     n, n_pix = len(inside), (y_stop - y_start) * width
-    out = torch.zeros(n_pix, values.shape[1], dtype=values.dtype)
     if n == 0:
-        return out
+        return values.new_zeros(n_pix, values.shape[1])
     key_type = torch.int32 if n * n_pix <= _INT32_MAX else torch.long
     rows = table.index_select(0, inside)
     opacity = rows[:, 6]
@@ -187,7 +190,7 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
         sigmas.append(sigma.view(-1).index_select(0, hit))
     key, order = torch.sort(torch.cat(keys))      # keys are unique: by pixel, then front to back
     if len(key) == 0:
-        return out
+        return values.new_zeros(n_pix, values.shape[1])
     pixel = torch.div(key, n, rounding_mode="floor")
     rank = key - pixel * n
     # σ < 0 only from rounding (conics are positive definite): counted as σ = 0
@@ -205,10 +208,9 @@ def _band(table: torch.Tensor, values: torch.Tensor, boxes: torch.Tensor, y_star
     stopped = (before + log_keep) <= math.log(T_MIN)                # gsplat's early stop
     weight = torch.exp(before).mul_(alpha).masked_fill_(stopped, 0)
     # Σ over each pixel's pairs of weight · values[rank]: a sparse (pixel × Gaussian) matrix times the values
-    index_type = key.dtype
-    rows = torch.cat([row_start, counts.sum().view(1)]).to(index_type)
+    rows = torch.cat([row_start, counts.sum().view(1)]).to(key.dtype)   # CSR indices share the keys' type
     values = values.index_select(0, inside)
-    mixing = torch.sparse_csr_tensor(rows, rank.to(index_type), weight.to(values.dtype), size=(n_pix, n),
+    mixing = torch.sparse_csr_tensor(rows, rank, weight.to(values.dtype), size=(n_pix, n),
                                      check_invariants=False)
     return mixing @ values
 
