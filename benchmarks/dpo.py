@@ -96,7 +96,7 @@ def main() -> None:
           args.tie_margin, "--pairs-out", w / "pairs.parquet"],
          w / "pairs.parquet", times, "pairs")
     lora = ["--max-steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--lora-rank", 8,
-            "--checkpoint-every", 250, "--log-every", 50]
+            "--checkpoint-every", 250, "--log-every", 50, "--resume", "auto"]   # a stopped run goes on where it was
     step([*dtk, "dpo", "--data", w / "pairs.parquet", "--beta", args.beta, *lora, "--out", w / "dpo"],
          w / "dpo" / "dtk.json", times, "dpo")
     step([*dtk, "train-npo", "--from-pairs", "--data", w / "pairs.parquet", "--beta", args.beta, *lora,

@@ -64,6 +64,7 @@ def target_errors(batch: int, bank: int, big: int = 4096, trials: int = 8, seed:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True)
+    ap.add_argument("--model", default="demo-pixel", help="the pixel-space base model (default: the bundled demo)")
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--steps", type=int, default=300, help="tuning steps of every run")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -79,14 +80,14 @@ def main() -> None:
     step([sys.executable, "-m", "dtk.demo.pixel", "--out", w / "data", "--num", args.images, "--seed", 7],
          w / "data" / f"{args.images - 1:06d}.txt", times, "data")
     # ECT's CIFAR settings (lognormal −1.1/2.0), the Δt curriculum compressed into the run: 4 stages
-    common = ["--model", "demo-pixel", "--data", w / "data", "--full", "--max-steps", args.steps, "--batch-size",
+    common = ["--model", args.model, "--data", w / "data", "--full", "--max-steps", args.steps, "--batch-size",
               args.batch_size, "--lr", args.lr, "--double", max(1, args.steps // 4), "--p-mean", -1.1,
               "--p-std", 2.0, "--ema-decay", 0.99, "--checkpoint-every", 500, "--log-every", 50]
     runs = {"ect": ["--target", "ect"], "sct-batch": ["--target", "stable"],
             "sct-bank": ["--target", "stable", "--bank-size", args.bank_size]}
     for name, extra in runs.items():
         step([*dtk, "tune-sct", *common, *extra, "--out", w / name], w / name / "dtk.json", times, name)
-    step([*dtk, "eval", "--model", "demo-pixel", "--steps", "25,50", "--num-images", args.num_images,
+    step([*dtk, "eval", "--model", args.model, "--steps", "25,50", "--num-images", args.num_images,
           "--out", w / "eval-base"], w / "eval-base" / "eval.json", times, "eval-base")
     for name in runs:
         step([*dtk, "eval", "--model", w / name, "--steps", "1,2", "--num-images", args.num_images,

@@ -175,7 +175,11 @@ def test_build_pixel_quick(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((tmp_path / "pixel-model" / "dtk.json").read_text())
     assert meta["quick"] is True and meta["classes"] == CLASSES
-    assert 0.0 <= meta["metrics"]["shape_accuracy_ddim50"] <= 1.0
+    m = meta["metrics"]
+    assert 0.0 <= m["shape_accuracy_ddim50"] <= 1.0
+    # the better of the EMA and the final weights is shipped (the EMA on a tie)
+    assert m["shape_accuracy_ddim50"] == max(m["shape_accuracy_ddim50_ema"], m["shape_accuracy_ddim50_final"])
+    assert m["weights"] == ("ema" if m["shape_accuracy_ddim50_ema"] >= m["shape_accuracy_ddim50_final"] else "final")
     r = subprocess.run([sys.executable, "-m", "dtk", "sample", "--model", str(tmp_path / "pixel-model"), "--class",
                         "star", "--steps", "2", "--out", str(tmp_path / "s")], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=300)
