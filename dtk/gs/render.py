@@ -73,7 +73,7 @@ def _keep_freed_memory() -> None:
     _malloc_tuned = True
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):   # TypeError: Windows has no CDLL(None)
         return
     mallopt(-3, 32 << 20)    # M_MMAP_THRESHOLD
     mallopt(-1, 1 << 30)     # M_TRIM_THRESHOLD
