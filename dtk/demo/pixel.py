@@ -159,17 +159,18 @@ def build(out: Path, quick: bool, seed: int) -> dict:
                              for s in range(0, len(labels), 100)])
         return shape_accuracy(samples, labels, clf)
 
+    def load(weights) -> None:
+        with torch.no_grad():
+            for w, p in zip(weights, unet.parameters()):
+                p.copy_(w)
+
     final_weights = [p.detach().clone() for p in unet.parameters()]
     accuracy_final = judge()
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
+    load(ema)
     accuracy_ema = judge()
     shipped = "ema" if accuracy_ema >= accuracy_final else "final"
     if shipped == "final":
-        with torch.no_grad():
-            for w, p in zip(final_weights, unet.parameters()):
-                p.copy_(w)
+        load(final_weights)
     accuracy = max(accuracy_ema, accuracy_final)
     pipe.to(torch.float16)
     pipe.save_pretrained(str(tmp), safe_serialization=True)

@@ -35,6 +35,7 @@ process's resident memory then stays near its peak.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import threading
@@ -61,16 +62,10 @@ with warnings.catch_warnings():  # torch warns once per process that sparse CSR 
                             size=(0, 0), check_invariants=False)
 
 
-_malloc_tuned = False
-
-
+@functools.cache   # once per process
 def _keep_freed_memory() -> None:
     """Ask glibc's malloc to reuse freed blocks up to 32 MB (not to unmap them) and to keep up to 1 GB of free
     memory: most of a frame's arrays are that size. A no-op where libc has no mallopt (musl, macOS, Windows)."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):   # TypeError: Windows has no CDLL(None)
