@@ -2,6 +2,7 @@
 adversarial loss, exact resume on SD and SDXL, exports and sampling."""
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -145,7 +146,8 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
     r = run_dtk("distill-pcm", "--teacher", model, "--data", images, "--out", tmp_path / "b", "--resolution", 16,
                 "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--max-steps", 6, "--resume", "auto",
                 "--overwrite", "--checkpoint-every", 2, "--ema-decay", 0.9)   # now without --adversarial
-    assert r.exit_code == 2 and "other method than this run (adv_lr=0.001, adv_weight=0.1, adversarial=True)" in r.stderr
+    assert r.exit_code == 2 and ("other method than this run (adv_lr=0.001, adv_real=target, adv_weight=0.1, "
+                                 "adversarial=True)") in r.stderr
     la = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert {"consistency_loss", "g_loss", "d_loss"} <= set(la[0])
@@ -212,6 +214,13 @@ def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 0, r.stderr
     distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "pcm", "--max-steps", 1)
     assert json.loads((tmp_path / "pcm/dtk.json").read_text())["data"]["format"] == "reflow-pairs"
+    # the teacher's own samples as the discriminator's real side
+    distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "adv", "--max-steps", 2, "--phases", 1, "--adversarial",
+            "--adv-real", "data", "--adv-lr", "1e-2")
+    meta = json.loads((tmp_path / "adv/dtk.json").read_text())
+    assert (meta["method"]["adversarial"], meta["method"]["adv_real"]) == (True, "data")
+    logged = [json.loads(x) for x in (tmp_path / "adv/metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(x["d_loss"]) for x in logged) and logged[-1]["d_loss"] != logged[0]["d_loss"]
 
 
 def test_bad_input(run_dtk, tiny_sd, images, tmp_path):

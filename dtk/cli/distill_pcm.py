@@ -43,13 +43,16 @@ def _cfg_range(ctx, param, value):
               help="Add PCM's adversarial consistency loss: discriminator heads on the frozen teacher's features.")
 @click.option("--adv-weight", type=float, default=0.1, show_default=True, help="Weight of the generator's hinge loss.")
 @click.option("--adv-lr", type=float, default=1e-5, show_default=True, help="Discriminator learning rate.")
+@click.option("--adv-real", type=click.Choice(["target", "data"]), default="target", show_default=True,
+              help="What the discriminator takes as real: the consistency target (the paper), or the data latents "
+              "noised to the same timestep (for reflow pairs: the teacher's own samples).")
 @click.option("--sample-guidance", type=float, default=None,
               help="Guidance dtk.json recommends [1 (guidance distilled), the teacher's with --no-cfg-solver].")
 @click.option("--allow-missing-captions", is_flag=True, help="Images without captions train with the empty one.")
 @training_options(lr=1e-4, max_steps=2000, batch_size=8, lora_rank=64)
 @config_option
 def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, no_cfg_solver, empty_prompt_prob,
-            loss, huber_c, adversarial, adv_weight, adv_lr, sample_guidance, allow_missing_captions, **kwargs):
+            loss, huber_c, adversarial, adv_weight, adv_lr, adv_real, sample_guidance, allow_missing_captions, **kwargs):
     """Distil TEACHER into a few-step model with Phased Consistency Models.
 
     The ODE on an N-step DDIM grid is cut into K phases; the model learns to
@@ -75,6 +78,6 @@ def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, 
         raise BadInput(f"--empty-prompt-prob {empty_prompt_prob}: must be in [0, 1]")
     pcm = PhasedConsistency(phases=phases, ddim_steps=ddim_steps, cfg_range=cfg_range, cfg_solver=not no_cfg_solver,
                             empty_prompt_prob=empty_prompt_prob, loss=loss, huber_c=huber_c, adversarial=adversarial,
-                            adv_weight=adv_weight, adv_lr=adv_lr, method=method, sample_guidance=sample_guidance)
+                            adv_weight=adv_weight, adv_lr=adv_lr, adv_real=adv_real, method=method, sample_guidance=sample_guidance)
     train(pcm, train_config(kwargs, model=teacher, model_config=model_config, data=data,
                             allow_missing_captions=allow_missing_captions))

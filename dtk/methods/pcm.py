@@ -118,6 +118,7 @@ class GridDraw:
     """One training draw on the N-step DDIM grid (shared by PCM and LCM): the point x_t at grid timestep t,
     the teacher's target timestep t' = t − T/N, its CFG weight w, and the conditioning."""
 
+    x0: torch.Tensor
     index: torch.Tensor
     t: torch.Tensor
     t_prev: torch.Tensor
@@ -137,20 +138,21 @@ def draw_on_grid(run: Run, batch: dict, n: int, w_range: tuple[float, float], cf
     x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
     w = w_range[0] + (w_range[1] - w_range[0]) * run.rng.rand() if cfg_solver else torch.zeros(len(t), device=run.device)
     captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    return GridDraw(index, t, (t - r).clamp(min=0), x_t, w, run.encode_prompts(captions),
+    return GridDraw(x0, index, t, (t - r).clamp(min=0), x_t, w, run.encode_prompts(captions),
                     run.encode_prompts([""] * len(captions)))
 
 
 def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
              empty_prompt_prob: float, loss: str, huber_c: float):
-    """PCM's consistency loss for one batch; returns (loss, logs, (student edge output, target, edge, cond))."""
+    """PCM's consistency loss for one batch; returns (loss, logs, (student edge output, target, edge, cond,
+    data latent))."""
     d = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob)
     x_t, t, t_prev, cond, s = d.x_t, d.t, d.t_prev, d.cond, edge_of(d.index, n, k)
     student = edge_jump(x_t, eps_of(run, run.unet, x_t, t, cond), run, t, s)
     x_prev = teacher_step(run, teacher, x_t, t, t_prev, cond, d.uncond, d.w)
     with torch.no_grad():
         target = edge_jump(x_prev, eps_of(run, run.raw_unet, x_prev, t_prev, cond), run, t_prev, s)
-    return consistency_distance(student, target, loss, huber_c), {}, (student, target, s, cond)
+    return consistency_distance(student, target, loss, huber_c), {}, (student, target, s, cond, d.x0)
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class PhasedConsistency(Method):
     def __init__(self, *, phases: int = 4, ddim_steps: int = 50, cfg_range: tuple[float, float] | None = None,
                  cfg_solver: bool = True, empty_prompt_prob: float | None = None, loss: str = "huber",
                  huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
-                 method: str = "pcm", sample_guidance: float | None = None):
+                 adv_real: str = "target", method: str = "pcm", sample_guidance: float | None = None):
         if method not in ("pcm", "lcm"):
             raise BadInput(f"--method {method}: choose pcm or lcm")
         self.method = method
@@ -236,11 +238,13 @@ class PhasedConsistency(Method):
             raise BadInput(f"--loss {loss}: choose huber or l2")
         if adversarial and method == "lcm":
             raise BadInput("--adversarial is PCM's: it does not apply to --method lcm")
+        if adv_real not in ("target", "data"):
+            raise BadInput(f"--adv-real {adv_real}: choose target or data")
         self.cfg_range, self.cfg_solver = cfg_range, cfg_solver
         # the normal-CFG variant trains the unconditional branch too: 10% empty captions by default
         self.empty_prompt_prob = empty_prompt_prob if empty_prompt_prob is not None else (0.0 if cfg_solver else 0.1)
         self.loss_kind, self.huber_c = loss, huber_c
-        self.adversarial, self.adv_weight, self.adv_lr = adversarial, adv_weight, adv_lr
+        self.adversarial, self.adv_weight, self.adv_lr, self.adv_real = adversarial, adv_weight, adv_lr, adv_real
         self.sample_guidance = sample_guidance
         self.teacher = None
         self.heads = self.d_optimizer = None
@@ -283,17 +287,24 @@ class PhasedConsistency(Method):
             return lcm_loss(run, batch, self._teacher(run), n=self.ddim_steps, w_range=self.cfg_range,
                             cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob,
                             loss=self.loss_kind, huber_c=self.huber_c)
-        loss, logs, (student, target, s, cond) = pcm_loss(
+        loss, logs, (student, target, s, cond, x0) = pcm_loss(
             run, batch, self._teacher(run), n=self.ddim_steps, k=self.phases, w_range=self.cfg_range,
             cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob, loss=self.loss_kind,
             huber_c=self.huber_c)
         logs["consistency_loss"] = float(loss.detach())
         if self.adversarial:
-            # real (the target) and fake (the student) noised to the same s' ~ U[s, s + T/K) with the same noise
+            # fake (the student's edge output) and real noised to the same s' ~ U[s, s + T/K) with the same
+            # noise; real is the consistency target (the paper), or with --adv-real data the data latent itself,
+            # which makes D compare the student with the data (teacher samples, for reflow pairs) at s'
             width = NUM_TRAIN_TIMESTEPS // self.phases
             s_to = (s + (run.rng.rand() * width).long()).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
             noise = run.rng.randn(*student.shape[1:])
-            fake, real = renoise(student, s, s_to, noise, run), renoise(target, s, s_to, noise, run)
+            fake = renoise(student, s, s_to, noise, run)
+            if self.adv_real == "data":
+                a_to, sigma_to = run.alpha_sigma(s_to)
+                real = a_to * x0 + sigma_to * noise
+            else:
+                real = renoise(target, s, s_to, noise, run)
             self.heads.requires_grad_(False)
             g = hinge_g_loss(self.heads(block_features(run, self._teacher(run), fake, s_to, cond)))
             self.heads.requires_grad_(True)
@@ -355,5 +366,6 @@ class PhasedConsistency(Method):
                 "edges": phase_edges(self.ddim_steps, self.phases), "cfg_solver": self.cfg_solver,
                 "cfg_range_lcm_w": list(self.cfg_range) if self.cfg_solver else None,
                 "empty_prompt_prob": self.empty_prompt_prob, "loss": self.loss_kind, "huber_c": self.huber_c,
-                "adversarial": self.adversarial, **({"adv_weight": self.adv_weight, "adv_lr": self.adv_lr}
+                "adversarial": self.adversarial, **({"adv_weight": self.adv_weight, "adv_lr": self.adv_lr,
+                                                        "adv_real": self.adv_real}
                                                     if self.adversarial else {})}
