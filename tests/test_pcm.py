@@ -11,8 +11,8 @@ import torch
 
 from dtk.diffusion.schedule import alphas_cumprod
 from dtk.methods.lcm import boundary_scalings
-from dtk.methods.pcm import (DiscriminatorHeads, ddim_grid, edge_jump, edge_of, hinge_d_loss, phase_edges,
-                             sampling_timesteps, teacher_step)
+from dtk.methods.pcm import (DiscriminatorHeads, ddim_grid, edge_jump, edge_of, hinge_d_loss, hinge_g_loss,
+                             phase_edges, sampling_timesteps, teacher_step)
 from dtk.train.engine import Run
 
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
@@ -98,7 +98,9 @@ def test_discriminator_hinge_loss_falls_on_separable_inputs():
     heads = DiscriminatorHeads([8, 16])
     real = [torch.randn(6, 8, 4, 4) + 2, torch.randn(6, 16, 2, 2) + 2]
     fake = [torch.randn(6, 8, 4, 4) - 2, torch.randn(6, 16, 2, 2) - 2]
-    assert hinge_d_loss(torch.zeros(3), torch.zeros(3)) == 2.0  # an undecided D
+    undecided = [torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 2, 2)]
+    assert hinge_d_loss(undecided, undecided) == 2.0 and hinge_g_loss(undecided) == 1.0
+    assert hinge_g_loss([torch.full((3, 1, 2, 2), 5.0)]) == 0.0  # no reward past the margin
     opt = torch.optim.AdamW(heads.parameters(), lr=1e-2, betas=(0.0, 0.999))
     losses = []
     for _ in range(30):
@@ -108,7 +110,7 @@ def test_discriminator_hinge_loss_falls_on_separable_inputs():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
-    assert heads(real).mean() > 0 > heads(fake).mean()  # real scores up, fake down: the signs are right
+    assert all(r.mean() > 0 > f.mean() for r, f in zip(heads(real), heads(fake)))  # real up, fake down
 
 
 # ------------------------------------------------------------------ end to end

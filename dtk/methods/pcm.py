@@ -160,7 +160,8 @@ def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[f
 
 
 class DiscriminatorHeads(nn.Module):
-    """Small trainable heads on the frozen teacher UNet's down/mid/up block features (one logit map each)."""
+    """Small trainable heads on the frozen teacher UNet's down/mid/up block features: one logit map each,
+    judged position by position (a patch discriminator at every feature scale, as PCM's reference code)."""
 
     def __init__(self, channels: list[int]):
         super().__init__()
@@ -173,10 +174,9 @@ class DiscriminatorHeads(nn.Module):
                              nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU())
         return nn.ModuleDict({"body": body, "out": nn.Conv2d(c, 1, 1)})
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Per-example score: the mean logit over heads and positions."""
-        scores = [h["out"](f + h["body"](f)).mean((1, 2, 3)) for h, f in zip(self.heads, features)]
-        return torch.stack(scores).mean(0)
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One [B, 1, h, w] logit map per head."""
+        return [h["out"](f + h["body"](f)).float() for h, f in zip(self.heads, features)]
 
 
 def block_features(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
@@ -206,12 +206,14 @@ def renoise(x_s: torch.Tensor, s: torch.Tensor, s_to: torch.Tensor, noise: torch
     return ratio * x_s + (1 - ratio**2).clamp(min=0).sqrt() * noise
 
 
-def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    return torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+def hinge_d_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    """Hinge loss per position, averaged over positions, then over heads: 2 for an undecided D."""
+    return torch.stack([torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real, fake)]).mean()
 
 
-def hinge_g_loss(fake: torch.Tensor) -> torch.Tensor:
-    return -fake.mean()
+def hinge_g_loss(fake: list[torch.Tensor]) -> torch.Tensor:
+    """The generator's hinge: push every position's fake logit up to the margin (no reward beyond it)."""
+    return torch.stack([torch.relu(1 - f).mean() for f in fake]).mean()
 
 
 # ---------------------------------------------------------------------------
