@@ -15,7 +15,8 @@ Every step is a dtk command (printed before it runs):
    (`dtk sample`, `--npo` for the negative branch) and is scored (`dtk score`).
 
 Reported: mean reward and win rate over the base (same caption and seed; ties ½)
-for base, DPO, base+NPO, DPO+NPO and base+Self-NPO, and the seed-to-seed noise
+for base, DPO, base+NPO, DPO+NPO and base+Self-NPO (its EMA teacher or its student as the
+negative model), and the seed-to-seed noise
 of the benchmark (the base model with other seeds). --save writes
 benchmarks/results/dpo.md. Steps already done in --work are not redone.
 """
@@ -103,10 +104,14 @@ def main() -> None:
           "--out", w / "npo"], w / "npo" / "dtk.json", times, "npo")
     step([*dtk, "train-npo", "--self", "--data", w / "train", *lora, "--out", w / "self-npo"],
          w / "self-npo" / "dtk.json", times, "self-npo")
+    # the same run exporting the student rather than its EMA teacher (the papers do not say which)
+    step([*dtk, "train-npo", "--self", "--negative", "student", "--data", w / "train", *lora,
+          "--out", w / "self-npo-student"], w / "self-npo-student" / "dtk.json", times, "self-npo-student")
 
     configs = {"base": [], "base (other seeds)": ["--seed", 1], "DPO": ["--model", w / "dpo"],
                "base+NPO": ["--npo", w / "npo"], "DPO+NPO": ["--model", w / "dpo", "--npo", w / "npo"],
-               "base+Self-NPO": ["--npo", w / "self-npo"]}
+               "base+Self-NPO": ["--npo", w / "self-npo"],
+               "base+Self-NPO (student)": ["--npo", w / "self-npo-student"]}
     scores, confidence = {}, {}
     for i, (name, extra) in enumerate(configs.items()):
         out = w / f"eval-{i}"
@@ -154,7 +159,8 @@ def main() -> None:
         "targets (margins larger than the noise):",
         f"- DPO > base: {verdict('DPO', 'base')}",
         f"- DPO+NPO > DPO: {verdict('DPO+NPO', 'DPO')}",
-        f"- Self-NPO > base: {verdict('base+Self-NPO', 'base')}",
+        f"- Self-NPO > base: {verdict('base+Self-NPO', 'base')}; exporting the student: "
+        f"{verdict('base+Self-NPO (student)', 'base')}",
     ]
     report("dpo", "DPO, NPO and Self-NPO on the demo model", args, lines)
 
