@@ -52,7 +52,8 @@ def _cfg_range(ctx, param, value):
 @training_options(lr=1e-4, max_steps=2000, batch_size=8, lora_rank=64)
 @config_option
 def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, no_cfg_solver, empty_prompt_prob,
-            loss, huber_c, adversarial, adv_weight, adv_lr, adv_real, sample_guidance, allow_missing_captions, **kwargs):
+            loss, huber_c, adversarial, adv_weight, adv_lr, adv_real, sample_guidance, allow_missing_captions,
+            **kwargs):
     """Distil TEACHER into a few-step model with Phased Consistency Models.
 
     The ODE on an N-step DDIM grid is cut into K phases; the model learns to
@@ -78,6 +79,7 @@ def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, 
         raise BadInput(f"--empty-prompt-prob {empty_prompt_prob}: must be in [0, 1]")
     pcm = PhasedConsistency(phases=phases, ddim_steps=ddim_steps, cfg_range=cfg_range, cfg_solver=not no_cfg_solver,
                             empty_prompt_prob=empty_prompt_prob, loss=loss, huber_c=huber_c, adversarial=adversarial,
-                            adv_weight=adv_weight, adv_lr=adv_lr, adv_real=adv_real, method=method, sample_guidance=sample_guidance)
+                            adv_weight=adv_weight, adv_lr=adv_lr, adv_real=adv_real, method=method,
+                            sample_guidance=sample_guidance)
     train(pcm, train_config(kwargs, model=teacher, model_config=model_config, data=data,
                             allow_missing_captions=allow_missing_captions))
