@@ -82,11 +82,14 @@ def make_tiny_lora(pipe_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     extra = {}
     if text_encoder:
+        from peft import inject_adapter_in_model
         from transformers import CLIPTextModel
 
+        # peft itself rather than transformers' add_adapter, which transformers 5.24 refuses below peft 0.22
         encoder = CLIPTextModel.from_pretrained(str(pipe_dir / "text_encoder"))
-        encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        encoder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                                          encoder)
         extra["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True, **extra)
