@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--bank-size", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--num-images", type=int, default=500, help="eval images per model and step count")
+    ap.add_argument("--results-name", default="sct", help="--save writes benchmarks/results/NAME.md")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
 
@@ -136,7 +137,7 @@ def main() -> None:
         f"- SCT 2-step FD-real within 1.3× of the base model's 50-step: {best_sct} {ratio:.2f}× "
         f"({'met' if ratio <= 1.3 else 'NOT met'})",
     ]
-    report("sct", "ECT vs SCT on the pixel demo", args, lines)
+    report(args.results_name, "ECT vs SCT on the pixel demo", args, lines)
 
 
 if __name__ == "__main__":
