@@ -302,9 +302,8 @@ class PhasedConsistency(Method):
             s_to = (s + (run.rng.rand() * width).long()).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
             noise = run.rng.randn(*student.shape[1:])
             fake = renoise(student, s, s_to, noise, run)
-            if self.adv_real == "data":
-                a_to, sigma_to = run.alpha_sigma(s_to)
-                real = a_to * x0 + sigma_to * noise
+            if self.adv_real == "data":   # from the clean data: t = −1 is ᾱ = 1 (Run.alpha_sigma)
+                real = renoise(x0, torch.full_like(s, -1), s_to, noise, run)
             else:
                 real = renoise(target, s, s_to, noise, run)
             self.heads.requires_grad_(False)
