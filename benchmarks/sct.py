@@ -9,8 +9,11 @@ Every step is a dtk command (printed before it runs):
 2. `dtk tune-sct --model demo-pixel` three times — `--target ect`, `--target stable`
    (the batch as reference set), `--target stable --bank-size B` — with the
    same steps, batch, learning rate and seed, full fine-tuning;
-3. `dtk eval` (shape-classes benchmark): the base model at 25/50 DDIM steps (the
-   ceiling), each tuned model at 1 and 2 steps.
+3. with `--guide-work DIR` (a shorter run of this benchmark), each run again
+   exported from its final checkpoint with `--guide-with DIR/RUN --guidance W
+   --t-mid T` (SCT's guidance by a worse version of the model itself);
+4. `dtk eval` (shape-classes benchmark): the base model at 25/50 DDIM steps (the
+   ceiling), each tuned model (and guided export) at 1 and 2 steps.
 
 Also measured, without any network: the error of each training target x_r
 against the posterior-mean target from a large reference set (4096 images of
@@ -71,6 +74,11 @@ def main() -> None:
     ap.add_argument("--bank-size", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--num-images", type=int, default=500, help="eval images per model and step count")
+    ap.add_argument("--guide-work", default=None, metavar="DIR",
+                    help="the work dir of a shorter run of this benchmark (same data and settings): each run is also "
+                    "exported guided by its namesake there (SCT's guidance by a worse version of itself)")
+    ap.add_argument("--guidance", type=float, default=3.0, help="w of the guided exports")
+    ap.add_argument("--guided-t-mid", type=float, default=6.0, help="2-step re-noise σ of the guided exports")
     ap.add_argument("--results-name", default="sct", help="--save writes benchmarks/results/NAME.md")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
@@ -88,19 +96,28 @@ def main() -> None:
             "sct-bank": ["--target", "stable", "--bank-size", args.bank_size]}
     for name, extra in runs.items():
         step([*dtk, "tune-sct", *common, *extra, "--out", w / name], w / name / "dtk.json", times, name)
+    evaluated = list(runs)
+    if args.guide_work:   # the same weights, re-exported from the final checkpoint with the guide recorded
+        for name, extra in runs.items():
+            final = w / name / "checkpoints" / f"step-{args.steps:08d}"
+            step([*dtk, "tune-sct", *common, *extra, "--resume", final, "--out", w / f"{name}-guided",
+                  "--guide-with", Path(args.guide_work) / name, "--guidance", args.guidance,
+                  "--t-mid", args.guided_t_mid], w / f"{name}-guided" / "dtk.json", times, f"{name}-guided")
+            evaluated.append(f"{name}-guided")
     step([*dtk, "eval", "--model", args.model, "--steps", "25,50", "--num-images", args.num_images,
           "--out", w / "eval-base"], w / "eval-base" / "eval.json", times, "eval-base")
-    for name in runs:
+    for name in evaluated:
         step([*dtk, "eval", "--model", w / name, "--steps", "1,2", "--num-images", args.num_images,
               "--out", w / f"eval-{name}"], w / f"eval-{name}" / "eval.json", times, f"eval-{name}")
 
     base = {r["steps"]: r for r in json.loads((w / "eval-base" / "eval.json").read_text())["rows"]}
     res = {name: {r["steps"]: r for r in json.loads((w / f"eval-{name}" / "eval.json").read_text())["rows"]}
-           for name in runs}
-    trained = {name: json.loads((w / name / "dtk.json").read_text())["training"] for name in runs}
+           for name in evaluated}
+    trained = {name: json.loads((w / name.removesuffix("-guided") / "dtk.json").read_text())["training"]
+               for name in evaluated}
     noise_floor = json.loads((w / "eval-base" / "eval.json").read_text())["noise_floor"]
     rows = [f"| base (DDIM) | {n} | {r['fd_real']:.1f} | {r['accuracy']:.3f} | — |" for n, r in sorted(base.items())]
-    for name in runs:
+    for name in evaluated:
         rows += [f"| {name} | {n} | {r['fd_real']:.1f} | {r['accuracy']:.3f} | {trained[name]['seconds'] / 60:.0f} min |"
                  for n, r in sorted(res[name].items())]
     errors = target_errors(args.batch_size, args.bank_size)
@@ -110,14 +127,19 @@ def main() -> None:
     def fd(name, n):
         return res[name][n]["fd_real"]
 
-    best_sct = min(("sct-batch", "sct-bank"), key=lambda name: fd(name, 2))
-    beats = [n for n in (1, 2) if min(fd("sct-batch", n), fd("sct-bank", n)) < fd("ect", n)]
+    def beats(suffix=""):
+        return [n for n in (1, 2) if min(fd(f"sct-batch{suffix}", n), fd(f"sct-bank{suffix}", n)) < fd(f"ect{suffix}", n)]
+
+    best_sct = min((name for name in evaluated if name.startswith("sct")), key=lambda name: fd(name, 2))
     ratio = fd(best_sct, 2) / base[50]["fd_real"]
+    guided = (f"; guided exports (`-guided`): the same weights, D_guide + {args.guidance:g}(D − D_guide) with the "
+              f"namesake run of {args.guide_work} as the guide, 2-step re-noise σ {args.guided_t_mid:g}"
+              if args.guide_work else "")
     lines = [
         f"pixel demo (class-conditional UNet2DModel, 32×32 shapes), shape-classes-v1 ({args.num_images} images per "
         f"row, FD noise floor {noise_floor:.1f}); every run: {args.images} images, full UNet, {args.steps} steps × "
         f"batch {args.batch_size}, lr {args.lr:g}, stage every {max(1, args.steps // 4)} steps (q = 4), "
-        f"lognormal t (−1.1, 2.0), EMA 0.99; bank {args.bank_size}",
+        f"lognormal t (−1.1, 2.0), EMA 0.99; bank {args.bank_size}; 2-step re-noise σ 1.526{guided}",
         f"machine: {machine()}",
         "",
         "| model | steps | FD-real | accuracy | training time |",
@@ -132,8 +154,9 @@ def main() -> None:
         *err_rows,
         "",
         "targets:",
-        f"- SCT beats ECT on FD-real at 1 and 2 steps: at {beats} of [1, 2] "
-        f"({'met' if len(beats) == 2 else 'NOT met'})",
+        f"- SCT beats ECT on FD-real at 1 and 2 steps: at {beats()} of [1, 2] "
+        f"({'met' if len(beats()) == 2 else 'NOT met'})"
+        + (f"; guided, all three alike: at {beats('-guided')} of [1, 2]" if args.guide_work else ""),
         f"- SCT 2-step FD-real within 1.3× of the base model's 50-step: {best_sct} {ratio:.2f}× "
         f"({'met' if ratio <= 1.3 else 'NOT met'})",
     ]

@@ -12,7 +12,7 @@ import torch
 from dtk.diffusion.schedule import alphas_cumprod
 from dtk.methods.lcm import boundary_scalings
 from dtk.methods.pcm import (DiscriminatorHeads, ddim_grid, edge_jump, edge_of, hinge_d_loss, hinge_g_loss,
-                             phase_edges, sampling_timesteps, teacher_step)
+                             phase_edges, phase_top_indices, sampling_timesteps, teacher_step)
 from dtk.train.engine import Run
 
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
@@ -44,6 +44,16 @@ def test_phase_edges_and_sampling_timesteps():
     # every sampling timestep of a phase jumps to that phase's edge: 4 steps end exactly on the edges
     tops = torch.tensor([(t + 1) // 20 - 1 for t in sampling_timesteps(50, 4, 4)])
     assert edge_of(tops, 50, 4).tolist() == [739, 499, 239, 0]
+
+
+def test_phase_tops_are_the_sampling_timesteps():
+    """--adv-at phase-tops judges the student where K-step sampling starts each phase."""
+    grid = ddim_grid(50)
+    for k in (1, 2, 4):
+        run = SimpleNamespace(device="cpu", rng=SimpleNamespace(randint=lambda lo, hi: torch.arange(lo, hi)))
+        tops = phase_top_indices(run, 50, k)   # the fake rng draws every phase once, in order
+        assert sorted((grid[i] for i in tops.tolist()), reverse=True) == sampling_timesteps(50, k, k)
+        assert edge_of(tops, 50, k).tolist() == phase_edges(50, k)
 
 
 def test_edge_jump_boundary_and_teacher_step_against_diffusers():
@@ -148,8 +158,8 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
     r = run_dtk("distill-pcm", "--teacher", model, "--data", images, "--out", tmp_path / "b", "--resolution", 16,
                 "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--max-steps", 6, "--resume", "auto",
                 "--overwrite", "--checkpoint-every", 2, "--ema-decay", 0.9)   # now without --adversarial
-    assert r.exit_code == 2 and ("other method than this run (adv_lr=0.001, adv_real=target, adv_weight=0.1, "
-                                 "adversarial=True)") in r.stderr
+    assert r.exit_code == 2 and ("other method than this run (adv_at=draw, adv_lr=0.001, adv_real=target, "
+                                 "adv_weight=0.1, adversarial=True)") in r.stderr
     la = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert {"consistency_loss", "g_loss", "d_loss"} <= set(la[0])
@@ -216,11 +226,11 @@ def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 0, r.stderr
     distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "pcm", "--max-steps", 1)
     assert json.loads((tmp_path / "pcm/dtk.json").read_text())["data"]["format"] == "reflow-pairs"
-    # the teacher's own samples as the discriminator's real side
+    # the teacher's own samples as the discriminator's real side, judging the 1-step jump from t = 999
     distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "adv", "--max-steps", 2, "--phases", 1, "--adversarial",
-            "--adv-real", "data", "--adv-lr", "1e-2")
+            "--adv-real", "data", "--adv-at", "phase-tops", "--adv-lr", "1e-2")
     meta = json.loads((tmp_path / "adv/dtk.json").read_text())
-    assert (meta["method"]["adversarial"], meta["method"]["adv_real"]) == (True, "data")
+    assert [meta["method"][k] for k in ("adversarial", "adv_real", "adv_at")] == [True, "data", "phase-tops"]
     logged = [json.loads(x) for x in (tmp_path / "adv/metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x["d_loss"]) for x in logged) and logged[-1]["d_loss"] != logged[0]["d_loss"]
 

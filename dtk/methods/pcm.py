@@ -129,10 +129,12 @@ class GridDraw:
 
 
 def draw_on_grid(run: Run, batch: dict, n: int, w_range: tuple[float, float], cfg_solver: bool,
-                 empty_prompt_prob: float) -> GridDraw:
+                 empty_prompt_prob: float, index: torch.Tensor | None = None,
+                 x0: torch.Tensor | None = None) -> GridDraw:
+    """x_t at grid indices ``index`` (uniform over the grid when None) from the batch's latents (or ``x0``)."""
     r = NUM_TRAIN_TIMESTEPS // n
-    x0 = run.latents(batch)
-    index = run.rng.randint(0, n)
+    x0 = run.latents(batch) if x0 is None else x0
+    index = run.rng.randint(0, n) if index is None else index
     t = (index + 1) * r - 1
     alpha, sigma = run.alpha_sigma(t)
     x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
@@ -142,17 +144,47 @@ def draw_on_grid(run: Run, batch: dict, n: int, w_range: tuple[float, float], cf
                     run.encode_prompts([""] * len(captions)))
 
 
-def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
-             empty_prompt_prob: float, loss: str, huber_c: float):
-    """PCM's consistency loss for one batch; returns (loss, logs, (student edge output, target, edge, cond,
-    data latent))."""
-    d = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob)
-    x_t, t, t_prev, cond, s = d.x_t, d.t, d.t_prev, d.cond, edge_of(d.index, n, k)
-    student = edge_jump(x_t, eps_of(run, run.unet, x_t, t, cond), run, t, s)
-    x_prev = teacher_step(run, teacher, x_t, t, t_prev, cond, d.uncond, d.w)
+def concat_draws(a: GridDraw, b: GridDraw) -> GridDraw:
+    cat = type(a.cond).cat
+    return GridDraw(*(torch.cat([getattr(a, f), getattr(b, f)]) for f in ("x0", "index", "t", "t_prev", "x_t", "w")),
+                    cat([a.cond, b.cond]), cat([a.uncond, b.uncond]))
+
+
+def phase_top_indices(run: Run, n: int, k: int) -> torch.Tensor:
+    """The noisiest grid index of a uniformly drawn phase per example: where K-step sampling enters it."""
+    tops = torch.tensor([start - 1 for start in phase_starts(n, k)[1:] + [n]], device=run.device)
+    return tops[run.rng.randint(0, k)]
+
+
+def consistency_target(run: Run, d: GridDraw, teacher, s: torch.Tensor) -> torch.Tensor:
+    """The teacher's DDIM step t → t' followed by the model's own (stop-gradient) jump from t' to the edge s."""
+    x_prev = teacher_step(run, teacher, d.x_t, d.t, d.t_prev, d.cond, d.uncond, d.w)
     with torch.no_grad():
-        target = edge_jump(x_prev, eps_of(run, run.raw_unet, x_prev, t_prev, cond), run, t_prev, s)
-    return consistency_distance(student, target, loss, huber_c), {}, (student, target, s, cond, d.x0)
+        return edge_jump(x_prev, eps_of(run, run.raw_unet, x_prev, d.t_prev, d.cond), run, d.t_prev, s)
+
+
+def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
+             empty_prompt_prob: float, loss: str, huber_c: float, judge_phase_tops: bool = False,
+             judged_target: bool = True):
+    """PCM's consistency loss for one batch; returns (loss, logs, judged), where judged = (student edge output,
+    target or None, edge, cond, data latent) for the adversarial term: at the same draw, or with
+    ``judge_phase_tops`` at a second draw from phase tops (one student forward for both draws)."""
+    d = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob)
+    both = d
+    if judge_phase_tops:
+        top = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob,
+                           index=phase_top_indices(run, n, k), x0=d.x0)
+        both = concat_draws(d, top)
+    s_all = edge_of(both.index, n, k)
+    student_all = edge_jump(both.x_t, eps_of(run, run.unet, both.x_t, both.t, both.cond), run, both.t, s_all)
+    b = len(d.t)
+    student, s = student_all[:b], s_all[:b]
+    target = consistency_target(run, d, teacher, s)
+    judged = (student, target, s, d.cond, d.x0)
+    if judge_phase_tops:
+        judged = (student_all[b:], consistency_target(run, top, teacher, s_all[b:]) if judged_target else None,
+                  s_all[b:], top.cond, top.x0)
+    return consistency_distance(student, target, loss, huber_c), {}, judged
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +259,8 @@ class PhasedConsistency(Method):
     def __init__(self, *, phases: int = 4, ddim_steps: int = 50, cfg_range: tuple[float, float] | None = None,
                  cfg_solver: bool = True, empty_prompt_prob: float | None = None, loss: str = "huber",
                  huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
-                 adv_real: str = "target", method: str = "pcm", sample_guidance: float | None = None):
+                 adv_real: str = "target", adv_at: str = "draw", method: str = "pcm",
+                 sample_guidance: float | None = None):
         if method not in ("pcm", "lcm"):
             raise BadInput(f"--method {method}: choose pcm or lcm")
         self.method = method
@@ -242,11 +275,14 @@ class PhasedConsistency(Method):
             raise BadInput("--adversarial is PCM's: it does not apply to --method lcm")
         if adv_real not in ("target", "data"):
             raise BadInput(f"--adv-real {adv_real}: choose target or data")
+        if adv_at not in ("draw", "phase-tops"):
+            raise BadInput(f"--adv-at {adv_at}: choose draw or phase-tops")
         self.cfg_range, self.cfg_solver = cfg_range, cfg_solver
         # the normal-CFG variant trains the unconditional branch too: 10% empty captions by default
         self.empty_prompt_prob = empty_prompt_prob if empty_prompt_prob is not None else (0.0 if cfg_solver else 0.1)
         self.loss_kind, self.huber_c = loss, huber_c
         self.adversarial, self.adv_weight, self.adv_lr, self.adv_real = adversarial, adv_weight, adv_lr, adv_real
+        self.adv_at = adv_at
         self.sample_guidance = sample_guidance
         self.teacher = None
         self.heads = self.d_optimizer = None
@@ -292,7 +328,8 @@ class PhasedConsistency(Method):
         loss, logs, (student, target, s, cond, x0) = pcm_loss(
             run, batch, self._teacher(run), n=self.ddim_steps, k=self.phases, w_range=self.cfg_range,
             cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob, loss=self.loss_kind,
-            huber_c=self.huber_c)
+            huber_c=self.huber_c, judge_phase_tops=self.adversarial and self.adv_at == "phase-tops",
+            judged_target=self.adv_real == "target")
         logs["consistency_loss"] = float(loss.detach())
         if self.adversarial:
             # fake (the student's edge output) and real noised to the same s' ~ U[s, s + T/K) with the same
@@ -368,5 +405,5 @@ class PhasedConsistency(Method):
                 "cfg_range_lcm_w": list(self.cfg_range) if self.cfg_solver else None,
                 "empty_prompt_prob": self.empty_prompt_prob, "loss": self.loss_kind, "huber_c": self.huber_c,
                 "adversarial": self.adversarial, **({"adv_weight": self.adv_weight, "adv_lr": self.adv_lr,
-                                                        "adv_real": self.adv_real}
+                                                        "adv_real": self.adv_real, "adv_at": self.adv_at}
                                                     if self.adversarial else {})}
