@@ -248,6 +248,7 @@ def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
     assert "--cfg-range 5,4: the minimum is above the maximum" in bad("--cfg-range", "5,4")
     assert "expected W_MIN,W_MAX" in bad("--cfg-range", "5")
     assert "--adversarial is PCM's" in bad("--method", "lcm", "--adversarial")
+    assert "add --adversarial" in bad("--adv-at", "phase-tops")
     flow = tmp_path / "flow-model"
     shutil.copytree(tiny_sd, flow)
     cfg = json.loads((flow / "scheduler/scheduler_config.json").read_text())

@@ -277,6 +277,9 @@ class PhasedConsistency(Method):
             raise BadInput(f"--adv-real {adv_real}: choose target or data")
         if adv_at not in ("draw", "phase-tops"):
             raise BadInput(f"--adv-at {adv_at}: choose draw or phase-tops")
+        if not adversarial and (adv_real, adv_at) != ("target", "draw"):
+            raise BadInput(f"--adv-real {adv_real} / --adv-at {adv_at}: these shape the adversarial term; "
+                           "add --adversarial")
         self.cfg_range, self.cfg_solver = cfg_range, cfg_solver
         # the normal-CFG variant trains the unconditional branch too: 10% empty captions by default
         self.empty_prompt_prob = empty_prompt_prob if empty_prompt_prob is not None else (0.0 if cfg_solver else 0.1)
