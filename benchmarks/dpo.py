@@ -107,11 +107,16 @@ def main() -> None:
     # the same run exporting the student rather than its EMA teacher (the papers do not say which)
     step([*dtk, "train-npo", "--self", "--negative", "student", "--data", w / "train", *lora,
           "--out", w / "self-npo-student"], w / "self-npo-student" / "dtk.json", times, "self-npo-student")
+    # a stronger Self-NPO: teacher guidance −3 (−1 is the SD1.x default), 5× the lr, the student exported
+    step([*dtk, "train-npo", "--self", "--negative", "student", "--teacher-guidance", -3, "--data", w / "train",
+          *lora, "--lr", 5 * args.lr, "--out", w / "self-npo-strong"], w / "self-npo-strong" / "dtk.json", times,
+         "self-npo-strong")
 
     configs = {"base": [], "base (other seeds)": ["--seed", 1], "DPO": ["--model", w / "dpo"],
                "base+NPO": ["--npo", w / "npo"], "DPO+NPO": ["--model", w / "dpo", "--npo", w / "npo"],
                "base+Self-NPO": ["--npo", w / "self-npo"],
-               "base+Self-NPO (student)": ["--npo", w / "self-npo-student"]}
+               "base+Self-NPO (student)": ["--npo", w / "self-npo-student"],
+               "base+Self-NPO (student, w −3, 5× lr)": ["--npo", w / "self-npo-strong"]}
     scores, confidence = {}, {}
     for i, (name, extra) in enumerate(configs.items()):
         out = w / f"eval-{i}"
@@ -160,7 +165,8 @@ def main() -> None:
         f"- DPO > base: {verdict('DPO', 'base')}",
         f"- DPO+NPO > DPO: {verdict('DPO+NPO', 'DPO')}",
         f"- Self-NPO > base: {verdict('base+Self-NPO', 'base')}; exporting the student: "
-        f"{verdict('base+Self-NPO (student)', 'base')}",
+        f"{verdict('base+Self-NPO (student)', 'base')}; stronger: "
+        f"{verdict('base+Self-NPO (student, w −3, 5× lr)', 'base')}",
     ]
     report("dpo", "DPO, NPO and Self-NPO on the demo model", args, lines)
 
