@@ -252,12 +252,16 @@ def test_real_process_default_shard_from_slurm_and_ctrl_c(tiny_sd, tmp_path):
     assert [json.loads(x)["index"] for x in p.stdout.splitlines()] == [1]
     assert (tmp_path / "s" / "dtk.shard-00001-of-00002.json").exists()
 
-    # Ctrl-C (or Slurm's SIGTERM) mid-run: exit 130/143, complete PNGs only, no manifest.
+    # Ctrl-C (or Slurm's SIGTERM) mid-run: exit 130/143, complete PNGs only, no manifest. SIGINT as from a
+    # terminal: a job started in the background (`cmd &`, nohup) inherits SIGINT ignored, and Python keeps it so
+    def sigint_default():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     for sig, code, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
         out = tmp_path / f"int{code}"
         proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--out", str(out),
                                  "--steps", "50", "--batch-size", "1", "--num-per-prompt", "400", "x"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
         deadline = time.time() + 120
         while time.time() < deadline and not (out.exists() and list(out.glob("*.png"))):
             time.sleep(0.05)
