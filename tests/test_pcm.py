@@ -56,6 +56,36 @@ def test_phase_tops_are_the_sampling_timesteps():
         assert edge_of(tops, 50, k).tolist() == phase_edges(50, k)
 
 
+def test_judging_phase_tops_leaves_the_consistency_loss_alone():
+    """The second (phase-top) draw rides in the same student forward: the consistency loss, its draw and its
+    target are those of the plain step for the same random state; the judged half sits at the phase tops."""
+    from dtk.diffusion.conditioning import Conditioning
+    from dtk.methods.pcm import pcm_loss
+    from dtk.train.engine import PerExample
+
+    def unet(x, t, cond):   # any per-example function of (x, t)
+        return 0.3 * x + torch.sin(t.float() / 100).view(-1, 1, 1, 1)
+
+    def fake_run():
+        run = schedule_run()
+        x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        run.unet = run.raw_unet = unet
+        run.device, run.rng = "cpu", PerExample([7, 8, 9], "cpu")
+        run.latents = lambda batch: x0
+        run.encode_prompts = lambda captions: Conditioning(None)
+        return run
+
+    kw = dict(n=50, k=4, w_range=(1.0, 1.0), cfg_solver=True, empty_prompt_prob=0.0, loss="huber", huber_c=0.001)
+    batch = {"caption": ["a", "b", "c"]}
+    plain, _, (student, target, s, _, _) = pcm_loss(fake_run(), batch, unet, **kw)
+    both, _, (top_student, top_target, top_s, _, _) = pcm_loss(fake_run(), batch, unet, judge_phase_tops=True,
+                                                                judged_target=False, **kw)
+    assert torch.allclose(plain, both, rtol=1e-6) and top_target is None
+    assert set(top_s.tolist()) <= set(phase_edges(50, 4)) and top_student.shape == student.shape
+    _, _, (_, with_target, _, _, _) = pcm_loss(fake_run(), batch, unet, judge_phase_tops=True, **kw)
+    assert with_target is not None and with_target.shape == top_student.shape
+
+
 def test_edge_jump_boundary_and_teacher_step_against_diffusers():
     from diffusers import DDIMScheduler
 
