@@ -44,6 +44,12 @@ def phase_starts(n: int, k: int) -> list[int]:
     return [math.floor(i * n / k) for i in range(k)]
 
 
+def phase_ranges(n: int, k: int) -> list[tuple[int, int]]:
+    """(first, last) grid index of each phase; the last is its noisiest point, where K-step sampling enters it."""
+    starts = phase_starts(n, k) + [n]
+    return [(starts[p], starts[p + 1] - 1) for p in range(k)]
+
+
 def phase_edges(n: int, k: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """Each phase's lower edge: the timestep just below its first grid point (N=50, K=4: 0, 239, 499, 739)."""
     grid, r = ddim_grid(n, num_train_timesteps), num_train_timesteps // n
@@ -61,8 +67,7 @@ def edge_of(index: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def sampling_timesteps(n: int, k: int, steps: int) -> list[int]:
     """Timesteps for ``steps`` sampling steps of a K-phase model: the phase tops (999, 739, 499, 239 for
     N=50, K=4), each phase split evenly on the grid for more steps, every ⌈K/steps⌉-th phase for fewer."""
-    grid, starts = ddim_grid(n), phase_starts(n, k) + [n]
-    tops = [(starts[p], starts[p + 1] - 1) for p in range(k)]  # (first, last) grid index of each phase
+    grid, tops = ddim_grid(n), phase_ranges(n, k)
     if steps < k:
         chosen = sorted({k - 1 - (j * k) // steps for j in range(steps)}, reverse=True)
         return [grid[tops[p][1]] for p in chosen]
@@ -152,7 +157,7 @@ def concat_draws(a: GridDraw, b: GridDraw) -> GridDraw:
 
 def phase_top_indices(run: Run, n: int, k: int) -> torch.Tensor:
     """The noisiest grid index of a uniformly drawn phase per example: where K-step sampling enters it."""
-    tops = torch.tensor([start - 1 for start in phase_starts(n, k)[1:] + [n]], device=run.device)
+    tops = torch.tensor([last for _, last in phase_ranges(n, k)], device=run.device)
     return tops[run.rng.randint(0, k)]
 
 
@@ -180,10 +185,11 @@ def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[f
     b = len(d.t)
     student, s = student_all[:b], s_all[:b]
     target = consistency_target(run, d, teacher, s)
-    judged = (student, target, s, d.cond, d.x0)
     if judge_phase_tops:
         judged = (student_all[b:], consistency_target(run, top, teacher, s_all[b:]) if judged_target else None,
                   s_all[b:], top.cond, top.x0)
+    else:
+        judged = (student, target, s, d.cond, d.x0)
     return consistency_distance(student, target, loss, huber_c), {}, judged
 
 
