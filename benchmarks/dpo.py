@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def scores_of(manifest: Path) -> list[dict]:
     return [json.loads(line)["scores"] for line in manifest.read_text().splitlines() if line.strip()]
 
 
+def paired_se(a: list[float], b: list[float]) -> float:
+    """Standard error of the mean of the per-image differences a − b (same caption and seed)."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return (sum((x - m) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+
+
 def win_rate(a: list[float], b: list[float]) -> float:
     return sum((x > y) + 0.5 * (x == y) for x, y in zip(a, b)) / len(a)
 
@@ -66,6 +74,7 @@ def main() -> None:
     ap.add_argument("--work", required=True)
     ap.add_argument("--prompts", type=int, default=300, help="training captions (4 samples each make the pairs)")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out captions of the evaluation")
+    ap.add_argument("--eval-seed", type=int, default=4, help="seed that draws the held-out captions")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate of every run (the demo is tiny)")
@@ -77,12 +86,13 @@ def main() -> None:
     args = ap.parse_args()
 
     w = Path(args.work)
-    # done steps are reused: only under the same settings (pairs made otherwise would be reported as these)
-    settings = {k: getattr(args, k) for k in ("prompts", "eval_prompts", "steps", "batch_size", "lr", "beta",
-                                               "pair_by", "tie_margin")}
+    # done steps are reused: only under the same training settings (pairs made otherwise would be reported as
+    # these); another evaluation (--eval-prompts, --eval-seed) reuses the trained runs in its own folders
+    settings = {k: getattr(args, k) for k in ("prompts", "steps", "batch_size", "lr", "beta", "pair_by",
+                                               "tie_margin")}
     recorded = w / "settings.json"
-    if (recorded.exists() and json.loads(recorded.read_text()) != settings) or \
-            (not recorded.exists() and (w / "samples").exists()):
+    done = {k: v for k, v in json.loads(recorded.read_text()).items() if k in settings} if recorded.exists() else {}
+    if (recorded.exists() and done != settings) or (not recorded.exists() and (w / "samples").exists()):
         sys.exit(f"dpo.py: {w} holds a run with other settings ({recorded}); use a fresh --work")
     w.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(settings))
@@ -90,7 +100,8 @@ def main() -> None:
     times: dict = {}
     # two-shape captions: where the demo is weakest (shape2 accuracy ~0.84), so preferences have room to act
     write_two_shape_folder(w / "train", args.prompts, seed=3, split="train")
-    write_two_shape_folder(w / "heldout", args.eval_prompts, seed=4, split="heldout")
+    evaluation = w / f"eval-{args.eval_prompts}-seed{args.eval_seed}"
+    write_two_shape_folder(evaluation / "heldout", args.eval_prompts, seed=args.eval_seed, split="heldout")
     step([*dtk, "sample", "--prompts", w / "train" / "captions.txt", "--num-per-prompt", 4, "--batch-size", 16,
           "--out", w / "samples"], w / "samples" / "dtk.json", times, "samples")
     step([*dtk, "score", "--data", w / "samples" / "samples.jsonl", "--pair-by", args.pair_by, "--tie-margin",
@@ -102,7 +113,7 @@ def main() -> None:
          w / "dpo" / "dtk.json", times, "dpo")
     step([*dtk, "train-npo", "--from-pairs", "--data", w / "pairs.parquet", "--beta", args.beta, *lora,
           "--out", w / "npo"], w / "npo" / "dtk.json", times, "npo")
-    step([*dtk, "train-npo", "--self", "--data", w / "train", *lora, "--out", w / "self-npo"],
+    step([*dtk, "train-npo", "--self", "--negative", "ema", "--data", w / "train", *lora, "--out", w / "self-npo"],
          w / "self-npo" / "dtk.json", times, "self-npo")
     # the same run exporting the student rather than its EMA teacher (the papers do not say which)
     step([*dtk, "train-npo", "--self", "--negative", "student", "--data", w / "train", *lora,
@@ -114,13 +125,13 @@ def main() -> None:
 
     configs = {"base": [], "base (other seeds)": ["--seed", 1], "DPO": ["--model", w / "dpo"],
                "base+NPO": ["--npo", w / "npo"], "DPO+NPO": ["--model", w / "dpo", "--npo", w / "npo"],
-               "base+Self-NPO": ["--npo", w / "self-npo"],
-               "base+Self-NPO (student)": ["--npo", w / "self-npo-student"],
+               "base+Self-NPO": ["--npo", w / "self-npo-student"],
+               "base+Self-NPO (EMA teacher)": ["--npo", w / "self-npo"],
                "base+Self-NPO (student, w −3, 5× lr)": ["--npo", w / "self-npo-strong"]}
     scores, confidence = {}, {}
     for i, (name, extra) in enumerate(configs.items()):
-        out = w / f"eval-{i}"
-        step([*dtk, "sample", "--prompts", w / "heldout" / "captions.txt", "--batch-size", 16, *extra, "--out", out],
+        out = evaluation / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or str(i))
+        step([*dtk, "sample", "--prompts", evaluation / "heldout" / "captions.txt", "--batch-size", 16, *extra, "--out", out],
              out / "dtk.json", times, f"sample-{name}")
         step([*dtk, "score", "--data", out / "samples.jsonl", "--out", out / "scored.jsonl"],
              out / "scored.jsonl", times, f"score-{name}")
@@ -135,13 +146,15 @@ def main() -> None:
     n = len(base)
     sd = (sum((x - mean["base"]) ** 2 for x in base) / max(1, n - 1)) ** 0.5
     noise = max(abs(mean["base (other seeds)"] - mean["base"]), 2 * sd * (2 / n) ** 0.5)
-    rows = [f"| {name} | {mean[name]:.4f} | {mean[name] - mean['base']:+.4f} | {win_rate(s, base):.3f} | "
+    rows = [f"| {name} | {mean[name]:.4f} | {mean[name] - mean['base']:+.4f} | {paired_se(s, base):.4f} | "
+            f"{win_rate(s, base):.3f} | "
             f"{sum(confidence[name]) / n:.4f} | {win_rate(confidence[name], confidence['base']):.3f} |"
             for name, s in scores.items()]
 
     def verdict(a, b):
         margin = mean[a] - mean[b]
-        return f"{a} − {b} = {margin:+.4f} ({'met' if margin > noise else 'NOT met'}: noise {noise:.4f})"
+        return (f"{a} − {b} = {margin:+.4f} ({'met' if margin > noise else 'NOT met'}: noise {noise:.4f}; "
+                f"paired standard error {paired_se(scores[a], scores[b]):.4f})")
 
     n_pairs = json.loads((w / "dpo" / "dtk.json").read_text())["data"]
     lines = [
@@ -152,20 +165,22 @@ def main() -> None:
         f"{args.eval_prompts} held-out two-shape captions, one image each, the same seeds for every configuration",
         f"machine: {machine()}",
         "",
-        "| configuration | mean reward | vs base | win rate vs base | mean confidence | confidence win rate |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | mean reward | vs base | paired SE | win rate vs base | mean confidence | "
+        "confidence win rate |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "reward: the shapes reward (attribute accuracy, the fraction of the caption's attributes the demo "
         "classifier reads back); confidence: its shapes/confidence (the mean probability of the stated values)",
         f"seed-to-seed noise: {noise:.4f} in mean reward (the larger of |base − base with other seeds| and two "
-        "standard errors of a difference of means)",
+        "standard errors of a difference of means over independent seeds); paired SE: the standard error of the "
+        "per-image differences from the base (same caption and seed), for reference — the targets use the noise",
         "",
         "targets (margins larger than the noise):",
         f"- DPO > base: {verdict('DPO', 'base')}",
         f"- DPO+NPO > DPO: {verdict('DPO+NPO', 'DPO')}",
-        f"- Self-NPO > base: {verdict('base+Self-NPO', 'base')}; exporting the student: "
-        f"{verdict('base+Self-NPO (student)', 'base')}; stronger: "
+        f"- Self-NPO > base: {verdict('base+Self-NPO', 'base')}; exporting the EMA teacher: "
+        f"{verdict('base+Self-NPO (EMA teacher)', 'base')}; stronger: "
         f"{verdict('base+Self-NPO (student, w −3, 5× lr)', 'base')}",
     ]
     report("dpo", "DPO, NPO and Self-NPO on the demo model", args, lines)

@@ -256,6 +256,7 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 0, r.stderr
     meta = json.loads((tmp_path / "a/dtk.json").read_text())
     assert meta["method"]["teacher_guidance"] == -1.0 and meta["args"]["ema_decay"] == 0.999
+    assert meta["method"]["negative"] == "student"   # what the public Self-NPO code saves
     run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 2, "--out", tmp_path / "b")
     r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 4, "--out", tmp_path / "b",
                 "--resume", "auto", "--overwrite")
@@ -263,11 +264,17 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     a = load_file(str(tmp_path / "a/checkpoints/step-00000004/ema.safetensors"))
     b = load_file(str(tmp_path / "b/checkpoints/step-00000004/ema.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the exported LoRA is the student's weights, not its EMA's
+    exported = load_file(str(tmp_path / "a/pytorch_lora_weights.safetensors"))
+    student = load_file(str(tmp_path / "a/checkpoints/step-00000004/trainable.safetensors"))
+    key = next(k for k in student if "lora_B" in k)
+    out_key = "unet." + key.replace(".default.", ".")
+    assert torch.equal(exported[out_key], student[key]) and not torch.allclose(exported[out_key], a[key])
     r = run_dtk("sample", "--npo", tmp_path / "a", "--steps", 2, "--out", tmp_path / "s", "a red circle")
     assert r.exit_code == 0, r.stderr
-    # a prompt list: the model's own samples are the images; the student as the negative model
+    # a prompt list: the model's own samples are the images; the EMA teacher as the negative model
     (tmp_path / "prompts.txt").write_text("a red circle\na blue star\n")
-    r = run_dtk("train-npo", *common, "--data", tmp_path / "prompts.txt", "--max-steps", 1, "--negative", "student",
+    r = run_dtk("train-npo", *common, "--data", tmp_path / "prompts.txt", "--max-steps", 1, "--negative", "ema",
                 "--out", tmp_path / "p")
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "p/dtk.json").read_text())["data"]["examples"] == 2

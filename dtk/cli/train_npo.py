@@ -28,8 +28,9 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--teacher-steps", type=int, default=5, show_default=True,
               help="Self-NPO: the teacher's DDIM steps on the 25-step grid.")
 @click.option("--huber-c", type=float, default=0.001, show_default=True, help="Self-NPO: pseudo-Huber c.")
-@click.option("--negative", type=click.Choice(["ema", "student"]), default="ema", show_default=True,
-              help="Self-NPO: which weights are the negative model: the EMA teacher or the student.")
+@click.option("--negative", type=click.Choice(["ema", "student"]), default="student", show_default=True,
+              help="Self-NPO: which weights are the negative model: the student (what the public Self-NPO "
+                   "code saves) or its EMA teacher.")
 @training_options(lr=5e-6, max_steps=2000, batch_size=4, lora_rank=8)
 @config_option
 def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin, strict, beta, empty_prompt_prob,

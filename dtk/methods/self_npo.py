@@ -67,7 +67,7 @@ class SelfNPO(Method):
     data_kinds = ("images", "prompts")
 
     def __init__(self, *, teacher_guidance: float | None = None, teacher_steps: int = 5, huber_c: float = 0.001,
-                 negative: str = "ema"):
+                 negative: str = "student"):
         if teacher_steps < 0 or teacher_steps >= GRID:
             raise BadInput(f"--teacher-steps {teacher_steps}: must be in 0..{GRID - 1} (the {GRID}-step DDIM grid)")
         if negative not in ("ema", "student"):
