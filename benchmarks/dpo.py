@@ -58,6 +58,19 @@ def scores_of(manifest: Path) -> list[dict]:
     return [json.loads(line)["scores"] for line in manifest.read_text().splitlines() if line.strip()]
 
 
+def lora_cosine(a: Path, b: Path) -> float:
+    """Cosine between the weight changes (B·A of every layer, concatenated) of two LoRA model dirs."""
+    import torch
+    from safetensors.torch import load_file
+
+    def delta(d: Path) -> torch.Tensor:
+        w = load_file(str(d / "pytorch_lora_weights.safetensors"))
+        return torch.cat([(w[k.replace("lora_A", "lora_B")].flatten(1) @ w[k].flatten(1)).flatten()
+                          for k in sorted(w) if "lora_A" in k])
+
+    return float(torch.nn.functional.cosine_similarity(delta(a), delta(b), dim=0))
+
+
 def paired_se(a: list[float], b: list[float]) -> float:
     """Standard error of the mean of the per-image differences a − b (same caption and seed)."""
     d = [x - y for x, y in zip(a, b)]
@@ -139,6 +152,14 @@ def main() -> None:
         scores[name] = [s["shapes"] for s in scored]
         confidence[name] = [s["shapes/confidence"] for s in scored]
 
+    # the reward's ceiling: the held-out captions' own renders, scored like the samples
+    renders = evaluation / "heldout" / "renders.jsonl"
+    renders.write_text("".join(json.dumps({"path": str(png), "prompt": png.with_suffix(".txt").read_text().strip()})
+                               + "\n" for png in sorted((evaluation / "heldout").glob("*.png"))))
+    step([*dtk, "score", "--data", renders, "--out", evaluation / "heldout" / "scored.jsonl"],
+         evaluation / "heldout" / "scored.jsonl", times, "score-renders")
+    rendered = [s["shapes"] for s in scores_of(evaluation / "heldout" / "scored.jsonl")]
+
     base = scores["base"]
     mean = {name: sum(s) / len(s) for name, s in scores.items()}
     # the noise a margin must beat: the base model against itself with other seeds, or two standard errors
@@ -171,10 +192,14 @@ def main() -> None:
         *rows,
         "",
         "reward: the shapes reward (attribute accuracy, the fraction of the caption's attributes the demo "
-        "classifier reads back); confidence: its shapes/confidence (the mean probability of the stated values)",
+        "classifier reads back); confidence: its shapes/confidence (the mean probability of the stated values); "
+        f"the reward of the held-out captions' own renders, its ceiling here: {sum(rendered) / len(rendered):.4f}",
         f"seed-to-seed noise: {noise:.4f} in mean reward (the larger of |base − base with other seeds| and two "
         "standard errors of a difference of means over independent seeds); paired SE: the standard error of the "
         "per-image differences from the base (same caption and seed), for reference — the targets use the noise",
+        "",
+        f"cosine between the DPO and the NPO LoRA's weight changes: {lora_cosine(w / 'dpo', w / 'npo'):+.3f} "
+        "(−1: NPO is DPO negated, so DPO+NPO's negative branch is close to the base model)",
         "",
         "targets (margins larger than the noise):",
         f"- DPO > base: {verdict('DPO', 'base')}",
