@@ -257,6 +257,14 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     meta = json.loads((tmp_path / "a/dtk.json").read_text())
     assert meta["method"]["teacher_guidance"] == -1.0 and meta["args"]["ema_decay"] == 0.999
     assert meta["method"]["negative"] == "student"   # what the public Self-NPO code saves
+    assert meta["method"]["empty_prompt_prob"] == 0.0  # --self's own default (from pairs: 0.2)
+    # every caption empty: the teacher's guidance has nothing to act on, so w = −1 and w = −5 train alike
+    for w in (-1, -5):
+        r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 2, "--empty-prompt-prob", 1,
+                    "--teacher-guidance", w, "--out", tmp_path / f"empty{w}")
+        assert r.exit_code == 0, r.stderr
+    e1, e5 = (load_file(str(tmp_path / f"empty{w}/pytorch_lora_weights.safetensors")) for w in (-1, -5))
+    assert all(torch.equal(e1[k], e5[k]) for k in e1)
     run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 2, "--out", tmp_path / "b")
     r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--max-steps", 4, "--out", tmp_path / "b",
                 "--resume", "auto", "--overwrite")

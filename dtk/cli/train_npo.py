@@ -22,7 +22,8 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--beta", type=float, default=500.0, show_default=True,
               help="From pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")
 @click.option("--empty-prompt-prob", type=float, default=0.2, show_default=True,
-              help="From pairs: captions replaced by the empty one (the result serves the empty-prompt branch).")
+              help="Captions replaced by the empty one (the result serves the empty-prompt branch); "
+                   "--self defaults to 0.")
 @click.option("--teacher-guidance", type=float, default=None,
               help="Self-NPO: the EMA teacher's guidance w in ε_c + w(ε_c − ε_u) [−1 SD1.x, −5 SDXL].")
 @click.option("--teacher-steps", type=int, default=5, show_default=True,
@@ -75,6 +76,8 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
         for name, value in (("ema_decay", 0.999), ("lr", 1e-6)):  # Self-NPO's own defaults
             if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
                 kwargs[name] = value
+        if ctx.get_parameter_source("empty_prompt_prob") is ParameterSource.DEFAULT:
+            empty_prompt_prob = 0.0  # the public Self-NPO code keeps every caption
         method = SelfNPO(teacher_guidance=teacher_guidance, teacher_steps=teacher_steps, huber_c=huber_c,
-                         negative=negative)
+                         negative=negative, empty_prompt_prob=empty_prompt_prob)
     train(method, train_config(kwargs, model=model, model_config=model_config, data=data))

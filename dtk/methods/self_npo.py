@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dtk.errors import BadInput
-from dtk.methods.reflow import ddim_jump, pseudo_huber
+from dtk.methods.reflow import ddim_jump, drop_captions, pseudo_huber
 from dtk.train.engine import Method, Run
 
 GRID = 25
@@ -67,13 +67,15 @@ class SelfNPO(Method):
     data_kinds = ("images", "prompts")
 
     def __init__(self, *, teacher_guidance: float | None = None, teacher_steps: int = 5, huber_c: float = 0.001,
-                 negative: str = "student"):
+                 negative: str = "student", empty_prompt_prob: float = 0.0):
         if teacher_steps < 0 or teacher_steps >= GRID:
             raise BadInput(f"--teacher-steps {teacher_steps}: must be in 0..{GRID - 1} (the {GRID}-step DDIM grid)")
         if negative not in ("ema", "student"):
             raise BadInput(f"--negative {negative}: choose ema (the teacher) or student")
         self.teacher_guidance, self.teacher_steps, self.huber_c = teacher_guidance, teacher_steps, huber_c
-        self.negative = negative
+        if not 0 <= empty_prompt_prob <= 1:
+            raise BadInput(f"--empty-prompt-prob {empty_prompt_prob}: must be in [0, 1]")
+        self.negative, self.empty_prompt_prob = negative, empty_prompt_prob
         self.export_ema = negative == "ema"
         self.prompt_latents: torch.Tensor | None = None
 
@@ -100,7 +102,10 @@ class SelfNPO(Method):
         grid = torch.tensor(ddim_grid(len(run.abar)), device=run.device)
         alpha, sigma = run.alpha_sigma(grid[t_index])
         x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
-        cond, uncond = run.encode_prompts(list(batch["caption"])), run.encode_prompts([""] * len(x0))
+        captions = list(batch["caption"])
+        if self.empty_prompt_prob > 0:  # the empty prompt's branch is where the negative model serves
+            captions = drop_captions(captions, run.rng.rand() >= self.empty_prompt_prob)
+        cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(x0))
         with run.ema.swapped():  # the teacher: the EMA weights in the same UNet
             x_tp, t_p, target = teacher_target(run, run.raw_unet, x_t, t_index, cond, uncond,
                                                self.teacher_guidance, self.teacher_steps)
@@ -113,7 +118,8 @@ class SelfNPO(Method):
     def describe(self) -> dict:
         return {"paper": "Self-NPO (negative preference optimisation from the model itself, 2025)",
                 "teacher_guidance": self.teacher_guidance, "teacher_steps": self.teacher_steps,
-                "huber_c": self.huber_c, "negative": self.negative, "grid": GRID}
+                "huber_c": self.huber_c, "negative": self.negative, "empty_prompt_prob": self.empty_prompt_prob,
+                "grid": GRID}
 
 
 class PromptList:
