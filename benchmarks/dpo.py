@@ -126,9 +126,10 @@ def main() -> None:
          w / "dpo" / "dtk.json", times, "dpo")
     step([*dtk, "train-npo", "--from-pairs", "--data", w / "pairs.parquet", "--beta", args.beta, *lora,
           "--out", w / "npo"], w / "npo" / "dtk.json", times, "npo")
+    # Self-NPO exporting its EMA teacher, and the same run exporting the student (the default, what the public
+    # code saves; the papers do not say which)
     step([*dtk, "train-npo", "--self", "--negative", "ema", "--data", w / "train", *lora, "--out", w / "self-npo"],
          w / "self-npo" / "dtk.json", times, "self-npo")
-    # the same run exporting the student rather than its EMA teacher (the papers do not say which)
     step([*dtk, "train-npo", "--self", "--negative", "student", "--data", w / "train", *lora,
           "--out", w / "self-npo-student"], w / "self-npo-student" / "dtk.json", times, "self-npo-student")
     # a stronger Self-NPO: teacher guidance −3 (−1 is the SD1.x default), 5× the lr, the student exported
@@ -144,8 +145,8 @@ def main() -> None:
     scores, confidence = {}, {}
     for i, (name, extra) in enumerate(configs.items()):
         out = evaluation / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or str(i))
-        step([*dtk, "sample", "--prompts", evaluation / "heldout" / "captions.txt", "--batch-size", 16, *extra, "--out", out],
-             out / "dtk.json", times, f"sample-{name}")
+        step([*dtk, "sample", "--prompts", evaluation / "heldout" / "captions.txt", "--batch-size", 16, *extra,
+              "--out", out], out / "dtk.json", times, f"sample-{name}")
         step([*dtk, "score", "--data", out / "samples.jsonl", "--out", out / "scored.jsonl"],
              out / "scored.jsonl", times, f"score-{name}")
         scored = scores_of(out / "scored.jsonl")
