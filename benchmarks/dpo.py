@@ -143,8 +143,8 @@ def main() -> None:
                "base+Self-NPO (EMA teacher)": ["--npo", w / "self-npo"],
                "base+Self-NPO (student, w −3, 5× lr)": ["--npo", w / "self-npo-strong"]}
     scores, confidence = {}, {}
-    for i, (name, extra) in enumerate(configs.items()):
-        out = evaluation / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or str(i))
+    for name, extra in configs.items():
+        out = evaluation / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         step([*dtk, "sample", "--prompts", evaluation / "heldout" / "captions.txt", "--batch-size", 16, *extra,
               "--out", out], out / "dtk.json", times, f"sample-{name}")
         step([*dtk, "score", "--data", out / "samples.jsonl", "--out", out / "scored.jsonl"],

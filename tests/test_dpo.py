@@ -289,6 +289,8 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     assert (tmp_path / "p/prompt-samples.safetensors").is_file()  # made once, read back on resume
     r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--ema-decay", 0, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "the EMA of the student" in r.stderr
+    r = run_dtk("train-npo", *common, "--data", tmp_path / "images", "--empty-prompt-prob", 2, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--empty-prompt-prob 2.0: must be in [0, 1]" in r.stderr
     r = run_dtk("train-npo", "--model", tiny_sd, "--data", tmp_path / "images", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "choose one of --from-pairs" in r.stderr
 

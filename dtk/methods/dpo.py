@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dtk.errors import BadInput
-from dtk.methods.reflow import drop_captions
+from dtk.methods.reflow import check_empty_prompt_prob, drop_captions
 from dtk.train.engine import Method, Run
 
 
@@ -59,8 +59,7 @@ class DiffusionDPO(Method):
                  name: str = "dpo"):
         if beta <= 0:
             raise BadInput(f"--beta {beta}: must be positive")
-        if not 0 <= empty_prompt_prob <= 1:
-            raise BadInput(f"--empty-prompt-prob {empty_prompt_prob}: must be in [0, 1]")
+        check_empty_prompt_prob(empty_prompt_prob)
         self.beta, self.sft, self.empty_prompt_prob, self.reverse = beta, sft, empty_prompt_prob, reverse
         self.strict, self.pair_by, self.min_margin = strict, pair_by, min_margin
         self.name = name

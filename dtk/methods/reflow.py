@@ -31,6 +31,12 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
 
 
+def check_empty_prompt_prob(p: float | None) -> None:
+    """--empty-prompt-prob is a probability (None: the method's own default)."""
+    if p is not None and not 0 <= p <= 1:
+        raise BadInput(f"--empty-prompt-prob {p}: must be in [0, 1]")
+
+
 def drop_captions(captions: list[str], keep: torch.Tensor) -> list[str]:
     """The empty prompt where ``keep`` is False (classifier-free guidance needs an unconditional model)."""
     return [c if k else "" for c, k in zip(captions, keep.tolist())]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dtk.errors import BadInput
-from dtk.methods.reflow import ddim_jump, drop_captions, pseudo_huber
+from dtk.methods.reflow import check_empty_prompt_prob, ddim_jump, drop_captions, pseudo_huber
 from dtk.train.engine import Method, Run
 
 GRID = 25
@@ -73,8 +73,7 @@ class SelfNPO(Method):
         if negative not in ("ema", "student"):
             raise BadInput(f"--negative {negative}: choose ema (the teacher) or student")
         self.teacher_guidance, self.teacher_steps, self.huber_c = teacher_guidance, teacher_steps, huber_c
-        if not 0 <= empty_prompt_prob <= 1:
-            raise BadInput(f"--empty-prompt-prob {empty_prompt_prob}: must be in [0, 1]")
+        check_empty_prompt_prob(empty_prompt_prob)
         self.negative, self.empty_prompt_prob = negative, empty_prompt_prob
         self.export_ema = negative == "ema"
         self.prompt_latents: torch.Tensor | None = None
