@@ -36,6 +36,9 @@ RUNS = {
     # ... with a 10× faster discriminator (its heads start from scratch; at 1e-4 their hinge loss stays near 2)
     "pcm-k1-adv-tops-fast-d": ["--phases", "1", "--adversarial", "--adv-lr", "1e-3", "--adv-real", "data",
                                "--adv-at", "phase-tops"],
+    # ... judged only at low noise, s' ~ U[0, 250): where the 1-step jump's blur and speckle show
+    "pcm-k1-adv-tops-low": ["--phases", "1", "--adversarial", "--adv-lr", "1e-3", "--adv-real", "data",
+                            "--adv-at", "phase-tops", "--adv-span", "250"],
     "pcm-k4-normal-cfg": ["--phases", "4", "--no-cfg-solver"],
 }
 
@@ -96,6 +99,18 @@ def main() -> None:
     def fd_t(name, n):
         return res[name][n]["fd_teacher"]
 
+    # how the adversarial game went: the discriminator's hinge loss (2 = undecided) early and at the end,
+    # the student's hinge term and its consistency loss at the end
+    game = []
+    for name in runs:
+        logged = [json.loads(x) for x in (w / name / "metrics.jsonl").read_text().splitlines()]
+        logged = [x for x in logged if "d_loss" in x]
+        if logged:
+            first, last = logged[0], logged[-1]
+            game.append(f"- {name}: d_loss {first['d_loss']:.2f} at step {first['step']}, {last['d_loss']:.2f} at "
+                        f"step {last['step']}; g_loss {last['g_loss']:.2f}, consistency loss "
+                        f"{last['consistency_loss']:.4f}")
+
     best_pcm = [n for n in (1, 2, 4, 8) if min(fd_t(p, n) for p in runs if p.startswith("pcm")) < fd_t("lcm", n)]
     k4_ratio = res["pcm-k4"][4]["fd_real"] / t25["fd_real"]
     cons = {name: res[name][1]["consistency"] for name in runs}
@@ -121,10 +136,13 @@ def main() -> None:
           for name, label in (("pcm-k1-adv", "real = the consistency target (the paper)"),
                               ("pcm-k1-adv-data", "real = the data (--adv-real data)"),
                               ("pcm-k1-adv-tops", "real = the data, judged at t = 999 (--adv-at phase-tops)"),
-                              ("pcm-k1-adv-tops-fast-d", "as the last, discriminator lr 1e-3"))
+                              ("pcm-k1-adv-tops-fast-d", "as the last, discriminator lr 1e-3"),
+                              ("pcm-k1-adv-tops-low", "as the last, judged at s' < 250 (--adv-span 250)"))
           if name in runs],
         f"- PCM consistency (1 vs 8 steps) above LCM's: PCM K=4 {cons['pcm-k4']:.3f}, LCM {cons['lcm']:.3f} "
         f"({'met' if cons['pcm-k4'] > cons['lcm'] else 'NOT met'})",
+        *(["", "adversarial runs (discriminator hinge loss: 2 = undecided; the student's hinge term is weighted "
+           "by --adv-weight):", *game] if game else []),
     ]
     report(args.results_name, "PCM vs LCM on the demo teacher", args, lines)
 

@@ -56,6 +56,15 @@ def test_phase_tops_are_the_sampling_timesteps():
         assert edge_of(tops, 50, k).tolist() == phase_edges(50, k)
 
 
+def test_judging_timesteps_stay_within_the_span():
+    from dtk.methods.pcm import judging_timesteps
+
+    run = SimpleNamespace(rng=SimpleNamespace(rand=lambda: torch.tensor([0.0, 0.5, 0.9999, 0.9999])))
+    s = torch.tensor([0, 0, 0, 739])
+    assert judging_timesteps(run, s, 250).tolist() == [0, 125, 249, 988]
+    assert judging_timesteps(run, s, 1000).tolist() == [0, 500, 999, 999]   # K = 1, the paper: the whole ODE
+
+
 def test_judging_phase_tops_leaves_the_consistency_loss_alone():
     """The second (phase-top) draw rides in the same student forward: the consistency loss, its draw and its
     target are those of the plain step for the same random state; the judged half sits at the phase tops."""
@@ -189,7 +198,7 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
                 "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--max-steps", 6, "--resume", "auto",
                 "--overwrite", "--checkpoint-every", 2, "--ema-decay", 0.9)   # now without --adversarial
     assert r.exit_code == 2 and ("other method than this run (adv_at=draw, adv_lr=0.001, adv_real=target, "
-                                 "adv_weight=0.1, adversarial=True)") in r.stderr
+                                 "adv_span=250, adv_weight=0.1, adversarial=True)") in r.stderr
     la = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert {"consistency_loss", "g_loss", "d_loss"} <= set(la[0])
@@ -258,9 +267,10 @@ def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
     assert json.loads((tmp_path / "pcm/dtk.json").read_text())["data"]["format"] == "reflow-pairs"
     # the teacher's own samples as the discriminator's real side, judging the 1-step jump from t = 999
     distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "adv", "--max-steps", 2, "--phases", 1, "--adversarial",
-            "--adv-real", "data", "--adv-at", "phase-tops", "--adv-lr", "1e-2")
+            "--adv-real", "data", "--adv-at", "phase-tops", "--adv-lr", "1e-2", "--adv-span", 250)
     meta = json.loads((tmp_path / "adv/dtk.json").read_text())
-    assert [meta["method"][k] for k in ("adversarial", "adv_real", "adv_at")] == [True, "data", "phase-tops"]
+    assert [meta["method"][k] for k in ("adversarial", "adv_real", "adv_at", "adv_span")] == [
+        True, "data", "phase-tops", 250]
     logged = [json.loads(x) for x in (tmp_path / "adv/metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x["d_loss"]) for x in logged) and logged[-1]["d_loss"] != logged[0]["d_loss"]
 
@@ -279,6 +289,8 @@ def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
     assert "expected W_MIN,W_MAX" in bad("--cfg-range", "5")
     assert "--adversarial is PCM's" in bad("--method", "lcm", "--adversarial")
     assert "add --adversarial" in bad("--adv-at", "phase-tops")
+    assert "add --adversarial" in bad("--adv-span", 100)
+    assert "--adv-span 300: must be between 1 and 1000/--phases = 250" in bad("--adversarial", "--adv-span", 300)
     flow = tmp_path / "flow-model"
     shutil.copytree(tiny_sd, flow)
     cfg = json.loads((flow / "scheduler/scheduler_config.json").read_text())

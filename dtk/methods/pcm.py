@@ -244,6 +244,11 @@ def renoise(x_s: torch.Tensor, s: torch.Tensor, s_to: torch.Tensor, noise: torch
     return ratio * x_s + (1 - ratio**2).clamp(min=0).sqrt() * noise
 
 
+def judging_timesteps(run: Run, s: torch.Tensor, span: int) -> torch.Tensor:
+    """Where the discriminator judges each example: s' ~ U{s, …, s + span − 1}, at most T − 1."""
+    return (s + (run.rng.rand() * span).long()).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
+
+
 def hinge_d_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
     """Hinge loss per position, averaged over positions, then over heads: 2 for an undecided D."""
     return torch.stack([torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real, fake)]).mean()
@@ -265,7 +270,7 @@ class PhasedConsistency(Method):
     def __init__(self, *, phases: int = 4, ddim_steps: int = 50, cfg_range: tuple[float, float] | None = None,
                  cfg_solver: bool = True, empty_prompt_prob: float | None = None, loss: str = "huber",
                  huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
-                 adv_real: str = "target", adv_at: str = "draw", method: str = "pcm",
+                 adv_real: str = "target", adv_at: str = "draw", adv_span: int | None = None, method: str = "pcm",
                  sample_guidance: float | None = None):
         if method not in ("pcm", "lcm"):
             raise BadInput(f"--method {method}: choose pcm or lcm")
@@ -283,15 +288,19 @@ class PhasedConsistency(Method):
             raise BadInput(f"--adv-real {adv_real}: choose target or data")
         if adv_at not in ("draw", "phase-tops"):
             raise BadInput(f"--adv-at {adv_at}: choose draw or phase-tops")
-        if not adversarial and (adv_real, adv_at) != ("target", "draw"):
-            raise BadInput(f"--adv-real {adv_real} / --adv-at {adv_at}: these shape the adversarial term; "
-                           "add --adversarial")
+        if not adversarial and ((adv_real, adv_at) != ("target", "draw") or adv_span is not None):
+            raise BadInput(f"--adv-real {adv_real} / --adv-at {adv_at} / --adv-span: these shape the adversarial "
+                           "term; add --adversarial")
+        # the paper judges anywhere in the phase above the edge: s' ~ U[s, s + T/K)
+        full_span = NUM_TRAIN_TIMESTEPS // self.phases
+        if adv_span is not None and not 1 <= adv_span <= full_span:
+            raise BadInput(f"--adv-span {adv_span}: must be between 1 and 1000/--phases = {full_span}")
         self.cfg_range, self.cfg_solver = cfg_range, cfg_solver
         # the normal-CFG variant trains the unconditional branch too: 10% empty captions by default
         self.empty_prompt_prob = empty_prompt_prob if empty_prompt_prob is not None else (0.0 if cfg_solver else 0.1)
         self.loss_kind, self.huber_c = loss, huber_c
         self.adversarial, self.adv_weight, self.adv_lr, self.adv_real = adversarial, adv_weight, adv_lr, adv_real
-        self.adv_at = adv_at
+        self.adv_at, self.adv_span = adv_at, adv_span if adv_span is not None else full_span
         self.sample_guidance = sample_guidance
         self.teacher = None
         self.heads = self.d_optimizer = None
@@ -341,11 +350,11 @@ class PhasedConsistency(Method):
             judged_target=self.adv_real == "target")
         logs["consistency_loss"] = float(loss.detach())
         if self.adversarial:
-            # fake (the student's edge output) and real noised to the same s' ~ U[s, s + T/K) with the same
-            # noise; real is the consistency target (the paper), or with --adv-real data the data latent itself,
-            # which makes D compare the student with the data (teacher samples, for reflow pairs) at s'
-            width = NUM_TRAIN_TIMESTEPS // self.phases
-            s_to = (s + (run.rng.rand() * width).long()).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
+            # fake (the student's edge output) and real noised to the same s' ~ U[s, s + span) with the same
+            # noise (span T/K in the paper; a shorter one judges only at low noise, where blur shows); real is
+            # the consistency target (the paper), or with --adv-real data the data latent itself, which makes
+            # D compare the student with the data (teacher samples, for reflow pairs) at s'
+            s_to = judging_timesteps(run, s, self.adv_span)
             noise = run.rng.randn(*student.shape[1:])
             fake = renoise(student, s, s_to, noise, run)
             if self.adv_real == "data":   # from the clean data: t = −1 is ᾱ = 1 (Run.alpha_sigma)
@@ -414,5 +423,6 @@ class PhasedConsistency(Method):
                 "cfg_range_lcm_w": list(self.cfg_range) if self.cfg_solver else None,
                 "empty_prompt_prob": self.empty_prompt_prob, "loss": self.loss_kind, "huber_c": self.huber_c,
                 "adversarial": self.adversarial, **({"adv_weight": self.adv_weight, "adv_lr": self.adv_lr,
-                                                        "adv_real": self.adv_real, "adv_at": self.adv_at}
+                                                        "adv_real": self.adv_real, "adv_at": self.adv_at,
+                                                        "adv_span": self.adv_span}
                                                     if self.adversarial else {})}
