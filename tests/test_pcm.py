@@ -211,6 +211,18 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
         assert all(torch.allclose(da["heads"][k], db["heads"][k], atol=1e-6) for k in da["heads"])
 
 
+def test_discriminator_sees_every_micro_batch(run_dtk, tiny_sd, images, tmp_path):
+    """Batch 2 in one micro-step and batch 1 over two (--grad-accum 2) train the same discriminator: its step
+    takes every micro-batch the student saw, not only the last one."""
+    common = ("--adversarial", "--adv-lr", "1e-3", "--max-steps", 3)
+    distill(run_dtk, tiny_sd, images, tmp_path / "a", "--batch-size", 2, *common)
+    distill(run_dtk, tiny_sd, images, tmp_path / "b", "--batch-size", 1, "--grad-accum", 2, *common)
+    la, lb = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab")
+    assert len(la) == len(lb) == 3
+    assert [x["d_loss"] for x in la] == pytest.approx([x["d_loss"] for x in lb], rel=1e-4)
+    assert [x["consistency_loss"] for x in la] == pytest.approx([x["consistency_loss"] for x in lb], rel=1e-4)
+
+
 def test_pcm_sampling_uses_the_phase_tops_and_kohya_export_matches_diffusers(run_dtk, tiny_sd, images, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -16,6 +16,7 @@ One training step (METHODS.md "distill-pcm"):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -304,7 +305,7 @@ class PhasedConsistency(Method):
         self.sample_guidance = sample_guidance
         self.teacher = None
         self.heads = self.d_optimizer = None
-        self._for_discriminator = None
+        self._for_discriminator: list[tuple] = []   # one (fake, real, s', cond) per micro-batch of the step
         self._teacher_guidance = 1.0
 
     def check_data(self, data, run: Run) -> None:
@@ -366,25 +367,29 @@ class PhasedConsistency(Method):
             self.heads.requires_grad_(True)
             loss = loss + self.adv_weight * g
             logs["g_loss"] = float(g.detach())
-            self._for_discriminator = (fake.detach(), real.detach(), s_to, cond)
+            self._for_discriminator.append((fake.detach(), real.detach(), s_to, cond))
         return loss, logs
 
     def after_step(self, run: Run) -> dict:
-        """The discriminator's step, alternating with the student's: hinge loss on real vs fake."""
-        if not self.adversarial or self._for_discriminator is None:
+        """The discriminator's step, alternating with the student's: hinge loss on real vs fake, over every
+        micro-batch the student saw in this step (gradients accumulated as the student's are)."""
+        judged, self._for_discriminator = self._for_discriminator, []
+        if not self.adversarial or not judged:
             return {}
-        fake, real, s_to, cond = self._for_discriminator
-        self._for_discriminator = None
-        teacher = self._teacher(run)
-        with torch.no_grad(), run.accelerator.autocast():  # the frozen teacher is in the weight dtype
-            f_fake = block_features(run, teacher, fake, s_to, cond)
-            f_real = block_features(run, teacher, real, s_to, cond)
-        with run.accelerator.autocast():
-            d = hinge_d_loss(self.heads(f_real), self.heads(f_fake))
-        run.accelerator.backward(d)
+        teacher, total = self._teacher(run), 0.0
+        for i, (fake, real, s_to, cond) in enumerate(judged):
+            with torch.no_grad(), run.accelerator.autocast():  # the frozen teacher is in the weight dtype
+                f_fake = block_features(run, teacher, fake, s_to, cond)
+                f_real = block_features(run, teacher, real, s_to, cond)
+            last = i == len(judged) - 1
+            with contextlib.nullcontext() if last else run.accelerator.no_sync(self.heads):
+                with run.accelerator.autocast():
+                    d = hinge_d_loss(self.heads(f_real), self.heads(f_fake))
+                run.accelerator.backward(d / len(judged))
+            total += float(d.detach())
         self.d_optimizer.step()
         self.d_optimizer.zero_grad(set_to_none=True)
-        return {"d_loss": float(d.detach())}
+        return {"d_loss": total / len(judged)}
 
     def sampler(self, run: Run) -> dict:
         # explicit timesteps on the trained grid, for every step count the grid allows without repeats
