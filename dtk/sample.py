@@ -117,7 +117,7 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     if model_spec is None and opts.npo:  # the NPO model dir names the base it was made for
         from dtk.diffusion.npo import npo_model_dir
 
-        model_spec = npo_model_dir(opts.npo).manifest.get("base_model")
+        model_spec = npo_model_dir(opts.npo)[0].manifest.get("base_model")
     ref = resolve_model(model_spec)
     suffix = shard_suffix(opts.shard)
     marker = f"dtk{suffix}.json"
@@ -137,6 +137,9 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     if opts.npo and settings.guidance <= 1.0:
         raise BadInput(f"--npo {opts.npo}: NPO replaces the unconditional branch of CFG; it needs --guidance > 1 "
                        f"(this run: {settings.guidance:g})")
+    if opts.npo and settings.scheduler == "consistency":
+        raise BadInput(f"--npo {opts.npo}: the consistency sampler has no CFG branch for NPO to replace "
+                       "(it guides with --guide-with); use a diffusion scheduler")
     if settings.guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):
         log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
                     settings.guidance)

@@ -147,9 +147,12 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     r = run_dtk("dpo", "--model", tiny_sd, "--data", corrupt, "--out", tmp_path / "y", "--max-steps", 1,
                 "--batch-size", 2, "--log-every", 1, "--device", "cpu")
     assert r.exit_code == 0, r.stderr
-    assert json.loads((tmp_path / "y/metrics.jsonl").read_text().splitlines()[0])["unreadable"] == 1
+    logged = json.loads((tmp_path / "y/metrics.jsonl").read_text().splitlines()[0])
+    assert logged["unreadable"] == 1 and logged["implicit_acc"] == 0.5   # over the one readable pair
+    assert {"model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"} <= set(logged)   # the names of every step
     assert "trains text-to-image (SD/SDXL) models" in bad(pairs, model=tiny_pixel)
     assert "--beta -1.0: must be positive" in bad(pairs, "--beta", -1)
+    assert "--min-margin -0.1: must be 0 or more" in bad(pairs, "--min-margin", -0.1)
     assert "no such file" in bad(tmp_path / "missing.parquet")
 
 
@@ -195,8 +198,58 @@ def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path
     assert r.exit_code == 2 and "needs --guidance > 1" in r.stderr
     r = run_dtk("sample", "--npo", tmp_path / "dpo", "--out", tmp_path / "x", "a")
     assert r.exit_code == 2 and "not `dtk train-npo`" in r.stderr
+    r = run_dtk("sample", "--npo", tmp_path / "npo", "--scheduler", "consistency", "--steps", 2, "--guidance", 2,
+                "--guide-with", tiny_sd, "--out", tmp_path / "x", "a")
+    assert r.exit_code == 2 and "no CFG branch for NPO" in r.stderr
     r = run_dtk("train-npo", "--model", tiny_sd, *common, "--full", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "an NPO model is a LoRA" in r.stderr
+
+
+def test_npo_weights_go_to_the_negative_branch_only(run_dtk, tiny_sd, pairs, tmp_path):
+    """Each UNet call of NPO sampling: the negative prompt's with the NPO adapter at --npo-scale, the prompt's
+    at 0. And an NPO trained on a LoRA model dir (a DPO run) brings its own LoRA, not that model's."""
+    import numpy as np
+
+    from dtk.diffusion.conditioning import encode_prompts
+    from dtk.diffusion.loading import load_model, resolve_model
+    from dtk.diffusion.npo import ADAPTER, attach_npo
+    from dtk.diffusion.sampling import Request, denoise, settings_for
+
+    common = ("--data", pairs, "--batch-size", 2, "--max-steps", 1, "--lr", 1e-2, "--device", "cpu")
+    assert run_dtk("dpo", "--model", tiny_sd, *common, "--out", tmp_path / "dpo").exit_code == 0
+    r = run_dtk("train-npo", "--from-pairs", "--model", tmp_path / "dpo", *common, "--out", tmp_path / "npo")
+    assert r.exit_code == 0, r.stderr
+
+    model = load_model(resolve_model(str(tmp_path / "dpo")), torch.device("cpu"), torch.float32)
+    attach_npo(model, str(tmp_path / "npo"), 0.7)
+    lora_layer = next(m for m in model.unet.modules() if ADAPTER in getattr(m, "scaling", {}))
+    calls = []
+    model.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((kwargs["encoder_hidden_states"].clone(),
+                                              lora_layer.scaling[ADAPTER])), with_kwargs=True)
+    settings = settings_for(model, scheduler="ddim", steps=2, guidance=3.0, height=32, width=32)
+    denoise(model, settings, [Request("a red circle", 1, negative_prompt="a blue square")])
+    neg = encode_prompts(model, ["a blue square"], 32, 32).unet_kwargs()["encoder_hidden_states"]
+    pos = encode_prompts(model, ["a red circle"], 32, 32).unet_kwargs()["encoder_hidden_states"]
+    alpha_over_rank = lora_layer.lora_alpha[ADAPTER] / lora_layer.r[ADAPTER]
+    assert len(calls) == 4
+    for i, (embedding, scale) in enumerate(calls):
+        want = (neg, 0.7 * alpha_over_rank) if i % 2 == 0 else (pos, 0.0)
+        assert torch.equal(embedding, want[0]) and scale == pytest.approx(want[1])
+
+    from safetensors.torch import load_file, save_file
+
+    lora = tmp_path / "npo" / json.loads((tmp_path / "npo/dtk.json").read_text())["loras"][0]["path"]
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(lora)).items()}, str(lora))  # δ_NPO = 0
+
+    def sample(name, *extra):
+        r = run_dtk("sample", "--model", tmp_path / "dpo", "--steps", 3, "--guidance", 3, "--out",
+                    tmp_path / f"s-{name}", *extra, "a red circle")
+        assert r.exit_code == 0, r.stderr
+        return [np.asarray(Image.open(json.loads(x)["path"])) for x in r.stdout.splitlines()]
+
+    # δ_NPO = 0 on top of the DPO model: plain CFG of that model (loading DPO's LoRA again would not be)
+    assert all(np.array_equal(a, b) for a, b in zip(sample("dpo"), sample("zero", "--npo", tmp_path / "npo")))
 
 
 def fake_run():

@@ -36,7 +36,7 @@ def root_pipeline(ref) -> Path:
 
 
 def npo_model_dir(spec: str):
-    """An NPO model dir (``dtk train-npo`` output): its ModelRef and its LoRA file."""
+    """An NPO model dir (``dtk train-npo`` output): its ModelRef and its own LoRA file."""
     from dtk.diffusion.loading import resolve_model
 
     path = Path(spec).expanduser()
@@ -46,14 +46,17 @@ def npo_model_dir(spec: str):
     ref = resolve_model(str(path))
     if ref.manifest.get("command") != "train-npo":
         raise BadInput(f"--npo {spec}: made by `dtk {ref.manifest.get('command', '?')}`, not `dtk train-npo`")
-    if not ref.loras:
+    own = ref.manifest.get("loras") or []
+    if not own:
         raise BadInput(f"--npo {spec}: holds no LoRA (NPO sampling takes a LoRA from train-npo)")
-    return ref
+    # its own LoRA, not the first of ref.loras: an NPO trained on a LoRA model dir (e.g. a DPO run) lists
+    # that model's LoRAs before its own there
+    return ref, path / own[0]["path"]
 
 
 def attach_npo(model, spec: str, scale: float) -> None:
     """Load the NPO LoRA of ``spec`` as an adapter of the model (``model.npo``)."""
-    ref = npo_model_dir(spec)
+    ref, npo_lora = npo_model_dir(spec)
     if model.family == "pixel":
         raise BadInput(f"--npo {spec}: NPO sampling is for SD/SDXL models with classifier-free guidance")
     if root_pipeline(ref) != root_pipeline(model.ref):
@@ -63,7 +66,7 @@ def attach_npo(model, spec: str, scale: float) -> None:
 
     pipe = model.pipe
     try:
-        pipe.load_lora_weights(str(lora_file(ref.loras[0][0])), adapter_name=ADAPTER)
+        pipe.load_lora_weights(str(lora_file(npo_lora)), adapter_name=ADAPTER)
     except Exception as e:  # noqa: BLE001 - keys or shapes of another architecture
         raise BadInput(f"--npo {spec}: its LoRA does not fit {model.ref.spec} ({type(e).__name__})") from None
     if ADAPTER not in {n for names in pipe.get_list_adapters().values() for n in names}:

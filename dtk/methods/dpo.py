@@ -59,6 +59,8 @@ class DiffusionDPO(Method):
                  name: str = "dpo"):
         if beta <= 0:
             raise BadInput(f"--beta {beta}: must be positive")
+        if not min_margin >= 0:   # a negative margin would make pairs of ties
+            raise BadInput(f"--min-margin {min_margin}: must be 0 or more")
         check_empty_prompt_prob(empty_prompt_prob)
         self.beta, self.sft, self.empty_prompt_prob, self.reverse = beta, sft, empty_prompt_prob, reverse
         self.strict, self.pair_by, self.min_margin = strict, pair_by, min_margin
@@ -115,17 +117,18 @@ class DiffusionDPO(Method):
         target = eps2 if run.prediction_type == "epsilon" else a2 * eps2 - s2 * x0
         cond2 = Conditioning.cat([cond, cond])
         model_w, model_l = per_example_mse(run.predict(run.unet, x_t, t2, cond2), target).chunk(2)
-        logged_w, logged_l = float(model_w.detach().mean()), float(model_l.detach().mean())
         ref_w, ref_l = per_example_mse(self._reference(run, x_t, t2, cond2), target).chunk(2)
         inside = dpo_inside(model_w, model_l, ref_w, ref_l, self.beta)
-        if not bool(valid.all()):
-            inside = torch.where(valid, inside, torch.zeros_like(inside))
-            loss = -(F.logsigmoid(inside) * valid).sum() / valid.sum().clamp(min=1)
-            return loss, {"unreadable": float((~valid).sum())}
-        logs = {"implicit_acc": implicit_accuracy(inside),
-                "model_mse_w": logged_w, "model_mse_l": logged_l,
-                "ref_mse_w": float(ref_w.mean()), "ref_mse_l": float(ref_l.mean())}
-        return dpo_loss(inside), logs
+        # the same names every step (processes average them name by name), over the readable pairs
+        ok = valid if bool(valid.any()) else torch.ones_like(valid)
+        logs = {"implicit_acc": implicit_accuracy(inside.detach()[ok]),
+                "model_mse_w": float(model_w.detach()[ok].mean()), "model_mse_l": float(model_l.detach()[ok].mean()),
+                "ref_mse_w": float(ref_w[ok].mean()), "ref_mse_l": float(ref_l[ok].mean()),
+                "unreadable": float((~valid).sum())}
+        if bool(valid.all()):
+            return dpo_loss(inside), logs
+        inside = torch.where(valid, inside, torch.zeros_like(inside))
+        return -(F.logsigmoid(inside) * valid).sum() / valid.sum().clamp(min=1), logs
 
     def describe(self) -> dict:
         paper = ("Diffusion-NPO (negative preference optimisation, from pairs)" if self.reverse
