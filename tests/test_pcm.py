@@ -18,12 +18,12 @@ from dtk.train.engine import Run
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 
 
-def schedule_run():
+def schedule_run(prediction_type="epsilon", schedule=SD_SCHEDULE):
     """Just enough of a Run for the schedule maths."""
-    ns = SimpleNamespace(abar=alphas_cumprod(SD_SCHEDULE))
+    ns = SimpleNamespace(abar=alphas_cumprod(schedule))
     ns.alpha_sigma = lambda t: Run.alpha_sigma(ns, t)
     ns.to_x0_eps = lambda out, x, t: Run.to_x0_eps(SimpleNamespace(alpha_sigma=ns.alpha_sigma,
-                                                                   prediction_type="epsilon"), out, x, t)
+                                                                   prediction_type=prediction_type), out, x, t)
     ns.predict = lambda unet, x, t, cond: unet(x, t, cond)
     return ns
 
@@ -65,6 +65,24 @@ def test_judging_timesteps_stay_within_the_span():
     assert judging_timesteps(run, s, 1000).tolist() == [0, 500, 999, 999]   # K = 1, the paper: the whole ODE
 
 
+def test_sdxl_pairs_keep_their_size_conditioning():
+    """Reflow pairs made at another size than --resolution carry their time ids: student, teacher and target
+    are all conditioned on them (both CFG branches)."""
+    from dtk.diffusion.conditioning import Conditioning
+    from dtk.methods.pcm import draw_on_grid
+    from dtk.train.engine import PerExample
+
+    run = schedule_run()
+    run.device, run.rng = "cpu", PerExample([1, 2], "cpu")
+    run.latents = lambda batch: batch["latent"]
+    run.encode_prompts = lambda captions: Conditioning(torch.zeros(len(captions), 3, 8), torch.zeros(len(captions), 8),
+                                                       torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * len(captions)))
+    sizes = torch.tensor([[512.0, 768, 0, 0, 512, 768]] * 2)
+    batch = {"latent": torch.randn(2, 4, 8, 8), "caption": ["a", "b"], "time_ids": sizes}
+    d = draw_on_grid(run, batch, 50, (1.0, 1.0), True, 0.0)
+    assert torch.equal(d.cond.time_ids, sizes) and torch.equal(d.uncond.time_ids, sizes)
+
+
 def test_judging_phase_tops_leaves_the_consistency_loss_alone():
     """The second (phase-top) draw rides in the same student forward: the consistency loss, its draw and its
     target are those of the plain step for the same random state; the judged half sits at the phase tops."""
@@ -102,11 +120,13 @@ def test_edge_jump_boundary_and_teacher_step_against_diffusers():
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     s = torch.tensor([0, 239, 739])
-    assert torch.allclose(edge_jump(x, eps, run, s, s), x, atol=1e-5)  # F(x_s, s, s) = x_s
-    # a jump to the edge is the DDIM step there: α_s x̂₀ + σ_s ε̂
+    for kind in ("epsilon", "v_prediction", "sample"):   # F(x_s, s, s) = x_s, whatever the model predicts
+        assert torch.allclose(edge_jump(*schedule_run(kind).to_x0_eps(eps, x, s), run, s), x, atol=1e-5), kind
+    # a jump to the edge is the DDIM step there: α_s x̂₀ + σ_s ε̂ with x̂₀ = (x_t − σ_t ε̂)/α_t
     t = torch.tensor([999, 499, 759])
     (a_t, s_t), (a_s, s_s) = run.alpha_sigma(t), run.alpha_sigma(s)
-    assert torch.allclose(edge_jump(x, eps, run, t, s), a_s * (x - s_t * eps) / a_t + s_s * eps, atol=1e-6)
+    assert torch.allclose(edge_jump(*run.to_x0_eps(eps, x, t), run, s), a_s * (x - s_t * eps) / a_t + s_s * eps,
+                          atol=1e-5)
 
     # the teacher's step t → t − 20 equals diffusers' DDIM step (η = 0) on the guided ε
     eps_c, eps_u = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
@@ -129,6 +149,38 @@ def test_edge_jump_boundary_and_teacher_step_against_diffusers():
         guided = eps_c[i:i + 1] + w[i] * (eps_c[i:i + 1] - eps_u[i:i + 1])
         ref = sched.step(guided, 999, x[i:i + 1], eta=0.0).prev_sample
         assert torch.allclose(ours[i:i + 1], ref, atol=1e-5)
+
+
+def test_zero_terminal_snr_v_prediction_stays_finite():
+    """With rescaled zero-terminal-SNR betas ᾱ_999 = 0: x̂₀ = −v there, and nothing divides by α_999."""
+    run = schedule_run("v_prediction", {**SD_SCHEDULE, "rescale_betas_zero_snr": True})
+    assert float(run.abar[999]) == 0.0
+    g = torch.Generator().manual_seed(0)
+    x, v_c, v_u = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    t, s = torch.tensor([999, 999]), torch.tensor([0, 499])
+    x0, eps = run.to_x0_eps(v_c, x, t)
+    assert torch.equal(x0, -v_c) and torch.allclose(edge_jump(x0, eps, run, s), x0 * run.alpha_sigma(s)[0] +
+                                                    x * run.alpha_sigma(s)[1], atol=1e-6)
+
+    class Teacher:
+        def __call__(self, x_in, t_in, cond):
+            return torch.cat([v_u, v_c])
+
+    class Cond:
+        @staticmethod
+        def cat(parts):
+            return None
+
+    stepped = teacher_step(run, Teacher(), x, t, t - 20, Cond(), Cond(), torch.tensor([1.0, 0.0]))
+    assert torch.isfinite(stepped).all()
+
+
+def test_lcm_recommends_four_steps_where_its_grid_has_them():
+    from dtk.methods.pcm import PhasedConsistency
+
+    for n, steps, timesteps in ((50, 4, [999, 759, 499, 259]), (2, 2, [999, 499])):
+        sampler = PhasedConsistency(method="lcm", ddim_steps=n).sampler(None)
+        assert (sampler["steps"], sampler["timesteps"]) == (steps, timesteps)
 
 
 def test_lcm_boundary_scalings_match_diffusers():

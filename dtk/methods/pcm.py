@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dtk.diffusion.schedule import ddim_step
 from dtk.errors import BadInput
-from dtk.methods.reflow import drop_captions, pseudo_huber
+from dtk.methods.reflow import drop_captions, pseudo_huber, with_pair_sizes
 from dtk.train.engine import Method, Run
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -93,26 +94,28 @@ def check_discretisation(n: int, k: int) -> None:
 # The objective
 
 
-def edge_jump(x: torch.Tensor, eps: torch.Tensor, run: Run, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """F(x_t, t, s) = α_s x̂₀ + σ_s ε̂: the DDIM jump from t to the edge s (F(x_s, s, s) = x_s)."""
-    (a_t, s_t), (a_s, s_s) = run.alpha_sigma(t), run.alpha_sigma(s)
-    x0 = (x - s_t * eps) / a_t
-    return a_s * x0 + s_s * eps
+def edge_jump(x0: torch.Tensor, eps: torch.Tensor, run: Run, s: torch.Tensor) -> torch.Tensor:
+    """F(x_t, t, s) = α_s x̂₀ + σ_s ε̂: the DDIM jump to the edge s from the model's (x̂₀, ε̂) at x_t
+    (F(x_s, s, s) = x_s). Both come from the prediction itself: rebuilding x̂₀ from ε̂ divides by α_t,
+    which is 0 at t = 999 for a zero-terminal-SNR teacher."""
+    a_s, s_s = run.alpha_sigma(s)
+    return ddim_step(x0, eps, a_s, s_s)
 
 
-def eps_of(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-    return run.to_x0_eps(run.predict(unet, x, t, cond), x, t)[1]
+def x0_eps_of(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
+    return run.to_x0_eps(run.predict(unet, x, t, cond), x, t)
 
 
 @torch.no_grad()
 def teacher_step(run: Run, teacher, x_t, t, t_prev, cond, uncond, w: torch.Tensor) -> torch.Tensor:
-    """One DDIM step t → t' of the frozen teacher, CFG in the LCM convention ε_c + w(ε_c − ε_u)."""
-    eps = run.to_x0_eps(run.predict(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                    type(cond).cat([uncond, cond])), torch.cat([x_t, x_t]), torch.cat([t, t]))[1]
-    eps_u, eps_c = eps.chunk(2)
-    guided = eps_c + w.view(-1, 1, 1, 1) * (eps_c - eps_u)
-    (a_t, s_t), (a_p, s_p) = run.alpha_sigma(t), run.alpha_sigma(t_prev)
-    return a_p * (x_t - s_t * guided) / a_t + s_p * guided
+    """One DDIM step t → t' of the frozen teacher, CFG in the LCM convention ε_c + w(ε_c − ε_u) (and alike on
+    x̂₀: the same guidance, as x̂₀ is affine in ε̂ at a fixed x_t)."""
+    both = torch.cat([x_t, x_t])
+    x0, eps = x0_eps_of(run, teacher, both, torch.cat([t, t]), type(cond).cat([uncond, cond]))
+    w = w.view(-1, 1, 1, 1)
+    (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
+    a_p, s_p = run.alpha_sigma(t_prev)
+    return ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), a_p, s_p)
 
 
 def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
@@ -146,8 +149,8 @@ def draw_on_grid(run: Run, batch: dict, n: int, w_range: tuple[float, float], cf
     x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
     w = w_range[0] + (w_range[1] - w_range[0]) * run.rng.rand() if cfg_solver else torch.zeros(len(t), device=run.device)
     captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    return GridDraw(x0, index, t, (t - r).clamp(min=0), x_t, w, run.encode_prompts(captions),
-                    run.encode_prompts([""] * len(captions)))
+    cond, uncond = (with_pair_sizes(batch, run.encode_prompts(c)) for c in (captions, [""] * len(captions)))
+    return GridDraw(x0, index, t, (t - r).clamp(min=0), x_t, w, cond, uncond)
 
 
 def concat_draws(a: GridDraw, b: GridDraw) -> GridDraw:
@@ -166,7 +169,7 @@ def consistency_target(run: Run, d: GridDraw, teacher, s: torch.Tensor) -> torch
     """The teacher's DDIM step t → t' followed by the model's own (stop-gradient) jump from t' to the edge s."""
     x_prev = teacher_step(run, teacher, d.x_t, d.t, d.t_prev, d.cond, d.uncond, d.w)
     with torch.no_grad():
-        return edge_jump(x_prev, eps_of(run, run.raw_unet, x_prev, d.t_prev, d.cond), run, d.t_prev, s)
+        return edge_jump(*x0_eps_of(run, run.raw_unet, x_prev, d.t_prev, d.cond), run, s)
 
 
 def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
@@ -182,7 +185,7 @@ def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[f
                            index=phase_top_indices(run, n, k), x0=d.x0)
         both = concat_draws(d, top)
     s_all = edge_of(both.index, n, k)
-    student_all = edge_jump(both.x_t, eps_of(run, run.unet, both.x_t, both.t, both.cond), run, both.t, s_all)
+    student_all = edge_jump(*x0_eps_of(run, run.unet, both.x_t, both.t, both.cond), run, s_all)
     b = len(d.t)
     student, s = student_all[:b], s_all[:b]
     target = consistency_target(run, d, teacher, s)
@@ -398,9 +401,10 @@ class PhasedConsistency(Method):
             ts = sampling_timesteps(self.ddim_steps, self.phases, m)
             if len(set(ts)) == m:
                 table[str(m)] = ts
-        if self.method == "lcm":  # LCM's multistep sampling (re-noising) on the same grid
-            return {"scheduler": "lcm", "steps": 4, "timesteps": table["4"], "guidance": self._recommended_guidance(),
-                    "timesteps_for_steps": table}
+        if self.method == "lcm":  # LCM's multistep sampling (re-noising) on the same grid, 4 steps where it has them
+            steps = max(m for m in map(int, table) if m <= 4)
+            return {"scheduler": "lcm", "steps": steps, "timesteps": table[str(steps)],
+                    "guidance": self._recommended_guidance(), "timesteps_for_steps": table}
         return {"scheduler": "ddim", "timesteps": sampling_timesteps(self.ddim_steps, self.phases, self.phases),
                 "guidance": self._recommended_guidance(), "timesteps_for_steps": table}
 

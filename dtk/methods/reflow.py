@@ -51,6 +51,13 @@ def paired_noising(x0: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma
     return alpha * x0 + sigma * z
 
 
+def with_pair_sizes(batch: dict, cond):
+    """SDXL: the size conditioning (time ids) reflow pairs were made with, which their latents match."""
+    if "time_ids" in batch:
+        cond.time_ids = batch["time_ids"].to(cond.time_ids.device, cond.time_ids.dtype)
+    return cond
+
+
 def pair_loss(run: Run, batch: dict, huber_c: float, empty_prompt_prob: float) -> tuple[torch.Tensor, dict]:
     """Rectified Diffusion on stored pairs: ρ(x̂₀(x_t, t), x₀), t ~ U{0..T−1}."""
     x0, z = batch["latent"].to(run.device), batch["noise"].to(run.device)
@@ -58,9 +65,7 @@ def pair_loss(run: Run, batch: dict, huber_c: float, empty_prompt_prob: float) -
     alpha, sigma = run.alpha_sigma(t)
     x_t = paired_noising(x0, z, alpha, sigma)
     captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    cond = run.encode_prompts(captions)
-    if "time_ids" in batch:  # SDXL: the size conditioning the pairs were made with
-        cond.time_ids = batch["time_ids"].to(run.device, cond.time_ids.dtype)
+    cond = with_pair_sizes(batch, run.encode_prompts(captions))
     x0_hat, _ = run.to_x0_eps(run.predict(run.unet, x_t, t, cond), x_t, t)
     return pseudo_huber(x0_hat, x0, huber_c), {}
 

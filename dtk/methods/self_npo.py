@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from dtk.diffusion.schedule import ddim_step
 from dtk.errors import BadInput
-from dtk.methods.reflow import check_empty_prompt_prob, ddim_jump, drop_captions, pseudo_huber
+from dtk.methods.reflow import check_empty_prompt_prob, drop_captions, pseudo_huber
 from dtk.train.engine import Method, Run
 
 GRID = 25
@@ -47,9 +48,8 @@ def teacher_target(run: Run, teacher, x_t, t_index, cond, uncond, guidance: floa
 
     for _ in range(steps):
         t_now, nxt = grid[idx], (idx + 1).clamp(max=last)
-        _, eps = guided(x, t_now)
-        (a_now, s_now), (a_next, s_next) = run.alpha_sigma(t_now), run.alpha_sigma(grid[nxt])
-        x, idx = ddim_jump(x, eps, a_now, s_now, a_next, s_next), nxt
+        x0, eps = guided(x, t_now)   # both: x̂₀ rebuilt from ε̂ divides by α_t (0 at zero terminal SNR)
+        x, idx = ddim_step(x0, eps, *run.alpha_sigma(grid[nxt])), nxt
     t_end = grid[idx]
     x0_hat, _ = guided(x, t_end)
     return x, t_end, x0_hat
