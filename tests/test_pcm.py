@@ -324,6 +324,15 @@ def test_lcm_and_normal_cfg_variants(run_dtk, tiny_sd, images, tmp_path):
     assert meta["sampler"]["guidance"] == 7.5  # the teacher's: CFG still does its work
 
 
+def test_sdxl_teacher_defaults_to_the_sdxl_grid(run_dtk, tiny_sdxl, images, tmp_path):
+    r = run_dtk("distill-pcm", "--teacher", tiny_sdxl, "--data", images, "--out", tmp_path / "x", "--resolution", 16,
+                "--batch-size", 1, "--lora-rank", 4, "--max-steps", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((tmp_path / "x/dtk.json").read_text())
+    assert meta["method"]["ddim_steps"] == 40 and meta["method"]["edges"] == [0, 249, 499, 749]
+    assert meta["method"]["cfg_range_lcm_w"] == [6.0, 7.0] and meta["sampler"]["timesteps"] == [999, 749, 499, 249]
+
+
 def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
     r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", tmp_path / "p", "--steps", 2, "a", "b")
     assert r.exit_code == 0, r.stderr

@@ -271,7 +271,7 @@ class PhasedConsistency(Method):
     name = "distill-pcm"
     data_kinds = ("images", "pairs")
 
-    def __init__(self, *, phases: int = 4, ddim_steps: int = 50, cfg_range: tuple[float, float] | None = None,
+    def __init__(self, *, phases: int = 4, ddim_steps: int | None = None, cfg_range: tuple[float, float] | None = None,
                  cfg_solver: bool = True, empty_prompt_prob: float | None = None, loss: str = "huber",
                  huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
                  adv_real: str = "target", adv_at: str = "draw", adv_span: int | None = None, method: str = "pcm",
@@ -281,7 +281,8 @@ class PhasedConsistency(Method):
         self.method = method
         self.phases = 1 if method == "lcm" else phases
         self.ddim_steps = ddim_steps
-        check_discretisation(ddim_steps, self.phases)
+        if ddim_steps is not None:   # else the family's default, checked in setup
+            check_discretisation(ddim_steps, self.phases)
         if cfg_range is not None and cfg_range[0] > cfg_range[1]:
             raise BadInput(f"--cfg-range {cfg_range[0]:g},{cfg_range[1]:g}: the minimum is above the maximum")
         if loss not in ("huber", "l2"):
@@ -324,6 +325,9 @@ class PhasedConsistency(Method):
     def setup(self, run: Run) -> None:
         if self.cfg_range is None:  # LCM/PCM defaults: w ∈ [4, 5] for SD1.x, [6, 7] for SDXL (METHODS.md)
             self.cfg_range = (6.0, 7.0) if run.family == "sdxl" else (4.0, 5.0)
+        if self.ddim_steps is None:  # N = 50 for SD1.x, 40 in PCM's SDXL script (METHODS.md)
+            self.ddim_steps = 40 if run.family == "sdxl" else 50
+            check_discretisation(self.ddim_steps, self.phases)
         self._teacher_guidance = float(run.model.ref.sampler.get("guidance", 7.5))
         if self.adversarial and run.config.gradient_checkpointing and not run.config.full:
             # the LoRA teacher is the UNet with its adapter off for the forward pass only: a recomputed
