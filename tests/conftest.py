@@ -17,6 +17,16 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets its own thread count (the demo's builds use 2) leaves the next ones as they were:
+    bit-for-bit comparisons of a batch-2 and two batch-1 UNet calls (NPO with zero weights against plain
+    CFG) hold at one thread, not at two, where the kernels split the work differently."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_pipeline
