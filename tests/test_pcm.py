@@ -197,6 +197,7 @@ def test_lcm_boundary_scalings_match_diffusers():
 def test_discriminator_hinge_loss_falls_on_separable_inputs():
     torch.manual_seed(0)
     heads = DiscriminatorHeads([8, 16])
+    assert len(heads([torch.zeros(1, 8, 4, 4), torch.zeros(1, 16, 2, 2)])) == 8   # 4 heads per feature
     real = [torch.randn(6, 8, 4, 4) + 2, torch.randn(6, 16, 2, 2) + 2]
     fake = [torch.randn(6, 8, 4, 4) - 2, torch.randn(6, 16, 2, 2) - 2]
     undecided = [torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 2, 2)]
@@ -204,7 +205,7 @@ def test_discriminator_hinge_loss_falls_on_separable_inputs():
     assert hinge_g_loss([torch.full((3, 1, 2, 2), 5.0)]) == 0.0  # no reward past the margin
     opt = torch.optim.AdamW(heads.parameters(), lr=1e-2, betas=(0.0, 0.999))
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         loss = hinge_d_loss(heads(real), heads(fake))
         opt.zero_grad()
         loss.backward()

@@ -201,24 +201,35 @@ def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[f
 # The adversarial consistency loss
 
 
-class DiscriminatorHeads(nn.Module):
-    """Small trainable heads on the frozen teacher UNet's down/mid/up block features: one logit map each,
-    judged position by position (a patch discriminator at every feature scale, as PCM's reference code)."""
+class DiscriminatorHead(nn.Module):
+    """conv-GN-LeakyReLU, a second one with a residual around it, then a 1×1 conv to one logit channel
+    (PCM's reference head)."""
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, c: int):
         super().__init__()
-        self.heads = nn.ModuleList(self._head(c) for c in channels)
-
-    @staticmethod
-    def _head(c: int) -> nn.Module:
         groups = math.gcd(32, c)
-        body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU(),
-                             nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU())
-        return nn.ModuleDict({"body": body, "out": nn.Conv2d(c, 1, 1)})
+        self.conv1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.LeakyReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.LeakyReLU())
+        self.out = nn.Conv2d(c, 1, 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(f)
+        return self.out(self.conv2(h) + h)
+
+
+class DiscriminatorHeads(nn.Module):
+    """Small trainable heads on the frozen teacher UNet's down/mid/up block features, ``per_feature`` of them
+    on each (4, as PCM's reference code): one logit map each, judged position by position (a patch
+    discriminator at every feature scale)."""
+
+    def __init__(self, channels: list[int], per_feature: int = 4):
+        super().__init__()
+        self.per_feature = per_feature
+        self.heads = nn.ModuleList(nn.ModuleList(DiscriminatorHead(c) for _ in range(per_feature)) for c in channels)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One [B, 1, h, w] logit map per head."""
-        return [h["out"](f + h["body"](f)).float() for h, f in zip(self.heads, features)]
+        """``per_feature`` [B, 1, h, w] logit maps per feature."""
+        return [h(f).float() for heads, f in zip(self.heads, features) for h in heads]
 
 
 def block_features(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
