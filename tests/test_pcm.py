@@ -264,6 +264,20 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
         assert all(torch.allclose(da["heads"][k], db["heads"][k], atol=1e-6) for k in da["heads"])
 
 
+def test_resume_refuses_a_discriminator_of_another_shape(run_dtk, tiny_sd, images, tmp_path):
+    common = ("--adversarial", "--checkpoint-every", 2)
+    distill(run_dtk, tiny_sd, images, tmp_path / "a", "--max-steps", 2, *common)
+    saved = tmp_path / "a/checkpoints/step-00000002/method.pt"
+    state = torch.load(saved, weights_only=True)
+    state["heads"] = {k: v for k, v in state["heads"].items() if ".3." not in k}   # a layout with fewer heads
+    torch.save(state, saved)
+    r = run_dtk("distill-pcm", "--teacher", tiny_sd, "--data", images, "--out", tmp_path / "a", "--resolution", 16,
+                "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--device", "cpu", "--max-steps", 4,
+                "--resume", "auto", "--overwrite", *common)
+    assert r.exit_code == 2 and "discriminator heads do not fit" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_discriminator_sees_every_micro_batch(run_dtk, tiny_sd, images, tmp_path):
     """Batch 2 in one micro-step and batch 1 over two (--grad-accum 2) train the same discriminator: its step
     takes every micro-batch the student saw, not only the last one."""

@@ -436,7 +436,11 @@ class PhasedConsistency(Method):
 
     def load_state_dict(self, state: dict) -> None:
         if self.adversarial and state:
-            getattr(self.heads, "module", self.heads).load_state_dict(state["heads"])
+            try:
+                getattr(self.heads, "module", self.heads).load_state_dict(state["heads"])
+            except RuntimeError:   # e.g. the one-head-per-feature discriminator of dtk before 4 heads
+                raise BadInput("--resume: the checkpoint's discriminator heads do not fit this dtk's (made by "
+                               "an earlier version?); start the run again") from None
             self.d_optimizer.load_state_dict(state["d_optimizer"])
 
     def describe(self) -> dict:
