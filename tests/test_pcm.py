@@ -197,7 +197,8 @@ def test_lcm_boundary_scalings_match_diffusers():
 def test_discriminator_hinge_loss_falls_on_separable_inputs():
     torch.manual_seed(0)
     heads = DiscriminatorHeads([8, 16])
-    assert len(heads([torch.zeros(1, 8, 4, 4), torch.zeros(1, 16, 2, 2)])) == 8   # 4 heads per feature
+    two_features = [torch.zeros(1, 8, 4, 4), torch.zeros(1, 16, 2, 2)]
+    assert len(heads(two_features)) == 8 and len(DiscriminatorHeads([8, 16], 1)(two_features)) == 2
     real = [torch.randn(6, 8, 4, 4) + 2, torch.randn(6, 16, 2, 2) + 2]
     fake = [torch.randn(6, 8, 4, 4) - 2, torch.randn(6, 16, 2, 2) - 2]
     undecided = [torch.zeros(3, 1, 4, 4), torch.zeros(3, 1, 2, 2)]
@@ -250,8 +251,8 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
     r = run_dtk("distill-pcm", "--teacher", model, "--data", images, "--out", tmp_path / "b", "--resolution", 16,
                 "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--max-steps", 6, "--resume", "auto",
                 "--overwrite", "--checkpoint-every", 2, "--ema-decay", 0.9)   # now without --adversarial
-    assert r.exit_code == 2 and ("other method than this run (adv_at=draw, adv_lr=0.001, adv_real=target, "
-                                 "adv_span=250, adv_weight=0.1, adversarial=True)") in r.stderr
+    assert r.exit_code == 2 and ("other method than this run (adv_at=draw, adv_heads=4, adv_lr=0.001, "
+                                 "adv_real=target, adv_span=250, adv_weight=0.1, adversarial=True)") in r.stderr
     la = [json.loads(x) for x in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert {"consistency_loss", "g_loss", "d_loss"} <= set(la[0])
@@ -355,10 +356,10 @@ def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
     assert json.loads((tmp_path / "pcm/dtk.json").read_text())["data"]["format"] == "reflow-pairs"
     # the teacher's own samples as the discriminator's real side, judging the 1-step jump from t = 999
     distill(run_dtk, tiny_sd, tmp_path / "p", tmp_path / "adv", "--max-steps", 2, "--phases", 1, "--adversarial",
-            "--adv-real", "data", "--adv-at", "phase-tops", "--adv-lr", "1e-2", "--adv-span", 250)
+            "--adv-real", "data", "--adv-at", "phase-tops", "--adv-lr", "1e-2", "--adv-span", 250, "--adv-heads", 1)
     meta = json.loads((tmp_path / "adv/dtk.json").read_text())
-    assert [meta["method"][k] for k in ("adversarial", "adv_real", "adv_at", "adv_span")] == [
-        True, "data", "phase-tops", 250]
+    assert [meta["method"][k] for k in ("adversarial", "adv_real", "adv_at", "adv_span", "adv_heads")] == [
+        True, "data", "phase-tops", 250, 1]
     logged = [json.loads(x) for x in (tmp_path / "adv/metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(x["d_loss"]) for x in logged) and logged[-1]["d_loss"] != logged[0]["d_loss"]
 
@@ -378,6 +379,8 @@ def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
     assert "--adversarial is PCM's" in bad("--method", "lcm", "--adversarial")
     assert "add --adversarial" in bad("--adv-at", "phase-tops")
     assert "add --adversarial" in bad("--adv-span", 100)
+    assert "add --adversarial" in bad("--adv-heads", 1)
+    assert "--adv-heads 0: must be 1 or more" in bad("--adversarial", "--adv-heads", 0)
     assert "--adv-span 300: must be between 1 and 1000/--phases = 250" in bad("--adversarial", "--adv-span", 300)
     flow = tmp_path / "flow-model"
     shutil.copytree(tiny_sd, flow)

@@ -224,7 +224,6 @@ class DiscriminatorHeads(nn.Module):
 
     def __init__(self, channels: list[int], per_feature: int = 4):
         super().__init__()
-        self.per_feature = per_feature
         self.heads = nn.ModuleList(nn.ModuleList(DiscriminatorHead(c) for _ in range(per_feature)) for c in channels)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -285,8 +284,8 @@ class PhasedConsistency(Method):
     def __init__(self, *, phases: int = 4, ddim_steps: int | None = None, cfg_range: tuple[float, float] | None = None,
                  cfg_solver: bool = True, empty_prompt_prob: float | None = None, loss: str = "huber",
                  huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
-                 adv_real: str = "target", adv_at: str = "draw", adv_span: int | None = None, method: str = "pcm",
-                 sample_guidance: float | None = None):
+                 adv_real: str = "target", adv_at: str = "draw", adv_span: int | None = None, adv_heads: int = 4,
+                 method: str = "pcm", sample_guidance: float | None = None):
         if method not in ("pcm", "lcm"):
             raise BadInput(f"--method {method}: choose pcm or lcm")
         self.method = method
@@ -304,9 +303,11 @@ class PhasedConsistency(Method):
             raise BadInput(f"--adv-real {adv_real}: choose target or data")
         if adv_at not in ("draw", "phase-tops"):
             raise BadInput(f"--adv-at {adv_at}: choose draw or phase-tops")
-        if not adversarial and ((adv_real, adv_at) != ("target", "draw") or adv_span is not None):
-            raise BadInput(f"--adv-real {adv_real} / --adv-at {adv_at} / --adv-span: these shape the adversarial "
-                           "term; add --adversarial")
+        if not adversarial and ((adv_real, adv_at) != ("target", "draw") or adv_span is not None or adv_heads != 4):
+            raise BadInput(f"--adv-real {adv_real} / --adv-at {adv_at} / --adv-span / --adv-heads: these shape the "
+                           "adversarial term; add --adversarial")
+        if adv_heads < 1:
+            raise BadInput(f"--adv-heads {adv_heads}: must be 1 or more")
         # the paper judges anywhere in the phase above the edge: s' ~ U[s, s + T/K)
         full_span = NUM_TRAIN_TIMESTEPS // self.phases
         if adv_span is not None and not 1 <= adv_span <= full_span:
@@ -317,6 +318,7 @@ class PhasedConsistency(Method):
         self.loss_kind, self.huber_c = loss, huber_c
         self.adversarial, self.adv_weight, self.adv_lr, self.adv_real = adversarial, adv_weight, adv_lr, adv_real
         self.adv_at, self.adv_span = adv_at, adv_span if adv_span is not None else full_span
+        self.adv_heads = adv_heads
         self.sample_guidance = sample_guidance
         self.teacher = None
         self.heads = self.d_optimizer = None
@@ -346,7 +348,7 @@ class PhasedConsistency(Method):
             raise BadInput("--adversarial with LoRA cannot use --gradient-checkpointing; drop one, or use --full")
         self.teacher = run.frozen_copy() if run.config.full else None
         if self.adversarial:
-            self.heads = DiscriminatorHeads(feature_channels(run.raw_unet)).to(run.device)
+            self.heads = DiscriminatorHeads(feature_channels(run.raw_unet), self.adv_heads).to(run.device)
             self.d_optimizer = torch.optim.AdamW(self.heads.parameters(), lr=self.adv_lr, betas=(0.0, 0.999))
             self.heads, self.d_optimizer = run.accelerator.prepare(self.heads, self.d_optimizer)
 
@@ -452,5 +454,5 @@ class PhasedConsistency(Method):
                 "empty_prompt_prob": self.empty_prompt_prob, "loss": self.loss_kind, "huber_c": self.huber_c,
                 "adversarial": self.adversarial, **({"adv_weight": self.adv_weight, "adv_lr": self.adv_lr,
                                                         "adv_real": self.adv_real, "adv_at": self.adv_at,
-                                                        "adv_span": self.adv_span}
+                                                        "adv_span": self.adv_span, "adv_heads": self.adv_heads}
                                                     if self.adversarial else {})}
