@@ -134,12 +134,12 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         opts.prompts = [PromptItem("")]  # an unconditional model: --num-per-prompt images of nothing in particular
     settings = settings_for(model, scheduler=opts.scheduler, steps=opts.steps, timesteps=opts.timesteps,
                             guidance=opts.guidance, height=opts.height, width=opts.width)
-    if opts.npo and settings.guidance <= 1.0:
-        raise BadInput(f"--npo {opts.npo}: NPO replaces the unconditional branch of CFG; it needs --guidance > 1 "
-                       f"(this run: {settings.guidance:g})")
     if opts.npo and settings.scheduler == "consistency":
         raise BadInput(f"--npo {opts.npo}: the consistency sampler has no CFG branch for NPO to replace "
                        "(it guides with --guide-with); use a diffusion scheduler")
+    if opts.npo and settings.guidance <= 1.0:
+        raise BadInput(f"--npo {opts.npo}: NPO replaces the unconditional branch of CFG; it needs --guidance > 1 "
+                       f"(this run: {settings.guidance:g})")
     if settings.guidance <= 1.0 and (opts.negative_prompt or any(p.negative_prompt for p in opts.prompts)):
         log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
                     settings.guidance)

@@ -296,6 +296,19 @@ def test_self_npo_teacher_target():
         ref = ddim_jump(ref, eps, a0, s0, a1, s1)
     assert torch.allclose(x, ref, atol=1e-5) and torch.equal(t_p, grid[t_index + 2])
 
+    # a zero-terminal-SNR v-prediction teacher from t = 999 (ᾱ = 0): finite, nothing divides by α_999
+    from dtk.diffusion.schedule import alphas_cumprod
+    from dtk.train.engine import Run
+
+    run = Run(config=None, model=None, accelerator=None, data=None, abar=alphas_cumprod(
+        {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+         "rescale_betas_zero_snr": True}))
+    run.model = type("M", (), {"pipe": type("P", (), {"scheduler": type("S", (), {
+        "config": {"prediction_type": "v_prediction"}})()})()})()
+    assert float(run.abar[999]) == 0.0
+    x, _, x0 = teacher_target(run, unet, x_t, torch.tensor([0, 0]), cond, uncond, -1.0, 2)
+    assert torch.isfinite(x).all() and torch.isfinite(x0).all()
+
 
 def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     from safetensors.torch import load_file

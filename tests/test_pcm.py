@@ -266,17 +266,31 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
 
 
 def test_resume_refuses_a_discriminator_of_another_shape(run_dtk, tiny_sd, images, tmp_path):
+    from dtk.train.checkpoint import load_checkpoint
+
     common = ("--adversarial", "--checkpoint-every", 2)
     distill(run_dtk, tiny_sd, images, tmp_path / "a", "--max-steps", 2, *common)
-    saved = tmp_path / "a/checkpoints/step-00000002/method.pt"
-    state = torch.load(saved, weights_only=True)
+    ckpt = tmp_path / "a/checkpoints/step-00000002"
+
+    def resume():
+        r = run_dtk("distill-pcm", "--teacher", tiny_sd, "--data", images, "--out", tmp_path / "a", "--resolution",
+                    16, "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--device", "cpu", "--max-steps", 4,
+                    "--resume", "auto", "--overwrite", *common)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return r.stderr
+
+    state = torch.load(ckpt / "method.pt", weights_only=True)
     state["heads"] = {k: v for k, v in state["heads"].items() if ".3." not in k}   # a layout with fewer heads
-    torch.save(state, saved)
-    r = run_dtk("distill-pcm", "--teacher", tiny_sd, "--data", images, "--out", tmp_path / "a", "--resolution", 16,
-                "--batch-size", 2, "--lora-rank", 4, "--ddim-steps", 20, "--device", "cpu", "--max-steps", 4,
-                "--resume", "auto", "--overwrite", *common)
-    assert r.exit_code == 2 and "discriminator heads do not fit" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    torch.save(state, ckpt / "method.pt")
+    assert "discriminator heads do not fit" in resume()
+    # a checkpoint of the dtk before --adv-heads and --adv-span: those settings are not recorded
+    state_file = next(p for p in ckpt.iterdir() if p.name.startswith("state"))
+    saved = json.loads(state_file.read_text())
+    for key in ("adv_heads", "adv_span"):
+        del saved["config"]["method"][key]
+    state_file.write_text(json.dumps(saved))
+    assert load_checkpoint(ckpt)["state"]["config"]["method"].get("adv_heads") is None
+    assert "made by an earlier dtk, which did not record adv_heads, adv_span" in resume()
 
 
 def test_discriminator_sees_every_micro_batch(run_dtk, tiny_sd, images, tmp_path):
@@ -373,6 +387,7 @@ def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
         return r.stderr
 
     assert "--phases 30: must be between 1 and --ddim-steps/2 = 25" in bad("--phases", 30)
+    assert "--phases 0: must be between 1" in bad("--phases", 0)
     assert "--ddim-steps 30: must divide 1000" in bad("--ddim-steps", 30)
     assert "--cfg-range 5,4: the minimum is above the maximum" in bad("--cfg-range", "5,4")
     assert "expected W_MIN,W_MAX" in bad("--cfg-range", "5")

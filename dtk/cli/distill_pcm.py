@@ -29,7 +29,7 @@ def _cfg_range(ctx, param, value):
               help="pcm, or lcm: one phase with LCM's boundary scalings and stochastic multistep sampling.")
 @click.option("--phases", type=int, default=4, show_default=True, help="K phases of the ODE (PCM).")
 @click.option("--ddim-steps", type=int, default=None,
-              help="N: the teacher's DDIM grid [50 for SD1.x, 40 for SDXL, as PCM's scripts].")
+              help="N: the teacher's DDIM grid [50; 40 for PCM on SDXL, as PCM's SDXL script].")
 @click.option("--cfg-range", callback=_cfg_range, default=None, metavar="W_MIN,W_MAX",
               help="Teacher CFG w ~ U[W_MIN, W_MAX] in the LCM convention ε_c + w(ε_c − ε_u) "
               "(= diffusers scale 1 + w) [4,5 for SD1.x, 6,7 for SDXL].")

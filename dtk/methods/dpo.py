@@ -119,7 +119,8 @@ class DiffusionDPO(Method):
         model_w, model_l = per_example_mse(run.predict(run.unet, x_t, t2, cond2), target).chunk(2)
         ref_w, ref_l = per_example_mse(self._reference(run, x_t, t2, cond2), target).chunk(2)
         inside = dpo_inside(model_w, model_l, ref_w, ref_l, self.beta)
-        # the same names every step (processes average them name by name), over the readable pairs
+        # the same names every step (processes average them name by name), over the readable pairs (over
+        # all when none is); unreadable: this micro-batch's count
         ok = valid if bool(valid.any()) else torch.ones_like(valid)
         logs = {"implicit_acc": implicit_accuracy(inside.detach()[ok]),
                 "model_mse_w": float(model_w.detach()[ok].mean()), "model_mse_l": float(model_l.detach()[ok].mean()),

@@ -2,15 +2,15 @@
 
 The ODE is split into K phases; within a phase the model is a consistency
 function that maps any point to the phase's lower edge, by a DDIM jump with
-its own ε̂ (so F(x_s, s, s) = x_s needs no c_skip/c_out). Sampling with K
+its own (x̂₀, ε̂) (so F(x_s, s, s) = x_s needs no c_skip/c_out). Sampling with K
 steps visits the phase tops and is deterministic edge to edge.
 
 One training step (METHODS.md "distill-pcm"):
   index ~ U{0..N−1}, t = grid[index], t' = t − 1000/N, s = edge(index);
   x_t = α_t x₀ + σ_t ε;
-  student  = jump_s(x_t, ε_θ(x_t, t));
+  student  = jump_s(x̂₀, ε̂ of θ at (x_t, t)) = α_s x̂₀ + σ_s ε̂;
   x_t'     = teacher DDIM step t → t' with CFG ε_c + w(ε_c − ε_u), w ~ U[w_min, w_max];
-  target   = jump_s(x_t', sg ε_θ(x_t', t'));
+  target   = jump_s(sg x̂₀, ε̂ of θ at (x_t', t'));
   loss     = ρ(student, target)  (+ the adversarial term with --adversarial).
 """
 
@@ -291,8 +291,9 @@ class PhasedConsistency(Method):
         self.method = method
         self.phases = 1 if method == "lcm" else phases
         self.ddim_steps = ddim_steps
-        if ddim_steps is not None:   # else the family's default, checked in setup
-            check_discretisation(ddim_steps, self.phases)
+        # checked now, before anything is loaded or overwritten (with SD1.x's default grid if none is given;
+        # setup checks SDXL's default again)
+        check_discretisation(ddim_steps or 50, self.phases)
         if cfg_range is not None and cfg_range[0] > cfg_range[1]:
             raise BadInput(f"--cfg-range {cfg_range[0]:g},{cfg_range[1]:g}: the minimum is above the maximum")
         if loss not in ("huber", "l2"):
@@ -304,8 +305,8 @@ class PhasedConsistency(Method):
         if adv_at not in ("draw", "phase-tops"):
             raise BadInput(f"--adv-at {adv_at}: choose draw or phase-tops")
         if not adversarial and ((adv_real, adv_at) != ("target", "draw") or adv_span is not None or adv_heads != 4):
-            raise BadInput(f"--adv-real {adv_real} / --adv-at {adv_at} / --adv-span / --adv-heads: these shape the "
-                           "adversarial term; add --adversarial")
+            raise BadInput("--adv-real, --adv-at, --adv-span and --adv-heads shape the adversarial term; "
+                           "add --adversarial")
         if adv_heads < 1:
             raise BadInput(f"--adv-heads {adv_heads}: must be 1 or more")
         # the paper judges anywhere in the phase above the edge: s' ~ U[s, s + T/K)
@@ -338,8 +339,8 @@ class PhasedConsistency(Method):
     def setup(self, run: Run) -> None:
         if self.cfg_range is None:  # LCM/PCM defaults: w ∈ [4, 5] for SD1.x, [6, 7] for SDXL (METHODS.md)
             self.cfg_range = (6.0, 7.0) if run.family == "sdxl" else (4.0, 5.0)
-        if self.ddim_steps is None:  # N = 50 for SD1.x, 40 in PCM's SDXL script (METHODS.md)
-            self.ddim_steps = 40 if run.family == "sdxl" else 50
+        if self.ddim_steps is None:  # N = 50, or 40 in PCM's SDXL script (METHODS.md); LCM's SDXL script keeps 50
+            self.ddim_steps = 40 if run.family == "sdxl" and self.method == "pcm" else 50
             check_discretisation(self.ddim_steps, self.phases)
         self._teacher_guidance = float(run.model.ref.sampler.get("guidance", 7.5))
         if self.adversarial and run.config.gradient_checkpointing and not run.config.full:

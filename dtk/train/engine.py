@@ -650,6 +650,12 @@ def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator
     if saved.get("world_size", accelerator.num_processes) * saved.get("batch_size", 0) != \
             accelerator.num_processes * config.batch_size and "batch_size" not in diff:
         diff.append("processes × batch size")
+    if "method" in diff:   # every recorded setting agrees, but some are not recorded: an earlier dtk's checkpoint
+        old, new = saved["method"], now["method"]
+        unrecorded = sorted(set(new) - set(old))
+        if unrecorded and all(old[m] == new.get(m) for m in old):
+            raise BadInput(f"--resume {path}: made by an earlier dtk, which did not record {', '.join(unrecorded)}; "
+                           "start the run again (without --resume)")
     if diff:
         shown = []
         for k in diff:
