@@ -136,8 +136,9 @@ def main() -> None:
           for name, label in (("pcm-k1-adv", "real = the consistency target (the paper)"),
                               ("pcm-k1-adv-data", "real = the data (--adv-real data)"),
                               ("pcm-k1-adv-tops", "real = the data, judged at t = 999 (--adv-at phase-tops)"),
-                              ("pcm-k1-adv-tops-fast-d", "as the last, discriminator lr 1e-3"),
-                              ("pcm-k1-adv-tops-low", "as the last, judged at s' < 250 (--adv-span 250)"))
+                              ("pcm-k1-adv-tops-fast-d", "real = the data, judged at t = 999, discriminator lr 1e-3"),
+                              ("pcm-k1-adv-tops-low", "real = the data, judged at t = 999, discriminator lr 1e-3, "
+                               "at s' < 250 (--adv-span 250)"))
           if name in runs],
         f"- PCM consistency (1 vs 8 steps) above LCM's: PCM K=4 {cons['pcm-k4']:.3f}, LCM {cons['lcm']:.3f} "
         f"({'met' if cons['pcm-k4'] > cons['lcm'] else 'NOT met'})",
