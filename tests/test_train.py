@@ -168,6 +168,11 @@ def test_resume_errors(tiny_sd, sd_pairs, tmp_path):
     with pytest.raises(BadInput, match="lora_rank"):
         train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=4, lora_rank=8, resume="auto",
                                            overwrite=True))
+    # refused input removes nothing that --overwrite would replace: the finished model and its checkpoints stay
+    with pytest.raises(BadInput, match="no such file"):
+        train(RectifiedDiffusion(), config(out, tiny_sd, tmp_path / "missing", max_steps=4, overwrite=True))
+    assert (out / "dtk.json").exists() and (out / "checkpoints" / "step-00000002").is_dir()
+    assert (out / "metrics.jsonl").exists()
     with pytest.raises(BadInput, match="--lora-rank 0"):
         train(RectifiedDiffusion(), config(tmp_path / "x", tiny_sd, sd_pairs, lora_rank=0))
     with pytest.raises(BadInput, match="--device cuda:1: .*CUDA_VISIBLE_DEVICES"):

@@ -168,6 +168,7 @@ class PromptList:
         path = Path(run.config.out) / "prompt-samples.safetensors"
         if run.accelerator.is_main_process and not (path.exists() and _cache_key(path) == key):
             latents = self.sample_latents(run)
+            path.parent.mkdir(parents=True, exist_ok=True)   # setup runs before the engine makes OUT
             with atomic_write(path, "wb") as f:
                 f.write(save({"latents": latents.contiguous()}, metadata={"key": key}))
         run.accelerator.wait_for_everyone()

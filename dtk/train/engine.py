@@ -367,8 +367,9 @@ def _fmt(v) -> str:
 
 
 def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
-    """Check ``--out`` against ``--resume``/``--overwrite``; the checkpoint to resume from, if any."""
-    from dtk.train.checkpoint import checkpoint_root, complete_checkpoints, find_resume
+    """Check ``--out`` against ``--resume``/``--overwrite``; the checkpoint to resume from, if any (nothing is
+    removed here: see _clear_out)."""
+    from dtk.train.checkpoint import complete_checkpoints, find_resume
 
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
@@ -381,10 +382,20 @@ def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
     if resume is None and existing and config.resume is None and not config.overwrite:
         raise BadInput(f"--out {out}: holds checkpoints of an unfinished run (newest {existing[-1].name}); "
                        "pass --resume auto to continue it or --overwrite to start over")
-    if main and config.overwrite:
+    return resume
+
+
+def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None) -> None:
+    """What --overwrite replaces goes, and the folder is made ready. Called once the model, the data, the
+    method's settings and the resume state are all accepted, so that bad input removes nothing."""
+    from dtk.train.checkpoint import checkpoint_root, remove_stale_temporaries, set_aside_newer
+
+    if not main:
+        return
+    if config.overwrite:
         from dtk.io import prepare_out_dir
 
-        if finished:
+        if (out / "dtk.json").exists():
             prepare_out_dir(out, overwrite=True)
         if resume is None:
             import shutil
@@ -393,15 +404,11 @@ def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
             for name in ("metrics.jsonl", "validation", "tensorboard"):
                 p = out / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    if main:
-        from dtk.train.checkpoint import remove_stale_temporaries, set_aside_newer
-
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        if resume is not None:
-            for p in set_aside_newer(out, resume):
-                log.warning("train: resuming from %s: the newer checkpoint is kept as %s", resume.name, p)
-    return resume
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    if resume is not None:
+        for p in set_aside_newer(out, resume):
+            log.warning("train: resuming from %s: the newer checkpoint is kept as %s", resume.name, p)
 
 
 def _load_model(config: TrainConfig, accelerator, weight_dtype):
@@ -479,7 +486,6 @@ def train(method: Method, config: TrainConfig) -> dict:
         raise BadInput("--data -: stdin cannot be shared by several processes; give a file")
     out = Path(config.out)
     resume_from = _prepare_out(out, config, main)
-    accelerator.wait_for_everyone()
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     model = _load_model(config, accelerator, weight_dtype)
@@ -511,6 +517,8 @@ def train(method: Method, config: TrainConfig) -> dict:
         step, seen = _restore(resume_from, config, named, optimizer, scheduler, ema, method, accelerator, len(data))
         run.step = step
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
+    _clear_out(out, config, main, resume_from)
+    accelerator.wait_for_everyone()
     order = BatchOrder(len(data), config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
     metrics = _Metrics(out, method.name, main, step)
     if main:
