@@ -305,7 +305,9 @@ def markdown_table(rows: list[dict], bench: Benchmark) -> str:
 def _write_outputs(out: Path, opts: EvalOptions, bench: Benchmark, rows, grids, steps) -> None:
     from dataclasses import asdict
 
-    from dtk.io import atomic_write, run_record, write_json
+    from dtk.io import atomic_write, replace_finished, run_record, write_json
+
+    replace_finished(out)   # everything is measured: only now does a replaced result go
 
     table = markdown_table(rows, bench)
     _print_rich_table(rows, bench)

@@ -124,31 +124,37 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MANIFEST) -> Path:
-    """Check that ``out`` may be written; nothing is created yet.
+    """Check that ``out`` may be written; nothing is created or removed yet.
 
     A directory whose ``marker`` exists holds a finished result and is only
-    replaced with ``overwrite``: then the files that result listed are removed
-    (so no stale file of a larger earlier run is mistaken for a new one), and
-    the marker last, so an interrupted overwrite is never taken for finished.
+    replaced with ``overwrite``, by ``replace_finished`` once the command has
+    accepted all its input (so refused input loses nothing).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
-    done = out / marker
-    if done.exists():
-        if not overwrite:
-            raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
-        try:
-            listed = json.loads(done.read_text()).get("files", [])
-        except (OSError, ValueError, AttributeError):
-            listed = []
-        for name in listed:
-            path = out / name
-            if isinstance(name, str) and path.resolve().parent == out.resolve():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        done.unlink()
+    if (out / marker).exists() and not overwrite:
+        raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
     return out
+
+
+def replace_finished(out: Path, marker: str = MANIFEST) -> None:
+    """Remove the finished result in ``out`` that is about to be replaced: the files it listed (so no stale
+    file of a larger earlier run is mistaken for a new one), and its marker last, so an interrupted overwrite
+    is never taken for finished."""
+    done = out / marker
+    if not done.exists():
+        return
+    try:
+        listed = json.loads(done.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    for name in listed:
+        path = out / name
+        if isinstance(name, str) and path.resolve().parent == out.resolve():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    done.unlink()
 
 
 def run_record(command: str, args: dict, **extra: Any) -> dict:

@@ -93,7 +93,7 @@ def run_render(opts: RenderOptions) -> list[dict]:
     from dtk.gs.cameras import camera_path
     from dtk.gs.field import write_ply
     from dtk.gs.render import render
-    from dtk.io import atomic_write, emit, prepare_out_dir, run_record, write_json
+    from dtk.io import atomic_write, emit, prepare_out_dir, replace_finished, run_record, write_json
     from dtk.video import video_problem
 
     problem = opts.video_format != "auto" and video_problem("." + opts.video_format)
@@ -115,6 +115,7 @@ def run_render(opts: RenderOptions) -> list[dict]:
         device = torch.device("cpu")
     backend = "gsplat" if device.type == "cuda" else "torch"
     dtype = torch.float32
+    replace_finished(out)   # everything is accepted: only now does a replaced result go
     out.mkdir(parents=True, exist_ok=True)
     background = torch.tensor(opts.background, dtype=dtype, device=device)
     files: list[str] = []

@@ -3,7 +3,7 @@
 import pytest
 
 from dtk.errors import BadInput
-from dtk.io import atomic_write, prepare_out_dir, read_jsonl, write_json
+from dtk.io import atomic_write, prepare_out_dir, read_jsonl, replace_finished, write_json
 from dtk.seeds import default_shard, derive_seed, parse_shard, shard_indices
 
 
@@ -41,7 +41,9 @@ def test_prepare_out_dir(tmp_path):
     with pytest.raises(BadInput, match="--overwrite"):
         prepare_out_dir(out, overwrite=False)
     assert (out / "a.png").exists()
-    prepare_out_dir(out, overwrite=True)
+    prepare_out_dir(out, overwrite=True)   # accepted, and nothing removed yet: the command may still refuse
+    assert (out / "dtk.json").exists() and (out / "a.png").exists()
+    replace_finished(out)   # the command's first write
     assert not (out / "dtk.json").exists()  # an interrupted overwrite is not "finished"
     assert not (out / "a.png").exists()  # the old result's files go with it
     assert (out / "keep.png").exists() and (tmp_path / "outside.png").exists()

@@ -240,6 +240,9 @@ def test_finished_output_is_kept_without_overwrite(run_dtk, tiny_sd, tmp_path):
     r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "x")
     assert r.exit_code == 2 and "--overwrite" in r.stderr
     assert png_bytes(out) == before
+    # --overwrite with input the run then refuses (found after the check of OUT): nothing goes
+    r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "--overwrite", "--npo", tmp_path / "no-npo", "x")
+    assert r.exit_code == 2 and png_bytes(out) == before and (out / "dtk.json").exists()
     r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "--overwrite", "x")
     assert r.exit_code == 0 and png_bytes(out) != before
 

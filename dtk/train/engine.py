@@ -393,10 +393,9 @@ def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None) 
     if not main:
         return
     if config.overwrite:
-        from dtk.io import prepare_out_dir
+        from dtk.io import replace_finished
 
-        if (out / "dtk.json").exists():
-            prepare_out_dir(out, overwrite=True)
+        replace_finished(out)
         if resume is None:
             import shutil
 
