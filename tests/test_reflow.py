@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from dtk.methods.reflow import ddim_jump, paired_noising, phase_bounds, pseudo_huber
+from dtk.diffusion.schedule import ddim_step
+from dtk.methods.reflow import line_through, paired_noising, phase_bounds, pseudo_huber
 
 
 def pairs(run_dtk, model, out, *extra, prompts=("a red circle", "a blue square", "a green star")):
@@ -108,7 +109,7 @@ def test_bad_pair_data(run_dtk, tiny_sd, tiny_sdxl, tmp_path):
 # ------------------------------------------------------------------ the objectives
 
 
-def test_phase_bounds_and_ddim_jumps_closed_forms():
+def test_phase_bounds_and_ddim_lines_closed_forms():
     assert phase_bounds(4) == ([249, 499, 749, 999], [0, 249, 499, 749])
     assert phase_bounds(1) == ([999], [0])
     assert phase_bounds(2) == ([499, 999], [0, 499])
@@ -117,14 +118,22 @@ def test_phase_bounds_and_ddim_jumps_closed_forms():
     a = lambda v: torch.tensor(v).view(1, 1, 1, 1)  # noqa: E731
     (a_s, s_s), (a_e, s_e), (a_t, s_t) = (a(0.3), a(0.954)), (a(0.8), a(0.6)), (a(0.5), a(0.866))
     x_s, x_e = paired_noising(x0, z, a_s, s_s), paired_noising(x0, z, a_e, s_e)
-    # with the true noise, a DDIM jump lands exactly on the paired path, from anywhere to anywhere
-    assert torch.allclose(ddim_jump(x_s, z, a_s, s_s, a_e, s_e), x_e, atol=1e-6)
-    assert torch.allclose(ddim_jump(x_s, z, a_s, s_s, a_s, s_s), x_s)
-    # the segment's effective noise ε* takes any point of the (x/α, λ) line through x_s and x_e to x_e
-    x_e_teacher = x_e + 0.1 * torch.randn(x_e.shape, generator=g)  # a curved teacher path
-    eps_star = (x_e_teacher / a_e - x_s / a_s) / (s_e / a_e - s_s / a_s)
-    x_tau = ddim_jump(x_s, eps_star, a_s, s_s, a_t, s_t)
-    assert torch.allclose(ddim_jump(x_tau, eps_star, a_t, s_t, a_e, s_e), x_e_teacher, atol=1e-5)
+    # two points of one DDIM path give back that path's x₀ and noise
+    x0_line, z_line = line_through(x_s, a_s, s_s, x_e, a_e, s_e)
+    assert torch.allclose(x0_line, x0, atol=1e-5) and torch.allclose(z_line, z, atol=1e-5)
+    # a curved teacher path: the straight (x/α, λ) line through x_s and the teacher's x_e, whose noise is
+    # ε* = (x_e/α_e − x_s/α_s)/(λ_e − λ_s), λ = σ/α, passes through both ends and through x_τ
+    x_e_teacher = x_e + 0.1 * torch.randn(x_e.shape, generator=g)
+    x0_star, eps_star = line_through(x_s, a_s, s_s, x_e_teacher, a_e, s_e)
+    assert torch.allclose(eps_star, (x_e_teacher / a_e - x_s / a_s) / (s_e / a_e - s_s / a_s), atol=1e-5)
+    assert torch.allclose(ddim_step(x0_star, eps_star, a_s, s_s), x_s, atol=1e-5)
+    assert torch.allclose(ddim_step(x0_star, eps_star, a_e, s_e), x_e_teacher, atol=1e-5)
+    x_tau = ddim_step(x0_star, eps_star, a_t, s_t)
+    assert torch.allclose(x_tau / a_t, x_s / a_s + (s_t / a_t - s_s / a_s) * eps_star, atol=1e-4)
+    # from pure noise (α_s = 0, zero terminal SNR): still finite, and still through both ends
+    x0_star, eps_star = line_through(z, a(0.0), a(1.0), x_e_teacher, a_e, s_e)
+    assert torch.allclose(eps_star, z, atol=1e-5) and torch.allclose(ddim_step(x0_star, eps_star, a_e, s_e),
+                                                                    x_e_teacher, atol=1e-5)
     assert pseudo_huber(x_e, x_e, 0.001) == 0
     assert pseudo_huber(torch.zeros(3), torch.full((3,), 2.0), 0.001) == pytest.approx(2.0, abs=1e-3)
 

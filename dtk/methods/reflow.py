@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dtk.diffusion.schedule import ddim_step
 from dtk.errors import BadInput
 from dtk.train.engine import Method, Run
 
@@ -80,9 +81,11 @@ def phase_bounds(phases: int, num_train_timesteps: int = 1000) -> tuple[list[int
     return starts, [max(0, s - width) for s in starts]
 
 
-def ddim_jump(x_from: torch.Tensor, eps: torch.Tensor, a_from, s_from, a_to, s_to) -> torch.Tensor:
-    """x_to = α_to (x_from/α_from + (λ_to − λ_from) ε), λ = σ/α: DDIM in its (x/α, λ) form."""
-    return a_to * (x_from / a_from + (s_to / a_to - s_from / a_from) * eps)
+def line_through(x_s, a_s, sig_s, x_e, a_e, sig_e) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x₀*, ε*) of the one DDIM path x_t = α_t x₀* + σ_t ε* through x_s and x_e (a straight line in (x/α, λ)),
+    solved as a 2×2 system: no division by α, so α_s = 0 (zero terminal SNR) is fine."""
+    det = a_s * sig_e - a_e * sig_s
+    return (sig_e * x_s - sig_s * x_e) / det, (a_s * x_e - a_e * x_s) / det
 
 
 @torch.no_grad()
@@ -95,9 +98,8 @@ def teacher_segment(run: Run, teacher, x_s, s, e, cond, uncond, guidance: float,
         x_in = torch.cat([x, x]).to(run.weight_dtype)
         out = run.predict(teacher, x_in, torch.cat([t_now, t_now]), type(cond).cat([uncond, cond]))
         out_u, out_c = out.chunk(2)
-        _, eps = run.to_x0_eps(out_u + guidance * (out_c - out_u), x, t_now)
-        (a_now, s_now), (a_next, s_next) = run.alpha_sigma(t_now), run.alpha_sigma(t_next)
-        x = ddim_jump(x, eps, a_now, s_now, a_next, s_next)
+        x0, eps = run.to_x0_eps(out_u + guidance * (out_c - out_u), x, t_now)
+        x = ddim_step(x0, eps, *run.alpha_sigma(t_next))
     return x
 
 
@@ -114,13 +116,12 @@ def phased_loss(run: Run, batch: dict, teacher, phases: int, guidance: float, hu
     captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
     cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(captions))
     x_e = teacher_segment(run, teacher, x_s, s, e, cond, uncond, guidance, max(1, TEACHER_GRID // phases))
-    # the segment's effective noise, and a point τ on the straight (x/α, λ) line through it
-    eps_star = (x_e / a_e - x_s / a_s) / (sig_e / a_e - sig_s / a_s)
+    # the segment's straight DDIM path (its effective x₀* and ε*), and a point τ on it
+    x0_star, eps_star = line_through(x_s, a_s, sig_s, x_e, a_e, sig_e)
     tau = run.rng.randint(e + 1, s + 1)
-    a_tau, sig_tau = run.alpha_sigma(tau)
-    x_tau = ddim_jump(x_s, eps_star, a_s, sig_s, a_tau, sig_tau)
-    _, eps_hat = run.to_x0_eps(run.predict(run.unet, x_tau, tau, cond), x_tau, tau)
-    x_e_hat = ddim_jump(x_tau, eps_hat, a_tau, sig_tau, a_e, sig_e)
+    x_tau = ddim_step(x0_star, eps_star, *run.alpha_sigma(tau))
+    x0_hat, eps_hat = run.to_x0_eps(run.predict(run.unet, x_tau, tau, cond), x_tau, tau)
+    x_e_hat = ddim_step(x0_hat, eps_hat, a_e, sig_e)
     return pseudo_huber(x_e_hat, x_e, huber_c), {}
 
 
