@@ -388,6 +388,7 @@ def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
 
     assert "--phases 30: must be between 1 and --ddim-steps/2 = 25" in bad("--phases", 30)
     assert "--phases 0: must be between 1" in bad("--phases", 0)
+    assert "--empty-prompt-prob 2.0: must be in [0, 1]" in bad("--empty-prompt-prob", 2)
     assert "--ddim-steps 30: must divide 1000" in bad("--ddim-steps", 30)
     assert "--cfg-range 5,4: the minimum is above the maximum" in bad("--cfg-range", "5,4")
     assert "expected W_MIN,W_MAX" in bad("--cfg-range", "5")

@@ -83,10 +83,8 @@ def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, 
       dtk sample --model runs/pcm --steps 4 "a large red circle on a white background"
     """
     from dtk.methods.pcm import PhasedConsistency
-    from dtk.methods.reflow import check_empty_prompt_prob
     from dtk.train.engine import train
 
-    check_empty_prompt_prob(empty_prompt_prob)
     pcm = PhasedConsistency(phases=phases, ddim_steps=ddim_steps, cfg_range=cfg_range, cfg_solver=not no_cfg_solver,
                             empty_prompt_prob=empty_prompt_prob, loss=loss, huber_c=huber_c, adversarial=adversarial,
                             adv_weight=adv_weight, adv_lr=adv_lr, adv_real=adv_real, adv_at=adv_at, adv_span=adv_span,

@@ -48,10 +48,9 @@ def command(model, model_config, data, phased, teacher_guidance, huber_c, empty_
       dtk train-reflow --data images/ --phased 4 --out runs/reflow-phased
       dtk sample --model runs/reflow --steps 1 "a large red circle on a white background"
     """
-    from dtk.methods.reflow import RectifiedDiffusion, check_empty_prompt_prob
+    from dtk.methods.reflow import RectifiedDiffusion
     from dtk.train.engine import train
 
-    check_empty_prompt_prob(empty_prompt_prob)
     method = RectifiedDiffusion(phased=phased, huber_c=huber_c, empty_prompt_prob=empty_prompt_prob,
                                 beta_schedule=beta_schedule, teacher_guidance=teacher_guidance,
                                 sample_steps=sample_steps, sample_guidance=sample_guidance,

@@ -25,7 +25,7 @@ from torch import nn
 
 from dtk.diffusion.schedule import ddim_step
 from dtk.errors import BadInput
-from dtk.methods.reflow import drop_captions, pseudo_huber, with_pair_sizes
+from dtk.methods.reflow import check_empty_prompt_prob, drop_captions, pseudo_huber, with_pair_sizes
 from dtk.train.engine import Method, Run
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -286,6 +286,7 @@ class PhasedConsistency(Method):
                  huber_c: float = 0.001, adversarial: bool = False, adv_weight: float = 0.1, adv_lr: float = 1e-5,
                  adv_real: str = "target", adv_at: str = "draw", adv_span: int | None = None, adv_heads: int = 4,
                  method: str = "pcm", sample_guidance: float | None = None):
+        check_empty_prompt_prob(empty_prompt_prob)
         if method not in ("pcm", "lcm"):
             raise BadInput(f"--method {method}: choose pcm or lcm")
         self.method = method

@@ -135,6 +135,7 @@ class RectifiedDiffusion(Method):
     def __init__(self, *, phased: int = 0, huber_c: float = 0.001, empty_prompt_prob: float = 0.1,
                  beta_schedule: str | None = None, teacher_guidance: float | None = None,
                  sample_steps: int | None = None, sample_guidance: float = 1.5, allow_other_teacher: bool = False):
+        check_empty_prompt_prob(empty_prompt_prob)
         self.phased = phased
         self.data_kinds = ("images", "pairs") if phased else ("pairs",)
         self.huber_c, self.empty_prompt_prob = huber_c, empty_prompt_prob
