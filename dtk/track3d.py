@@ -131,6 +131,17 @@ def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> list[float]:
 # Depth
 
 
+def _png_depth(path: Path, spec: str) -> np.ndarray:
+    """A 16-bit single-channel PNG in millimetres → metres; 8-bit or colour PNGs are not depth maps."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+            raise BadInput(f"--depth {spec}: {path.name} is a {im.mode} PNG; depth PNGs are 16-bit single-channel "
+                           "(millimetres)")
+        return np.asarray(im, dtype=np.float32) / 1000.0
+
+
 def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, max_frames: int | None = None
                ) -> np.ndarray:
     """Per-frame depth maps [T, H, W] in metres: an npz (key ``depth``, else its only array) or npy file
@@ -155,7 +166,7 @@ def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, m
             if not files:
                 raise BadInput(f"--depth {spec}: no .npy or 16-bit .png depth maps in it")
             loaded = [np.load(p, allow_pickle=False).astype(np.float32) if p.suffix.lower() == ".npy"
-                      else np.asarray(Image.open(p), dtype=np.float32) / 1000.0 for p in files]
+                      else _png_depth(p, spec) for p in files]
             if len({m.shape for m in loaded}) != 1:
                 raise BadInput(f"--depth {spec}: maps of different sizes ({', '.join(sorted({str(m.shape) for m in loaded}))})")
             maps = np.stack(loaded)
@@ -258,8 +269,8 @@ def evaluate(pred_xyz, pred_vis, gt_xyz, gt_vis, intrinsics, pred_uv=None, gt_uv
     fx, fy = intrinsics[:2]
     both = gt_vis & pred_vis
     if both.any():
-        scale = float(np.median(np.linalg.norm(gt_xyz[both], axis=-1)) /
-                      max(np.median(np.linalg.norm(pred_xyz[both], axis=-1)), 1e-12))
+        scale = float(np.nanmedian(np.linalg.norm(gt_xyz[both], axis=-1)) /
+                      max(np.nanmedian(np.linalg.norm(pred_xyz[both], axis=-1)), 1e-12))
     else:
         scale = 1.0
     pred = pred_xyz * scale
@@ -321,29 +332,45 @@ def load_ground_truth(path: str) -> dict:
         raise BadInput(f"--eval {path}: tracks {xyz.shape} and visibility {vis.shape} (want [T, N, 3] and [T, N])")
     if "tracks_uv" in gt and gt["tracks_uv"].shape != xyz.shape[:2] + (2,):
         raise BadInput(f"--eval {path}: tracks_uv {gt['tracks_uv'].shape}, want {xyz.shape[:2] + (2,)}")
+    k = gt["intrinsics"]
+    if k.shape != (4,) or not np.issubdtype(k.dtype, np.number) or not np.isfinite(k).all() or min(k[:2]) <= 0:
+        raise BadInput(f"--eval {path}: intrinsics {k.tolist() if k.size <= 9 else k.shape}, want [fx, fy, cx, cy] "
+                       "with positive focal lengths")
+    gt["intrinsics"] = k.astype(np.float64)
     gt["visibility"] = vis.astype(bool)
     return gt
 
 
-def at_queries(gt: dict, grid_shape: tuple[int, int], frames: int, path: str, uv=None, xyz=None, vis=None):
-    """The dense prediction where the ground truth asks: all of it for dense ground truth [T, H·W], else
-    each query (x, y, t = 0) sampled bilinearly from the dense fields."""
+def at_queries(gt: dict, grid_shape: tuple[int, int], frames: int, path: str, uv=None, xyz=None, vis=None,
+               scale: tuple[float, float] = (1.0, 1.0)):
+    """The dense prediction where the ground truth asks, in the ground truth's (the video's own) pixel units:
+    all of it for dense ground truth [T, H·W] of the video's size, else each query (x, y, t = 0) sampled
+    bilinearly from the dense fields. The fields live on the tracking grid ``grid_shape``; ``scale`` (x, y) is
+    its size over the video's (--max-side), so queries are scaled onto it and the 2D positions back."""
     T, N = gt["tracks_xyz"].shape[:2]
-    H, W = grid_shape
+    grid_h, grid_w = grid_shape
+    H, W = round(grid_h / scale[1]), round(grid_w / scale[0])   # the video's own size
     if T != frames:
         raise BadInput(f"--eval {path}: {T} frames of ground truth, the tracks have {frames} "
                        "(the same --stride/--max-frames needed)")
-    if N == H * W and "queries_xyt" not in gt:
-        return None if uv is None else (uv, xyz, vis)
     queries = gt.get("queries_xyt")
-    if queries is None or queries.shape != (N, 3):
-        raise BadInput(f"--eval {path}: {N} ground-truth tracks for {H}x{W} pixels, and no queries_xyt [N, 3]")
+    if queries is None:
+        if N != H * W:
+            raise BadInput(f"--eval {path}: {N} ground-truth tracks for {H}x{W} pixels, and no queries_xyt [N, 3]")
+        if uv is not None and scale == (1.0, 1.0):
+            return uv, xyz, vis
+        ys, xs = np.mgrid[0:H, 0:W]   # dense ground truth: every pixel centre of the video, row by row
+        queries = np.concatenate([np.stack([xs, ys], -1).reshape(-1, 2) + 0.5, np.zeros((N, 1))], 1)
+    if queries.shape != (N, 3):
+        raise BadInput(f"--eval {path}: queries_xyt {queries.shape}, want [{N}, 3]")
     if np.any(queries[:, 2] != 0):
         raise BadInput(f"--eval {path}: queries after frame 0; dense tracks answer queries at frame 0 only")
     if uv is None:  # checked only
         return None
-    pick = lambda field: np.stack([bilinear(f.reshape(H, W, -1), queries[:, :2]) for f in field])  # noqa: E731
-    return pick(uv), pick(xyz), pick(vis[..., None].astype(np.float32))[..., 0] > 0.5
+    to_grid = np.asarray(scale, np.float64)
+    at = queries[:, :2] * to_grid
+    pick = lambda field: np.stack([bilinear(f.reshape(grid_h, grid_w, -1), at) for f in field])  # noqa: E731
+    return (pick(uv) / to_grid, pick(xyz), pick(vis[..., None].astype(np.float32))[..., 0] > 0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -454,7 +481,7 @@ def run_track(opts: TrackOptions) -> dict:
     frames, (sx, sy) = load_clip(opts)
     T, H, W = frames.shape[:3]
     if gt is not None:
-        at_queries(gt, (H, W), T, opts.eval)   # before any work: the ground truth must fit these tracks
+        at_queries(gt, (H, W), T, opts.eval, scale=(sx, sy))   # before any work: the ground truth must fit these tracks
     if opts.fov is not None:
         intrinsics_from_fov(opts.fov, W, H)   # a bad --fov is refused before the depth model runs
     focal = None
@@ -496,7 +523,7 @@ def run_track(opts: TrackOptions) -> dict:
     if opts.viz:
         record["viz"] = opts.viz
     if gt is not None:
-        q_uv, q_xyz, q_vis = at_queries(gt, (H, W), T, opts.eval, uv, xyz, visible)
+        q_uv, q_xyz, q_vis = at_queries(gt, (H, W), T, opts.eval, uv, xyz, visible, (sx, sy))
         scores = evaluate(q_xyz, q_vis, gt["tracks_xyz"], gt["visibility"], gt["intrinsics"], q_uv,
                           gt.get("tracks_uv"))
         record["scores"] = {k: v for k, v in scores.__dict__.items() if v is not None}

@@ -83,6 +83,14 @@ def test_cameras_and_bad_specs(tmp_path):
                                                     "intrinsics": [[50, 50, 24, 20]] * 2}))
     views, Ks = camera_path(f"json:{tmp_path / 'cams.json'}", 2, [1, 1, 0, 0], 1.0)
     assert Ks.shape == (2, 3, 3) and float(Ks[1, 0, 0]) == 50.0
+    views, Ks = camera_path("orbit:30,2", 1, [50, 50, 24, 20], 2.0)   # one frame: the move's end, not identity
+    assert torch.allclose(views[0], camera_path("orbit:30,2", 4, [50, 50, 24, 20], 2.0)[0][-1])
+    for name, cams in (("nan", {"viewmats": [[[float("nan")] * 4] * 4] * 3, "intrinsics": [[50, 50, 24, 20]] * 3}),
+                       ("row", {"viewmats": [np.ones((4, 4)).tolist()] * 3, "intrinsics": [[50, 50, 24, 20]] * 3}),
+                       ("focal", {"viewmats": [np.eye(4).tolist()] * 3, "intrinsics": [[0, 50, 24, 20]] * 3})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(cams))
+        with pytest.raises(BadInput, match={"nan": "NaN", "row": "last row", "focal": "focal"}[name]):
+            camera_path(f"json:{tmp_path / name}.json", 3, [50, 50, 24, 20], 2.0)
     for bad, message in (("spin:3", "unknown camera 'spin'"), ("translate:1,2", "expected 3 number(s)"),
                          ("rotate:a,b,c", "expected 3 number(s)"), (f"json:{tmp_path / 'cams.json'}", "for a clip of 3"),
                          (f"json:{tmp_path}", "cannot read it"), ("dolly:-3,2", "depth + DELTA must be positive")):
@@ -105,6 +113,16 @@ def test_tracks_bad_input_and_nan_points(tmp_path):
         load_tracks(str(tmp_path / "b.npz"))
     with pytest.raises(BadInput, match=r"--video: 4 frames, the tracks have 2"):
         colors_from_frames(tracks, torch.zeros(4, 10, 10, 3))
+    # uint8 colours are 0..255 even when a dark frame holds only 0s and 1s
+    good = dict(tracks_xyz=np.ones((2, 5, 3)), visibility=np.ones((2, 5), bool), intrinsics=[10, 10, 5, 5])
+    np.savez(tmp_path / "c.npz", colors=np.ones((5, 3), np.uint8), **good)
+    assert float(load_tracks(str(tmp_path / "c.npz")).colors.max()) == pytest.approx(1 / 255)
+    for extra, message in ((dict(image_size=[64]), "image_size"), (dict(image_size=[0, 0]), "image_size"),
+                           (dict(image_size=np.array(["a", "b"])), "image_size"),
+                           (dict(colors=np.full((5, 3), "x")), "colors")):
+        np.savez(tmp_path / "d.npz", **good, **extra)
+        with pytest.raises(BadInput, match=message):
+            load_tracks(str(tmp_path / "d.npz"))
 
 
 def test_ply_round_trip(tmp_path):

@@ -89,6 +89,14 @@ def test_translating_plane_and_occlusion(run_dtk, tmp_path):
                 "--eval", tmp_path / "sparse.npz", "--out", tmp_path / "t.npz", "--overwrite")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["scores"]["apd3d"] > 0.8
+    # tracked at half size (--max-side), scored in the video's own pixels: dense and sparse ground truth alike
+    for gt_file in ("gt.npz", "sparse.npz"):
+        r = run_dtk("track3d", clip, "--depth", tmp_path / "depth.npy", "--intrinsics", f"{f},{f},{w / 2},{h / 2}",
+                    "--max-side", w // 2, "--eval", tmp_path / gt_file, "--out", tmp_path / "half.npz")
+        assert r.exit_code == 0, r.stderr
+        half = json.loads(r.stdout)["scores"]
+        assert half["apd3d"] > 0.6 and half.get("delta_avg", 1.0) > 0.6, (gt_file, half)   # 0.04 when unscaled
+        (tmp_path / "half.npz").unlink()
     # depth maps of the whole clip follow --stride
     r = run_dtk("track3d", clip, "--depth", tmp_path / "depth.npy", "--stride", 2, "--fov", 60,
                 "--out", tmp_path / "s2.npz")
@@ -144,6 +152,15 @@ def test_inputs_and_bad_input(run_dtk, tmp_path):
     (tmp_path / "gt.npz").write_bytes(b"not a zip")
     assert "not a readable npz" in bad(gif, "--depth", tmp_path / "depth.npz", "--eval", tmp_path / "gt.npz",
                                        "--out", tmp_path / "x.npz")
+    for k in ([55.0], np.eye(3) * 55.0, [0.0, 55.0, 20.0, 16.0]):   # not [fx, fy, cx, cy]: refused before tracking
+        np.savez(tmp_path / "gtk.npz", tracks_XYZ=np.ones((3, 4, 3)), visibility=np.ones((3, 4), bool),
+                 fx_fy_cx_cy=k)
+        assert "want [fx, fy, cx, cy]" in bad(gif, "--depth", tmp_path / "depth.npz", "--eval", tmp_path / "gtk.npz",
+                                              "--out", tmp_path / "x.npz")
+    (tmp_path / "d8").mkdir()
+    for t in range(3):   # 8-bit PNGs are pictures of depth, not millimetres
+        Image.fromarray(np.full((32, 40), 200, np.uint8)).save(tmp_path / "d8" / f"{t}.png")
+    assert "16-bit" in bad(gif, "--depth", tmp_path / "d8", "--out", tmp_path / "x.npz")
     (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
     assert "clip.mp4" in bad(tmp_path / "clip.mp4", "--depth", tmp_path / "depth.npz", "--out", tmp_path / "x.npz")
     assert ".mp4, .webp or .gif" in bad(gif, "--depth", tmp_path / "depth.npz", "--out", tmp_path / "x.npz",

@@ -74,7 +74,8 @@ def camera_path(spec: str, frames: int, intrinsics: list[float], median_depth: f
     """Per-frame view matrices [T, 4, 4] and intrinsics [T, 3, 3] for one camera spec."""
     kind, _, args = spec.partition(":")
     fx, fy, cx, cy = intrinsics
-    ramp = [t / max(frames - 1, 1) for t in range(frames)]
+    # 0 at the first frame, 1 at the last; a single frame is the last (a still of the full move)
+    ramp = [t / (frames - 1) for t in range(frames)] if frames > 1 else [1.0]
     views, Ks = [], []
     if kind == "json":
         return _from_json(spec, args, frames)
@@ -130,4 +131,11 @@ def _from_json(spec: str, path: str, frames: int):
     if views.shape != (frames, 4, 4) or intr.shape != (frames, 3, 3):
         raise BadInput(f"--camera {spec}: {tuple(views.shape)} view matrices and {tuple(intr.shape)} intrinsics "
                        f"for a clip of {frames} frames (want ({frames}, 4, 4) and ({frames}, 3, 3))")
+    if not (torch.isfinite(views).all() and torch.isfinite(intr).all()):
+        raise BadInput(f"--camera {spec}: NaN or infinite values")
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    if not torch.allclose(views[:, 3], bottom.expand(frames, 4)):
+        raise BadInput(f"--camera {spec}: a view matrix's last row is not [0, 0, 0, 1]")
+    if (intr[:, 0, 0] <= 0).any() or (intr[:, 1, 1] <= 0).any():
+        raise BadInput(f"--camera {spec}: focal lengths must be positive")
     return views, intr

@@ -76,13 +76,21 @@ def load_tracks(path: str) -> Tracks:
     if len(intr) != 4 or not all(np.isfinite(intr)) or intr[0] <= 0 or intr[1] <= 0:
         raise BadInput(f"--tracks {path}: intrinsics {intr}: want [fx, fy, cx, cy] with positive focal lengths")
     colors = None
-    if "colors" in data:
-        colors = torch.from_numpy(np.asarray(data["colors"], dtype=np.float64))
-        if colors.shape[-1] != 3 or tuple(colors.shape[:-1]) not in (tuple(xyz.shape[1:2]), tuple(xyz.shape[:2])):
-            raise BadInput(f"--tracks {path}: colors {tuple(colors.shape)}, want [N, 3] or [T, N, 3]")
-        if colors.max() > 1.0:
-            colors = colors / 255.0
-    size = tuple(int(v) for v in np.asarray(data["image_size"]).reshape(-1)) if "image_size" in data else None
+    try:
+        if "colors" in data:
+            raw = np.asarray(data["colors"])
+            colors = torch.from_numpy(raw.astype(np.float64))
+            # integer colours are 0..255 whatever their values (a dark first frame may hold only 0s and 1s)
+            if np.issubdtype(raw.dtype, np.integer) or colors.max() > 1.0:
+                colors = colors / 255.0
+        size = tuple(int(v) for v in np.asarray(data["image_size"]).reshape(-1)) if "image_size" in data else None
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"--tracks {path}: colors or image_size of the wrong kind ({e})") from None
+    if colors is not None and (colors.shape[-1:] != (3,) or
+                               tuple(colors.shape[:-1]) not in (tuple(xyz.shape[1:2]), tuple(xyz.shape[:2]))):
+        raise BadInput(f"--tracks {path}: colors {tuple(colors.shape)}, want [N, 3] or [T, N, 3]")
+    if size is not None and (len(size) != 2 or min(size) <= 0):
+        raise BadInput(f"--tracks {path}: image_size {list(size)}, want [width, height], both positive")
     tracks = Tracks(xyz, vis, intr, colors, size)
     tracks.dropped = int((~tracks.finite).sum())
     return tracks
