@@ -305,24 +305,23 @@ def markdown_table(rows: list[dict], bench: Benchmark) -> str:
 def _write_outputs(out: Path, opts: EvalOptions, bench: Benchmark, rows, grids, steps) -> None:
     from dataclasses import asdict
 
-    from dtk.io import atomic_write, replace_finished, run_record, write_json
+    from dtk.io import Replacing, atomic_write, run_record, write_json
 
-    replace_finished(out)   # everything is measured: only now does a replaced result go
-
-    table = markdown_table(rows, bench)
-    _print_rich_table(rows, bench)
-    files = ["eval.json", "eval.md", "plot.png"]
-    write_json(out / "eval.json", {"benchmark": bench.name, "num_images": len(bench.captions),
-                                   "noise_floor": bench.noise_floor, "teacher": label_of(bench.teacher),
-                                   "teacher_steps": TEACHER_STEPS, "rows": rows})
-    with atomic_write(out / "eval.md", "w") as f:
-        f.write(table + "\n")
-    plot(out / "plot.png", rows, bench)
-    for label, per_steps in grids.items():
-        name = f"grid-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
-        _write_grid(out / name, per_steps, steps)
-        files.append(name)
-    write_json(out / "dtk.json", run_record("eval", asdict(opts), benchmark=bench.name, files=files))
+    with Replacing(out):   # everything is measured: only now is a replaced result set aside
+        table = markdown_table(rows, bench)
+        _print_rich_table(rows, bench)
+        files = ["eval.json", "eval.md", "plot.png"]
+        write_json(out / "eval.json", {"benchmark": bench.name, "num_images": len(bench.captions),
+                                       "noise_floor": bench.noise_floor, "teacher": label_of(bench.teacher),
+                                       "teacher_steps": TEACHER_STEPS, "rows": rows})
+        with atomic_write(out / "eval.md", "w") as f:
+            f.write(table + "\n")
+        plot(out / "plot.png", rows, bench)
+        for label, per_steps in grids.items():
+            name = f"grid-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
+            _write_grid(out / name, per_steps, steps)
+            files.append(name)
+        write_json(out / "dtk.json", run_record("eval", asdict(opts), benchmark=bench.name, files=files))
 
 
 def _print_rich_table(rows, bench: Benchmark) -> None:

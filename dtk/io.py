@@ -127,8 +127,8 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     """Check that ``out`` may be written; nothing is created or removed yet.
 
     A directory whose ``marker`` exists holds a finished result and is only
-    replaced with ``overwrite``, by ``replace_finished`` once the command has
-    accepted all its input (so refused input loses nothing).
+    replaced with ``overwrite``, through ``Replacing`` once the command has
+    accepted all its input (so refused input, or a failed run, loses nothing).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -138,23 +138,70 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     return out
 
 
-def replace_finished(out: Path, marker: str = MANIFEST) -> None:
-    """Remove the finished result in ``out`` that is about to be replaced: the files it listed (so no stale
-    file of a larger earlier run is mistaken for a new one), and its marker last, so an interrupted overwrite
-    is never taken for finished."""
-    done = out / marker
-    if not done.exists():
-        return
-    try:
-        listed = json.loads(done.read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        listed = []
-    for name in listed:
-        path = out / name
-        if isinstance(name, str) and path.resolve().parent == out.resolve():
-            with contextlib.suppress(FileNotFoundError):
+ASIDE = ".replaced"
+
+
+class Replacing:
+    """--overwrite without loss: the finished result in ``out`` (its ``marker`` and the files that lists, and
+    any other ``names``) is renamed into ``out/.replaced-MARKER`` and deleted only once the new result is safe
+    (``drop``, or leaving the ``with`` block normally); an error or interruption before that puts it back.
+    The marker goes first and comes back last, so a half-replaced folder is never taken for finished."""
+
+    def __init__(self, out: Path, marker: str | None = MANIFEST, names: tuple[str, ...] = ()):
+        # one aside folder per marker: the shards of one `dtk sample` output replace theirs side by side
+        self.out, self.aside, self.moved = Path(out), Path(out) / f"{ASIDE}-{marker or MANIFEST}", []
+        self.names = [marker] if marker else []
+        done = self.out / marker if marker else None
+        if done is not None and done.exists():
+            try:
+                listed = json.loads(done.read_text()).get("files", [])
+            except (OSError, ValueError, AttributeError):
+                listed = []
+            # top-level entries only (a listed "unet/x.safetensors" sets "unet" aside), never outside out
+            self.names += [Path(n).parts[0] for n in listed if isinstance(n, str) and Path(n).parts
+                           and not Path(n).is_absolute() and Path(n).parts[0] != ".." and not n.startswith(ASIDE)]
+        self.names += list(names)
+
+    def set_aside(self) -> "Replacing":
+        import shutil
+
+        if self.aside.exists():   # left by a run killed before its result was safe: superseded by this one
+            shutil.rmtree(self.aside, ignore_errors=True)
+        for name in dict.fromkeys(self.names):
+            path = self.out / name
+            if path.exists() or path.is_symlink():
+                self.aside.mkdir(parents=True, exist_ok=True)
+                os.replace(path, self.aside / name)
+                self.moved.append(name)
+        return self
+
+    def drop(self) -> None:
+        import shutil
+
+        if self.moved:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.moved = []
+
+    def restore(self) -> None:
+        import shutil
+
+        for name in reversed(self.moved):
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
                 path.unlink()
-    done.unlink()
+            os.replace(self.aside / name, path)
+        if self.moved:
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.moved = []
+
+    def __enter__(self) -> "Replacing":
+        return self.set_aside()
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        self.restore() if kind is not None else self.drop()
+        return False
 
 
 def run_record(command: str, args: dict, **extra: Any) -> dict:

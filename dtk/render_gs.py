@@ -93,7 +93,7 @@ def run_render(opts: RenderOptions) -> list[dict]:
     from dtk.gs.cameras import camera_path
     from dtk.gs.field import write_ply
     from dtk.gs.render import render
-    from dtk.io import atomic_write, emit, prepare_out_dir, replace_finished, run_record, write_json
+    from dtk.io import Replacing, atomic_write, emit, prepare_out_dir, run_record, write_json
     from dtk.video import video_problem
 
     problem = opts.video_format != "auto" and video_problem("." + opts.video_format)
@@ -115,42 +115,42 @@ def run_render(opts: RenderOptions) -> list[dict]:
         device = torch.device("cpu")
     backend = "gsplat" if device.type == "cuda" else "torch"
     dtype = torch.float32
-    replace_finished(out)   # everything is accepted: only now does a replaced result go
-    out.mkdir(parents=True, exist_ok=True)
-    background = torch.tensor(opts.background, dtype=dtype, device=device)
-    files: list[str] = []
-    for t in range(frames):
-        g = gaussians_at(t)
-        if opts.export_ply:
-            write_ply(out / f"field-{t:05d}.ply", g)
-            files.append(f"field-{t:05d}.ply")
-        views = torch.stack([p[0][t] for p in paths]).to(device, dtype)
-        Ks = torch.stack([p[1][t] for p in paths]).to(device, dtype)
-        rgb, alpha, depth = render(*(x.to(device, dtype) for x in (g.means, g.quats, g.scales, g.opacities,
-                                                                   g.colors)),
-                                   views, Ks, width, height, background=background, backend=backend)
-        for k in range(len(paths)):
-            name = f"cam{k}-{t:05d}.png"
-            image = (rgb[k].clamp(0, 1) * 255).round().byte().cpu().numpy()
-            with atomic_write(out / name, "wb") as f:
-                Image.fromarray(image).save(f, format="PNG")
-            files.append(name)
-            if opts.depth:
-                mm = (depth[k, ..., 0] * 1000).clamp(0, 65535).round().cpu().numpy().astype(np.uint16)
-                files.append(_save_png(out / f"cam{k}-depth-{t:05d}.png", Image.fromarray(mm)))
-            if opts.alpha:
-                a8 = (alpha[k, ..., 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
-                files.append(_save_png(out / f"cam{k}-alpha-{t:05d}.png", Image.fromarray(a8)))
-    records = []
-    for k, spec in enumerate(opts.cameras):
-        video = _encode(out, k, frames, opts.fps, opts.video_format)
-        files.append(video)
-        record = {"camera": spec, "index": k, "video": str(out / video), "frames": frames,
-                  "first_frame": str(out / f"cam{k}-00000.png"), "width": width, "height": height}
-        records.append(record)
-        emit(record)
-    write_json(out / "dtk.json", run_record("render-gs", asdict(opts), kind="render", files=files,
-                                            cameras=records, dropped_points=dropped, backend=backend))
+    with Replacing(out):   # everything is accepted: only now is a replaced result set aside
+        out.mkdir(parents=True, exist_ok=True)
+        background = torch.tensor(opts.background, dtype=dtype, device=device)
+        files: list[str] = []
+        for t in range(frames):
+            g = gaussians_at(t)
+            if opts.export_ply:
+                write_ply(out / f"field-{t:05d}.ply", g)
+                files.append(f"field-{t:05d}.ply")
+            views = torch.stack([p[0][t] for p in paths]).to(device, dtype)
+            Ks = torch.stack([p[1][t] for p in paths]).to(device, dtype)
+            rgb, alpha, depth = render(*(x.to(device, dtype) for x in (g.means, g.quats, g.scales, g.opacities,
+                                                                       g.colors)),
+                                       views, Ks, width, height, background=background, backend=backend)
+            for k in range(len(paths)):
+                name = f"cam{k}-{t:05d}.png"
+                image = (rgb[k].clamp(0, 1) * 255).round().byte().cpu().numpy()
+                with atomic_write(out / name, "wb") as f:
+                    Image.fromarray(image).save(f, format="PNG")
+                files.append(name)
+                if opts.depth:
+                    mm = (depth[k, ..., 0] * 1000).clamp(0, 65535).round().cpu().numpy().astype(np.uint16)
+                    files.append(_save_png(out / f"cam{k}-depth-{t:05d}.png", Image.fromarray(mm)))
+                if opts.alpha:
+                    a8 = (alpha[k, ..., 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+                    files.append(_save_png(out / f"cam{k}-alpha-{t:05d}.png", Image.fromarray(a8)))
+        records = []
+        for k, spec in enumerate(opts.cameras):
+            video = _encode(out, k, frames, opts.fps, opts.video_format)
+            files.append(video)
+            record = {"camera": spec, "index": k, "video": str(out / video), "frames": frames,
+                      "first_frame": str(out / f"cam{k}-00000.png"), "width": width, "height": height}
+            records.append(record)
+            emit(record)
+        write_json(out / "dtk.json", run_record("render-gs", asdict(opts), kind="render", files=files,
+                                                cameras=records, dropped_points=dropped, backend=backend))
     return records
 
 

@@ -111,7 +111,7 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
     from dtk.diffusion.loading import check_size, open_model, resolve_model, vae_factor_of
     from dtk.diffusion.sampling import settings_for
-    from dtk.io import prepare_out_dir, replace_finished
+    from dtk.io import Replacing, prepare_out_dir
 
     model_spec = opts.model
     if model_spec is None and opts.npo:  # the NPO model dir names the base it was made for
@@ -151,9 +151,9 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     log.info("sample: %d image(s)%s with %s, %s %d steps, guidance %.2f, %dx%d on %s",
              len(mine), f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
              ref.spec, settings.scheduler, settings.steps, settings.guidance, settings.width, settings.height, device)
-    replace_finished(out, marker)   # everything is accepted: only now does a replaced result go
-    records = _generate_and_write(model, settings, mine, opts, out)
-    _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
+    with Replacing(out, marker):   # everything is accepted: only now is a replaced result set aside
+        records = _generate_and_write(model, settings, mine, opts, out)
+        _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
     return records
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from dtk.errors import BadInput
-from dtk.io import atomic_write, prepare_out_dir, read_jsonl, replace_finished, write_json
+from dtk.io import Replacing, atomic_write, prepare_out_dir, read_jsonl, write_json
 from dtk.seeds import default_shard, derive_seed, parse_shard, shard_indices
 
 
@@ -43,10 +43,26 @@ def test_prepare_out_dir(tmp_path):
     assert (out / "a.png").exists()
     prepare_out_dir(out, overwrite=True)   # accepted, and nothing removed yet: the command may still refuse
     assert (out / "dtk.json").exists() and (out / "a.png").exists()
-    replace_finished(out)   # the command's first write
-    assert not (out / "dtk.json").exists()  # an interrupted overwrite is not "finished"
-    assert not (out / "a.png").exists()  # the old result's files go with it
+    with pytest.raises(RuntimeError):
+        with Replacing(out):   # the command's first write
+            assert not (out / "dtk.json").exists()  # an interrupted overwrite is not "finished"
+            assert not (out / "a.png").exists()  # the old result's files go with it
+            (out / "a.png").write_bytes(b"half new")
+            raise RuntimeError("the run fails")
+    assert (out / "a.png").read_bytes() == b"old" and (out / "dtk.json").exists()   # put back as it was
+    assert not list(out.glob(".replaced*"))
+    with Replacing(out):
+        (out / "b.png").write_bytes(b"new")
+    assert not (out / "a.png").exists() and not (out / "dtk.json").exists() and not list(out.glob(".replaced*"))
     assert (out / "keep.png").exists() and (tmp_path / "outside.png").exists()
+    # shards of one output replace theirs side by side
+    for k in (0, 1):
+        write_json(out / f"dtk.s{k}of2.json", {"files": [f"{k}.png"]})
+        (out / f"{k}.png").write_bytes(b"old")
+    zero, one = Replacing(out, "dtk.s0of2.json").set_aside(), Replacing(out, "dtk.s1of2.json").set_aside()
+    zero.restore()
+    one.drop()
+    assert (out / "0.png").exists() and not (out / "1.png").exists() and not list(out.glob(".replaced*"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(BadInput, match="not a directory"):
         prepare_out_dir(tmp_path / "file", overwrite=True)

@@ -117,6 +117,33 @@ def test_data_errors(shapes_dir, tmp_path):
     pq.write_table(pa.table({"image": [b"x"], "label": ["y"]}), tmp_path / "p.parquet")
     with pytest.raises(BadInput, match="no caption column"):
         open_dataset(str(tmp_path / "p.parquet"), resolution=32)
+    # a null caption in a parquet is missing (not silently the empty prompt)
+    png = sorted(shapes_dir.glob("*.png"))[0]
+    pq.write_table(pa.table({"image": [png.read_bytes()] * 3, "caption": ["a red circle", None, ""]}),
+                   tmp_path / "n.parquet")
+    with pytest.raises(BadInput, match=r"1 of 3 images have no caption \(null\) \(e.g. n.parquet row 1\)"):
+        open_dataset(str(tmp_path / "n.parquet"), resolution=32)
+    ds = open_dataset(str(tmp_path / "n.parquet"), resolution=32, allow_missing_captions=True)
+    assert [ds[i]["caption"] for i in range(3)] == ["a red circle", "", ""]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(log_every=0), "--log-every 0"), (dict(weight_decay=-1.0), "--weight-decay -1.0"),
+    (dict(lr=float("nan")), "--lr nan: must be a finite number"), (dict(resolution=-16), "--resolution -16"),
+    (dict(validate_every=-1), "--validate-every -1"), (dict(max_grad_norm=float("nan")), "--max-grad-norm nan"),
+    (dict(lora_alpha=float("inf")), "--lora-alpha inf"), (dict(lora_targets=[]), "--lora-targets")])
+def test_settings_out_of_range_are_refused(setting, message):
+    with pytest.raises(BadInput, match=message):
+        TrainConfig(out="x", **setting).check()
+
+
+def test_a_toml_array_is_a_comma_list(run_dtk, tmp_path):
+    (tmp_path / "c.toml").write_text('lora_targets = ["to_q", "to_v"]\nlog_every = 0\n')
+    r = run_dtk("train-reflow", "--config", tmp_path / "c.toml", "--data", tmp_path, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--log-every 0" in r.stderr, r.stderr   # the list was read; the 0 is refused
+    config = TrainConfig(out="x", lora_targets="to_q,to_v")
+    config.check()
+    assert config.lora_targets == ("to_q", "to_v")
 
 
 # ------------------------------------------------------------------ the loop
@@ -156,6 +183,18 @@ def test_resumed_run_equals_uninterrupted_run(tiny_sd, sd_pairs, tmp_path):
     assert ema_a == (tmp_path / "b/checkpoints/step-00000004/ema.safetensors").read_bytes()
 
 
+def test_sigusr1_while_loading_checkpoints_at_the_first_step(run_dtk, tiny_sd, sd_pairs, tmp_path):
+    """Slurm's SIGUSR1 warning may come before the loop starts: noted (not fatal), then acted on."""
+    from dtk import signals
+
+    run_dtk("--version")
+    assert signal.getsignal(signal.SIGUSR1) is signals.note   # installed by the CLI
+    signals.note(signal.SIGUSR1, None)
+    with pytest.raises(Preempted, match="at step 1"):
+        train(RectifiedDiffusion(), config(tmp_path, tiny_sd, sd_pairs))
+    assert not signals.received
+
+
 def test_resume_errors(tiny_sd, sd_pairs, tmp_path):
     out = tmp_path / "r"
     train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=2))
@@ -168,6 +207,11 @@ def test_resume_errors(tiny_sd, sd_pairs, tmp_path):
     with pytest.raises(BadInput, match="lora_rank"):
         train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=4, lora_rank=8, resume="auto",
                                            overwrite=True))
+    import shutil
+
+    other = shutil.copytree(tiny_sd, tmp_path / "other-sd")   # the same weights, but another model
+    with pytest.raises(BadInput, match=r"saved with other model than this run \(model=.*tiny-sd\)"):
+        train(RectifiedDiffusion(), config(out, other, sd_pairs, max_steps=4, resume="auto", overwrite=True))
     # refused input removes nothing that --overwrite would replace: the finished model and its checkpoints stay
     with pytest.raises(BadInput, match="no such file"):
         train(RectifiedDiffusion(), config(out, tiny_sd, tmp_path / "missing", max_steps=4, overwrite=True))
@@ -201,6 +245,49 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_sd, sd_pairs, tm
     ckpts = sorted((tmp_path / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["step-00000002"] and (ckpts[0] / "state.json").exists()
     assert all(torch.isfinite(t).all() for t in trained(tmp_path).values())
+
+
+class _NanBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NanGradientAt(RectifiedDiffusion):
+    def loss(self, batch, run):
+        loss, logs = super().loss(batch, run)
+        return (_NanBackward.apply(loss) if run.step + 1 == 3 else loss), logs   # a finite loss, NaN gradients
+
+
+def test_nan_gradient_stops_even_without_clipping(tiny_sd, sd_pairs, tmp_path):
+    with pytest.raises(RunFailure, match=r"gradient norm is nan at step 3; .*last good checkpoint is .*step-00000002"):
+        train(NanGradientAt(), config(tmp_path, tiny_sd, sd_pairs, max_grad_norm=0.0, checkpoint_every=1,
+                                      keep_checkpoints=1))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
+    assert all(torch.isfinite(t).all() for t in trained(tmp_path).values())
+
+
+def test_a_failed_overwrite_puts_the_finished_model_back(tiny_sd, sd_pairs, tmp_path):
+    """--overwrite sets the finished run aside; a run that fails before its first checkpoint restores it
+    whole, one that gets a checkpoint drops it."""
+    out = tmp_path / "m"
+    train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=2))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RunFailure, match="loss is nan at step 3"):
+        train(NanAt(), config(out, tiny_sd, sd_pairs, max_steps=4, checkpoint_every=10, overwrite=True))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before   # dtk.json, the LoRA, the checkpoints and the metrics, byte for byte; nothing else
+    with pytest.raises(RunFailure, match="loss is nan at step 3"):
+        train(NanAt(), config(out, tiny_sd, sd_pairs, max_steps=4, checkpoint_every=2, overwrite=True))
+    assert not (out / "dtk.json").exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not list(out.glob(".replaced*"))
+    # a run into its own base model's folder is refused before anything is touched
+    with pytest.raises(BadInput, match="one of the models it is built on"):
+        train(RectifiedDiffusion(), config(tiny_sd, tiny_sd, sd_pairs, overwrite=True))
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tiny_sd, sd_pairs, tmp_path, monkeypatch):

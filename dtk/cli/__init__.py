@@ -68,6 +68,9 @@ class LazyGroup(click.Group):
         debug = os.environ.get("DTK_DEBUG", "") not in ("", "0") or "--debug" in _group_args(args)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_sigterm)
+            from dtk import signals
+
+            signals.install()   # SIGUSR1 (Slurm's warning) must not kill a run that is loading or exporting
         try:
             rv = super().main(args=args, prog_name=prog_name or "dtk", complete_var=complete_var,
                               standalone_mode=False, **extra)

@@ -43,9 +43,10 @@ class ModelRef:
     text_encoder_loras: list[tuple[Path, float]] = field(default_factory=list)
     sampler: dict[str, Any] = field(default_factory=dict)   # recommended settings
     manifest: dict[str, Any] = field(default_factory=dict)  # the dtk.json, if any
+    dirs: list[Path] = field(default_factory=list)          # the model dirs it is built from, itself first
 
 
-def resolve_model(spec: str | None) -> ModelRef:
+def resolve_model(spec: str | None, _within: tuple[Path, ...] = ()) -> ModelRef:
     if spec in (None, "", "demo"):
         from dtk.demo import DEMO_MODEL_DIR
 
@@ -62,7 +63,7 @@ def resolve_model(spec: str | None) -> ModelRef:
         return _from_dir("demo-pixel", DEMO_PIXEL_DIR)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _from_dir(spec, path)
+        return _from_dir(spec, path, _within)
     if path.is_file():
         if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
             raise BadInput(f"--model {spec}: pickled checkpoints are not loaded (they can run code); "
@@ -75,7 +76,10 @@ def resolve_model(spec: str | None) -> ModelRef:
     raise BadInput(f"--model {spec}: no such file or directory")
 
 
-def _from_dir(spec: str, path: Path) -> ModelRef:
+def _from_dir(spec: str, path: Path, within: tuple[Path, ...] = ()) -> ModelRef:
+    if path.resolve() in within:
+        raise BadInput(f"--model {within[0]}: its chain of base models comes back to {path} (a model trained "
+                       "into its own base's folder?)")
     manifest_path = path / "dtk.json"
     manifest = {}
     if manifest_path.exists():
@@ -88,10 +92,11 @@ def _from_dir(spec: str, path: Path) -> ModelRef:
     if has_pipeline:
         ref = ModelRef(spec=spec, path=path, family=_pipeline_family(path))
     elif manifest.get("base_model"):
-        ref = resolve_model(manifest["base_model"])
+        ref = resolve_model(manifest["base_model"], (*within, path.resolve()))
         ref.spec = spec
     else:
         raise BadInput(f"--model {spec}: not a diffusers pipeline (no model_index.json) nor a dtk model dir (no dtk.json)")
+    ref.dirs = [path.resolve(), *ref.dirs]
     inherited = {k: ref.manifest[k] for k in ("classes",) if k in ref.manifest}  # a tuned model keeps its labels
     ref.manifest = {**inherited, **manifest}
     ref.sampler = {**ref.sampler, **manifest.get("sampler", {})}

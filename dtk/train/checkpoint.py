@@ -30,8 +30,11 @@ MARKER = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
+CHECKPOINTS = "checkpoints"
+
+
 def checkpoint_root(out: Path) -> Path:
-    return out / "checkpoints"
+    return out / CHECKPOINTS
 
 
 def checkpoint_name(step: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from dtk.errors import BadInput
@@ -60,16 +61,31 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)   # the method's own options, recorded in dtk.json
 
     def check(self) -> None:
+        """Every value in range (a config file's values included, which click does not check)."""
+        if isinstance(self.lora_targets, str):   # a config file may give a comma list or a TOML array
+            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        if not (self.lora_targets and all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise BadInput(f"--lora-targets {self.lora_targets}: want module names, e.g. to_q,to_k,to_v,to_out.0")
+        self.lora_targets = tuple(self.lora_targets)
         for name, value, low in (("--max-steps", self.max_steps, 1), ("--batch-size", self.batch_size, 1),
                                  ("--grad-accum", self.grad_accum, 1), ("--lora-rank", self.lora_rank, 1),
                                  ("--checkpoint-every", self.checkpoint_every, 1),
-                                 ("--keep-checkpoints", self.keep_checkpoints, 1)):
-            if value < low:
-                raise BadInput(f"{name} {value}: must be at least {low}")
+                                 ("--keep-checkpoints", self.keep_checkpoints, 1), ("--log-every", self.log_every, 1),
+                                 ("--warmup-steps", self.warmup_steps, 0), ("--validate-every", self.validate_every, 0),
+                                 ("--resolution", self.resolution if self.resolution is not None else 8, 8)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise BadInput(f"{name} {value}: must be a whole number, at least {low}")
+        for name, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
+                            ("--max-grad-norm", self.max_grad_norm), ("--ema-decay", self.ema_decay),
+                            ("--lora-alpha", self.lora_alpha if self.lora_alpha is not None else 1.0)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BadInput(f"{name} {value}: must be a finite number")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise BadInput(f"--lora-alpha {self.lora_alpha}: must be positive")
         if self.lr <= 0:
             raise BadInput(f"--lr {self.lr}: must be positive")
+        if self.weight_decay < 0:
+            raise BadInput(f"--weight-decay {self.weight_decay}: must be >= 0")
         if not 0 <= self.ema_decay < 1:
             raise BadInput(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
         if self.max_grad_norm < 0:

@@ -110,6 +110,12 @@ class ImageCaptionDataset(Dataset):
 # The formats
 
 
+def _refuse_missing(where: str, missing: list[str], total: int, allowed: bool, what: str) -> None:
+    if missing and not allowed:
+        raise BadInput(f"--data {where}: {len(missing)} of {total} images have no {what} (e.g. "
+                       f"{', '.join(missing[:3])}); pass --allow-missing-captions to train them with empty captions")
+
+
 def image_folder(path: Path, resolution: int, allow_missing_captions: bool) -> ImageCaptionDataset:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     items, missing = [], []
@@ -121,15 +127,13 @@ def image_folder(path: Path, resolution: int, allow_missing_captions: bool) -> I
             missing.append(f)
             caption = ""
         items.append(_Item(load=lambda f=f: f, caption=caption, where=str(f)))
-    if missing and not allow_missing_captions:
-        examples = ", ".join(str(m.relative_to(path)) for m in missing[:3])
-        raise BadInput(f"--data {path}: {len(missing)} of {len(files)} images have no .txt caption "
-                       f"(e.g. {examples}); pass --allow-missing-captions to train them with empty captions")
+    _refuse_missing(str(path), [str(m.relative_to(path)) for m in missing], len(files), allow_missing_captions,
+                    ".txt caption")
     return ImageCaptionDataset(str(path), items, resolution)
 
 
 def manifest(path: str, resolution: int) -> ImageCaptionDataset:
-    from dtk.io import read_manifest
+    from dtk.io import read_manifest   # it requires a prompt on every line
 
     name = "<stdin>" if path == "-" else path
     items = [_Item(load=lambda f=row["_file"]: f, caption=row.get("prompt", row.get("caption")),
@@ -144,10 +148,10 @@ def _column(names: list[str], wanted: tuple[str, ...], what: str, where: str) ->
     raise BadInput(f"--data {where}: no {what} column (looked for {', '.join(wanted)}; it has {', '.join(names)})")
 
 
-def parquet(paths: list[Path], resolution: int) -> ImageCaptionDataset:
+def parquet(paths: list[Path], resolution: int, allow_missing_captions: bool = False) -> ImageCaptionDataset:
     import pyarrow.parquet as pq
 
-    items = []
+    items, missing = [], []
     for path in paths:
         try:
             table = pq.read_table(path)
@@ -161,7 +165,11 @@ def parquet(paths: list[Path], resolution: int) -> ImageCaptionDataset:
             data = img.get("bytes") if isinstance(img, dict) else img
             if not isinstance(data, (bytes, bytearray)):
                 raise BadInput(f"--data {path}: row {row}: column '{image_col}' holds no image bytes")
-            items.append(_Item(load=lambda d=bytes(data): d, caption=str(cap or ""), where=f"{path} row {row}"))
+            if cap is None:
+                missing.append(f"{path.name} row {row}")
+            items.append(_Item(load=lambda d=bytes(data): d, caption="" if cap is None else str(cap),
+                               where=f"{path} row {row}"))
+    _refuse_missing(", ".join(map(str, paths)), missing, len(items), allow_missing_captions, "caption (null)")
     return ImageCaptionDataset(", ".join(map(str, paths)), items, resolution)
 
 
@@ -244,16 +252,16 @@ def open_dataset(spec: str, *, resolution: int, allow_missing_captions: bool = F
         if path.suffix == ".tar":
             return webdataset([path], resolution)
         if path.suffix == ".parquet":
-            return parquet([path], resolution)
+            return parquet([path], resolution, allow_missing_captions)
         raise BadInput(f"--data {spec}: unknown format (expected a directory, .jsonl, .parquet or .tar)")
     from dtk.pairs import is_pair_dir, PairDataset
 
     if is_pair_dir(path):
         return PairDataset(path)
-    for suffix, reader in ((".tar", webdataset), (".parquet", parquet)):
-        files = sorted(path.glob(f"*{suffix}"))
-        if files:
-            return reader(files, resolution)
+    if sorted(path.glob("*.tar")):
+        return webdataset(sorted(path.glob("*.tar")), resolution)
+    if sorted(path.glob("*.parquet")):
+        return parquet(sorted(path.glob("*.parquet")), resolution, allow_missing_captions)
     return image_folder(path, resolution, allow_missing_captions)
 
 

@@ -284,6 +284,10 @@ class _StopSignals:
         self._old: dict = {}
 
     def __enter__(self):
+        from dtk import signals
+
+        self.requested = bool(signals.received)   # one that came while the model was loading
+        signals.received.clear()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
                 if sig is not None:
@@ -385,29 +389,25 @@ def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
     return resume
 
 
-def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None) -> None:
-    """What --overwrite replaces goes, and the folder is made ready. Called once the model, the data, the
-    method's settings and the resume state are all accepted, so that bad input removes nothing."""
-    from dtk.train.checkpoint import checkpoint_root, remove_stale_temporaries, set_aside_newer
+def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None):
+    """The folder made ready; what --overwrite replaces is set aside (``Replacing``), to be dropped once the
+    new run has a checkpoint and put back if it stops before. Called once the model, the data, the method's
+    settings and the resume state are all accepted."""
+    from dtk.io import Replacing
+    from dtk.train.checkpoint import CHECKPOINTS, remove_stale_temporaries, set_aside_newer
 
     if not main:
-        return
-    if config.overwrite:
-        from dtk.io import replace_finished
-
-        replace_finished(out)
-        if resume is None:
-            import shutil
-
-            shutil.rmtree(checkpoint_root(out), ignore_errors=True)
-            for name in ("metrics.jsonl", "validation", "tensorboard"):
-                p = out / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return None
     out.mkdir(parents=True, exist_ok=True)
+    replacing = None
+    if config.overwrite:
+        started_over = () if resume is not None else (CHECKPOINTS, "metrics.jsonl", "validation", "tensorboard")
+        replacing = Replacing(out, names=started_over).set_aside()
     remove_stale_temporaries(out)
     if resume is not None:
         for p in set_aside_newer(out, resume):
             log.warning("train: resuming from %s: the newer checkpoint is kept as %s", resume.name, p)
+    return replacing
 
 
 def _load_model(config: TrainConfig, accelerator, weight_dtype):
@@ -463,10 +463,11 @@ def train(method: Method, config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from dtk.diffusion.loading import resolve_model
     from dtk.diffusion.schedule import alphas_cumprod
     from dtk.logs import quiet_libraries
     from dtk.seeds import derive_seed
-    from dtk.train.data import BatchOrder, collate
+    from dtk.train.data import collate
 
     config.check()
     if config.device not in ("auto", "cpu"):
@@ -484,6 +485,9 @@ def train(method: Method, config: TrainConfig) -> dict:
     if config.data == "-" and accelerator.num_processes > 1:
         raise BadInput("--data -: stdin cannot be shared by several processes; give a file")
     out = Path(config.out)
+    if out.resolve() in resolve_model(config.model).dirs:
+        raise BadInput(f"--out {out}: is --model {config.model} or one of the models it is built on; "
+                       "a run must not overwrite its own base")
     resume_from = _prepare_out(out, config, main)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -513,17 +517,31 @@ def train(method: Method, config: TrainConfig) -> dict:
 
     step, seen = 0, 0
     if resume_from is not None:
-        step, seen = _restore(resume_from, config, named, optimizer, scheduler, ema, method, accelerator, len(data))
+        step, seen = _restore(resume_from, run, named, optimizer, scheduler, ema, method)
         run.step = step
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
-    _clear_out(out, config, main, resume_from)
+    replacing = _clear_out(out, config, main, resume_from)
+    try:
+        return _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen,
+                           out, t_start, replacing)
+    except BaseException:
+        if replacing is not None:   # stopped before it had a checkpoint of its own: the replaced result returns
+            replacing.restore()
+        raise
+
+
+def _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen, out,
+                t_start, replacing) -> dict:
+    from dtk.train.data import BatchOrder
+
+    accelerator, main, data = run.accelerator, run.accelerator.is_main_process, run.data
     accelerator.wait_for_everyone()
     order = BatchOrder(len(data), config.seed, config.batch_size, config.grad_accum, accelerator.num_processes)
     metrics = _Metrics(out, method.name, main, step)
     if main:
         n_train = sum(p.numel() for p in params)
         log.info("%s: %s on %s (%d examples), %s %.2fM trainable parameters, global batch %d, %d steps, %d process(es) on %s",
-                 method.name, model.ref.spec, data.name, len(data),
+                 method.name, run.model.ref.spec, data.name, len(data),
                  "full UNet" if config.full else f"LoRA rank {config.lora_rank} alpha {config.alpha:g},",
                  n_train / 1e6, order.global_batch, config.max_steps, accelerator.num_processes, accelerator.device)
 
@@ -542,9 +560,8 @@ def train(method: Method, config: TrainConfig) -> dict:
             run.step = step
             if step % config.log_every == 0 or step == config.max_steps:
                 elapsed = time.monotonic() - window_start
-                extra = {"lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / max(elapsed, 1e-9)}
-                if grad_norm is not None:
-                    extra["grad_norm"] = grad_norm
+                extra = {"lr": scheduler.get_last_lr()[0], "examples_per_s": window_examples / max(elapsed, 1e-9),
+                         "grad_norm": grad_norm}
                 last_record = metrics.flush(step, config.max_steps, extra, accelerator)
                 window_start, window_examples = time.monotonic(), 0
             if config.validate_every and step % config.validate_every == 0 and main:
@@ -552,6 +569,8 @@ def train(method: Method, config: TrainConfig) -> dict:
             stopping = _any_process(accelerator, stop.requested)
             if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
                 path = _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out)
+                if replacing is not None:   # this run has a checkpoint of its own: the replaced result goes
+                    replacing.drop()
                 if stopping:
                     metrics.close()
                     raise Preempted(f"checkpoint {path} saved at step {step}; rerun with --resume auto to continue "
@@ -564,9 +583,9 @@ def train(method: Method, config: TrainConfig) -> dict:
     return result
 
 
-def _one_step(run, method, order, data, collate, optimizer, params, metrics, step) -> float | None:
+def _one_step(run, method, order, data, collate, optimizer, params, metrics, step) -> float:
     """One optimizer step over grad_accum micro-batches; NaN/Inf stops the run before any update.
-    Returns the gradient norm (before clipping) when clipping."""
+    Returns the gradient norm (before clipping)."""
     from dtk.seeds import derive_seed
 
     accelerator, config = run.accelerator, run.config
@@ -583,11 +602,10 @@ def _one_step(run, method, order, data, collate, optimizer, params, metrics, ste
                 raise RunFailure(_nan_message("loss", loss, step + 1, run.config))
             accelerator.backward(loss / config.grad_accum)
         metrics.add({"loss": float(loss.detach()), **logs})
-    grad_norm = None
-    if config.max_grad_norm > 0:
-        grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-        if not math.isfinite(grad_norm) and config.mixed_precision != "fp16":  # fp16: the scaler skips the step
-            raise RunFailure(_nan_message("gradient norm", grad_norm, step + 1, run.config))
+    # the norm is taken even without clipping (max norm inf): a NaN gradient must never reach the weights
+    grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+    if not math.isfinite(grad_norm) and config.mixed_precision != "fp16":  # fp16: the scaler skips the step
+        raise RunFailure(_nan_message("gradient norm", grad_norm, step + 1, run.config))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     metrics.add(method.after_step(run))
@@ -626,7 +644,7 @@ def _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out) 
     path = checkpoint_root(out) / checkpoint_name(step)
     if accelerator.is_main_process:
         state = {"step": step, "examples_seen": seen, "world_size": accelerator.num_processes,
-                 "config": {**_resume_keys(run.config), "data_examples": len(run.data), "method": method.describe()},
+                 "config": {**_resume_keys(run), "data_examples": len(run.data), "method": method.describe()},
                  "method": method.name}
         save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
                         optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -638,21 +656,25 @@ def _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out) 
     return path
 
 
-def _resume_keys(config: TrainConfig) -> dict:
+def _resume_keys(run) -> dict:
     """Settings a checkpoint cannot be resumed under different values of."""
-    return {"full": config.full, "lora_rank": config.lora_rank, "lora_alpha": config.alpha,
-            "lora_targets": list(config.lora_targets), "batch_size": config.batch_size,
+    config, spec = run.config, run.model.ref.spec
+    local = Path(spec).expanduser()
+    model = str(local.resolve()) if spec not in ("demo", "demo-pixel") and local.exists() else spec
+    return {"model": model, "resolution": run.resolution, "full": config.full, "lora_rank": config.lora_rank,
+            "lora_alpha": config.alpha, "lora_targets": list(config.lora_targets), "batch_size": config.batch_size,
             "grad_accum": config.grad_accum, "seed": config.seed, "ema": config.ema_decay > 0,
             "optimizer": config.optimizer}
 
 
-def _restore(path, config, named, optimizer, scheduler, ema, method, accelerator, data_size) -> tuple[int, int]:
+def _restore(path, run, named, optimizer, scheduler, ema, method) -> tuple[int, int]:
     from dtk.train.checkpoint import load_checkpoint
 
+    config, accelerator, data_size = run.config, run.accelerator, len(run.data)
     ckpt = load_checkpoint(path)
     state = ckpt["state"]
     saved = state.get("config", {})
-    now = {**_resume_keys(config), "data_examples": data_size, "method": json.loads(json.dumps(method.describe()))}
+    now = {**_resume_keys(run), "data_examples": data_size, "method": json.loads(json.dumps(method.describe()))}
     diff = [k for k in now if k in saved and saved[k] != now[k]]
     if saved.get("world_size", accelerator.num_processes) * saved.get("batch_size", 0) != \
             accelerator.num_processes * config.batch_size and "batch_size" not in diff:

@@ -1,0 +1,22 @@
+"""Slurm's SIGUSR1 ("time is nearly up") before a training loop can act on it: noted, not fatal.
+
+By default SIGUSR1 kills a process. `dtk` notes it instead; a training loop that starts later saves a
+checkpoint at its first step boundary (and exits 75 to be requeued); other commands carry on."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger("dtk")
+received: list[str] = []
+
+
+def note(signum, frame) -> None:
+    received.append(signal.Signals(signum).name)
+    log.warning("dtk: received %s; a training run checkpoints at its first step boundary", received[-1])
+
+
+def install() -> None:
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, note)
