@@ -155,9 +155,16 @@ def prompts_benchmark(prompts: list[str], num_images: int, clip_model: str, real
         files = sorted(p for p in Path(real_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if len(files) < 2:
             raise BadInput(f"--real-dir {real_dir}: needs at least 2 images")
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        real = featurize([Image.open(p).convert("RGB") for p in files])
+        def load(path):
+            try:
+                with Image.open(path) as im:
+                    return im.convert("RGB")
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise BadInput(f"--real-dir {path}: not a readable image ({' '.join(str(e).split())})") from None
+
+        real = featurize([load(p) for p in files])
     return Benchmark(name="prompts", captions=captions, seeds=[derive_seed(BENCHMARK_SEED, i) for i in range(num_images)],
                      features=featurize, reward=lambda ims, caps: [s["clip"] for s in clip(ims, caps)],
                      reward_name="clip_score", real_features=real)
@@ -217,7 +224,12 @@ def run_eval(opts: EvalOptions) -> list[dict]:
         raise BadInput(f"--model: two models share the name {labels}; give distinct directories")
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
     refs = [resolve_model(m) for m in opts.models]  # fail fast on a bad model before any sampling
-    teacher_ref = resolve_model(opts.teacher or ("demo-pixel" if refs[0].family == "pixel" else None))
+    teacher = opts.teacher
+    if teacher is None and opts.prompts:   # your own prompts, your own models: the first one's base (or itself)
+        teacher = refs[0].manifest.get("base_model") or opts.models[0]
+        log.info("eval: FD-teacher against %s's %d-step samples (--teacher to choose another)", teacher,
+                 TEACHER_STEPS)
+    teacher_ref = resolve_model(teacher or ("demo-pixel" if refs[0].family == "pixel" else None))
     if any(r.family != teacher_ref.family for r in refs) and not opts.prompts:
         raise BadInput(f"--model: {', '.join(r.spec for r in refs if r.family != teacher_ref.family)} is not a "
                        f"{teacher_ref.family} model like the teacher {teacher_ref.spec}; evaluate each kind apart")

@@ -93,7 +93,8 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 def read_manifest(data: str) -> list[dict]:
     """A manifest of images (``path`` + ``prompt`` per line, as ``dtk sample`` prints; ``-`` = stdin): its
-    lines with ``_file`` (the path, resolved against the manifest's folder when relative) and ``_line``.
+    lines with ``_file`` (a relative path read from the current directory, else from the manifest's folder)
+    and ``_line``.
     Every image must exist and have a prompt."""
     name = "<stdin>" if data == "-" else data
     base = None if data == "-" else Path(data).resolve().parent
@@ -103,8 +104,11 @@ def read_manifest(data: str) -> list[dict]:
         if not isinstance(path, str) or not isinstance(prompt, str):
             raise BadInput(f"{name}:{lineno}: needs 'path' and 'prompt' strings (a `dtk sample` manifest line)")
         file = Path(path)
-        if not file.exists() and base is not None and not file.is_absolute() and (base / file).exists():
-            file = base / file
+        if not file.exists() and base is not None and not file.is_absolute():
+            if (base / file).exists():
+                file = base / file
+            elif file.parent.name == base.name and (base / file.name).exists():
+                file = base / file.name   # `dtk sample --out s` wrote "s/000000.png" from another directory
         if not file.is_file():
             raise BadInput(f"{name}:{lineno}: image {path}: no such file")
         rows.append({**rec, "_line": lineno, "_file": file})

@@ -159,7 +159,7 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     record["probe"] = model_probe(model)
     chunks = math.ceil(num / opts.pairs_per_shard)
     mine = shard_indices(chunks, opts.shard)
-    _check_existing(out, record, opts.overwrite, mine, shard_suffix(opts.shard))
+    _check_existing(out, record, opts.overwrite, mine, shard_suffix(opts.shard), chunks)
     todo = [c for c in mine if not (out / shard_name(c)).exists()]
     if len(todo) < len(mine):
         log.info("reflow-pairs: %d of %d shard(s) already finished, skipped", len(mine) - len(todo), len(mine))
@@ -185,16 +185,24 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     return written
 
 
-def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], suffix: str) -> None:
-    """Shards already in ``out`` must come from the same settings; --overwrite removes this task's own
-    (the other tasks of a Slurm array replace theirs)."""
+def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], suffix: str, chunks: int) -> None:
+    """Shards already in ``out`` must come from the same settings; --overwrite removes this task's own (the
+    other tasks of a Slurm array replace theirs) and, from every task, those beyond the new run's range and
+    the records of another task count: nothing of the old run is left to mix with the new one."""
     existing = sorted(out.glob(SHARD_GLOB)) if out.is_dir() else []
     if not existing:
         return
     if overwrite:
         for c in mine:
             (out / shard_name(c)).unlink(missing_ok=True)
-        (out / f"dtk{suffix}.json").unlink(missing_ok=True)
+        for path in existing:
+            number = path.name[len("pairs-"):-len(".safetensors")]
+            if not number.isdigit() or int(number) >= chunks:
+                path.unlink(missing_ok=True)
+        same_array = suffix[suffix.index("-of-"):] + ".json" if suffix else None   # "-of-00004.json"
+        for marker in out.glob("dtk*.json"):   # ours, and any of a run split another way
+            if marker.name == f"dtk{suffix}.json" or not (same_array and marker.name.endswith(same_array)):
+                marker.unlink(missing_ok=True)
         return
     theirs = read_shard_meta(existing[0])["settings"]
     diff = [k for k in record if k not in ("probe", "model") and theirs.get(k) != record[k]]

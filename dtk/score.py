@@ -67,6 +67,13 @@ def run_score(opts: ScoreOptions) -> list[dict]:
             for reward in rewards:
                 for s, new in zip(scores, reward(images, prompts)):
                     s.update(new)
+            if opts.pairs_out:   # the ranking key must exist on every image: checked before anything is written
+                lacking = next((r for r, sc in zip(batch, scores) if not isinstance(sc.get(pair_by), (int, float))),
+                               None)
+                if lacking is not None:
+                    known = sorted(k for sc in scores for k in sc)
+                    raise BadInput(f"--pair-by {pair_by}: no such score for {name}:{lacking['_line']} (the rewards "
+                                   f"give {', '.join(dict.fromkeys(known))})")
             for row, im, s in zip(batch, images, scores):
                 rec = {k: v for k, v in row.items() if not k.startswith("_")}
                 rec["scores"] = {**rec.get("scores", {}), **s}
@@ -74,6 +81,9 @@ def run_score(opts: ScoreOptions) -> list[dict]:
                 if opts.pairs_out:
                     jpegs.append(_jpeg(im))
             bar.update(len(batch))
+    if opts.pairs_out and not preference_pairs(results, pair_by, opts.tie_margin):
+        raise BadInput(f"--pairs-out {opts.pairs_out}: no prompt has two or more images, so there are no pairs "
+                       "(sample with --num-per-prompt 2 or more)")
     if opts.out:
         from dtk.io import write_jsonl
 

@@ -34,8 +34,13 @@ def default_shard(env: dict | None = None) -> tuple[int, int]:
     """The shard implied by the launcher: a Slurm array, srun tasks, or torchrun/accelerate ranks."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+        # --array=MIN-MAX:STEP numbers its tasks MIN, MIN+STEP, ...: shard = (ID - MIN) / STEP
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        i, n = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"])
+        if not 0 <= i < n:
+            raise BadInput(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']}: shard {i} of {n}; dtk takes arrays "
+                           "with one step (--array=0-N or MIN-MAX:STEP) and no gaps; pass --shard I/N")
+        return i, n
     for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         if rank in env and world in env and int(env[world]) > 1:
             return int(env[rank]), int(env[world])

@@ -85,6 +85,27 @@ def test_shards():
     assert sorted(sum(parts, [])) == list(range(10)) and parts[0] == [0, 3, 6, 9]
     assert default_shard({}) == (0, 1)
     assert default_shard({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}) == (2, 4)
+    stepped = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "6"}
+    assert [default_shard({**stepped, "SLURM_ARRAY_TASK_ID": str(i)}) for i in (0, 4, 10)] == [(0, 6), (2, 6), (5, 6)]
+    with pytest.raises(BadInput, match="shard 9 of 4"):   # --array=0,9: a gap
+        default_shard({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "4"})
     assert default_shard({"RANK": "3", "WORLD_SIZE": "8"}) == (3, 8)
     assert default_shard({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
     assert default_shard({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1)
+
+
+def test_a_sample_manifest_reads_from_any_directory(tmp_path, monkeypatch):
+    """`dtk sample --out s` records "s/000000.png" (relative to where it ran); read from elsewhere, the image
+    beside the manifest is found."""
+    from dtk.io import read_manifest
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "000000.png").write_bytes(b"png")
+    (tmp_path / "s" / "samples.jsonl").write_text('{"path": "s/000000.png", "prompt": "a"}\n')
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (row,) = read_manifest("../s/samples.jsonl")
+    assert row["_file"].resolve() == (tmp_path / "s" / "000000.png").resolve()
+    (tmp_path / "s" / "other.jsonl").write_text('{"path": "t/000000.png", "prompt": "a"}\n')
+    with pytest.raises(BadInput, match="image t/000000.png: no such file"):   # another folder's name: not guessed
+        read_manifest("../s/other.jsonl")

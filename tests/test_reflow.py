@@ -67,6 +67,13 @@ def test_rerun_skips_finished_shards_and_rejects_other_settings(run_dtk, tiny_sd
     r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", out, "--steps", 4, "--num", 6, "--pairs-per-shard", 3,
                 "--overwrite", "a red circle", "a blue square", "a green star")
     assert r.exit_code == 0 and first.stat().st_mtime_ns != stamp
+    # a smaller run over it leaves no shard of the old one behind: the folder is one run's pairs
+    r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", out, "--steps", 4, "--num", 3, "--pairs-per-shard", 3,
+                "--overwrite", "a red circle", "a blue square", "a green star")
+    assert r.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["dtk.json", "pairs-000000.safetensors"]
+    from dtk.pairs import PairDataset
+
+    assert len(PairDataset(out)) == 3
 
 
 def test_bad_pair_data(run_dtk, tiny_sd, tiny_sdxl, tmp_path):

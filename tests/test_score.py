@@ -95,6 +95,13 @@ def test_pairs_file_round_trip(run_dtk, tmp_path):
     # overwriting needs --overwrite
     r = run_dtk("score", "--data", f, "--pairs-out", pairs)
     assert r.exit_code == 2 and "--overwrite" in r.stderr
+    # a ranking key no reward gives, or no prompt with two images: refused, and nothing written
+    for args, message in ((["--pair-by", "shapes/bogus"], "--pair-by shapes/bogus: no such score"),
+                          (["--data", _manifest((tmp_path / "one").mkdir() or tmp_path / "one", [(RED, good)])],
+                           "no prompt has two or more")):
+        r = run_dtk("score", "--data", f, "--pairs-out", tmp_path / "p2.parquet", "--out", tmp_path / "s2.jsonl", *args)
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
+        assert not (tmp_path / "p2.parquet").exists() and not (tmp_path / "s2.jsonl").exists()
 
 
 def test_stdin_pipe_and_relative_paths(run_dtk, tmp_path, monkeypatch):

@@ -28,7 +28,8 @@ def _step_list(ctx, param, value):
 @click.option("--num-images", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Benchmark images per model and step count.")
 @click.option("--teacher", default=None, metavar="MODEL",
-              help="Reference for FD-teacher (its 25-step samples) [demo model].")
+              help="Reference for FD-teacher (its 25-step samples) [the demo model; with --prompts, the first "
+                   "--model's base model, or that model itself].")
 @click.option("--baseline", default=None, metavar="MODEL", help="Model to compute win rates against.")
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None,
               help="Sampler for every model [each model's recommendation].")

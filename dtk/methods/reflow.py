@@ -145,6 +145,10 @@ class RectifiedDiffusion(Method):
         self.teacher = None
         if phased and (phased < 1 or TEACHER_GRID % phased):
             raise BadInput(f"--phased {phased}: must divide the {TEACHER_GRID}-step teacher grid (1, 2, 4, 5, 8, 10, 20, 40)")
+        if sample_steps is not None and sample_steps < 1:
+            raise BadInput(f"--sample-steps {sample_steps}: must be at least 1")
+        if teacher_guidance is not None and not phased:
+            raise BadInput("--teacher-guidance goes with --phased (pairs were made with their own guidance)")
         if phased and beta_schedule:
             raise BadInput("--beta-schedule works on pairs only: the phased variant's online teacher runs on its own schedule")
 

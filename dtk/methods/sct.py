@@ -123,6 +123,14 @@ class ConsistencyTuning(Method):
             raise BadInput(f"--guidance {guidance:g}: needs --guide-with (the worse model that guides this one)")
         if bank_size and target != "stable":
             raise BadInput("--bank-size goes with --target stable (ECT's target uses no references)")
+        if not q > 1:
+            raise BadInput(f"--q {q:g}: must be above 1 (Δt/t shrinks by q at each stage; q ≤ 1 never shrinks it)")
+        if double_every < 1:
+            raise BadInput(f"--double {double_every}: must be at least 1 (iterations per stage)")
+        allowed = (1, 2) if phases == 1 else (phases,)
+        if sample_steps is not None and sample_steps not in allowed:
+            raise BadInput(f"--sample-steps {sample_steps}: a {phases}-phase consistency model samples with "
+                           f"{' or '.join(map(str, allowed))} step(s)")
         self.target, self.bank_size, self.phases, self.q, self.double_every = target, bank_size, phases, q, double_every
         self.p_mean, self.p_std, self.weighting, self.huber_c = p_mean, p_std, weighting, huber_c
         self.sigma_data, self.sigma_max, self.t_mid, self.sample_steps = sigma_data, sigma_max, t_mid, sample_steps
