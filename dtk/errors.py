@@ -18,3 +18,8 @@ class BadInput(DtkError):
 
 class RunFailure(DtkError):
     exit_code = 1
+
+
+class StdoutClosed(BaseException):
+    """The reader of stdout went away (``dtk sample ... | head -1``): stop as SIGPIPE stops a Unix tool,
+    quietly, with 141 (128 + SIGPIPE); files already finished stay, as after Ctrl-C."""

@@ -55,8 +55,13 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 def emit(record: dict) -> None:
     """One JSON object per line on stdout: the machine-readable result."""
-    sys.stdout.write(json.dumps(record, default=str) + "\n")
-    sys.stdout.flush()
+    from dtk.errors import StdoutClosed
+
+    try:
+        sys.stdout.write(json.dumps(record, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise StdoutClosed() from None
 
 
 def open_text(path: str) -> Any:

@@ -45,8 +45,8 @@ def read_prompts(texts: tuple[str, ...] | list[str], prompts_file: str | None, r
             if not isinstance(prompt, str):
                 raise BadInput(f"{name}:{lineno}: no 'prompt' string")
             seed = obj.get("seed")
-            if seed is not None and not isinstance(seed, int):
-                raise BadInput(f"{name}:{lineno}: 'seed' must be an integer")
+            if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
+                raise BadInput(f"{name}:{lineno}: 'seed' must be an integer in 0..2^63-1")
             neg = obj.get("negative_prompt")
             if neg is not None and not isinstance(neg, str):
                 raise BadInput(f"{name}:{lineno}: 'negative_prompt' must be a string")
@@ -118,15 +118,29 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         from dtk.diffusion.npo import npo_model_dir
 
         model_spec = npo_model_dir(opts.npo)[0].manifest.get("base_model")
+    import math
+
+    for name, value in (("--guidance", opts.guidance), ("--npo-scale", opts.npo_scale)):
+        if value is not None and not math.isfinite(value):
+            raise BadInput(f"{name} {value}: must be a finite number")
     ref = resolve_model(model_spec)
     suffix = shard_suffix(opts.shard)
     marker = f"dtk{suffix}.json"
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
+    layout = suffix[suffix.index("-of-"):] + ".json" if suffix else None    # "-of-00004.json"
+    other = [m.name for m in sorted(out.glob("dtk*.json")) if m.name != marker
+             and not (layout and m.name.startswith("dtk.shard-") and m.name.endswith(layout))]
+    if other:   # images of one numbering, two layouts: shards would overwrite another run's files piecemeal
+        raise BadInput(f"--out {out}: holds a result made with another --shard layout ({other[0]}); remove it or "
+                       "choose another directory")
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
-    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras, guide=opts.guide_with,
+    guide = opts.guide_with
+    if guide is None and opts.scheduler not in (None, "consistency"):
+        guide = False   # the guide a consistency model records serves its own sampler, not --scheduler's
+    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras, guide=guide,
                        npo=opts.npo, npo_scale=opts.npo_scale)
     if not opts.prompts:
         if model.family != "pixel" or model.unet.config.get("num_class_embeds"):
@@ -134,6 +148,12 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         opts.prompts = [PromptItem("")]  # an unconditional model: --num-per-prompt images of nothing in particular
     settings = settings_for(model, scheduler=opts.scheduler, steps=opts.steps, timesteps=opts.timesteps,
                             guidance=opts.guidance, height=opts.height, width=opts.width)
+    if model.family == "pixel":   # the class names and the size, before the first image is written
+        from dtk.diffusion.conditioning import class_labels
+
+        class_labels(model, sorted({p.prompt for p in opts.prompts}))
+        factor = 2 ** (len(model.unet.config.get("block_out_channels", [0])) - 1)
+        check_size(factor, settings.height, settings.width)
     if opts.npo and settings.scheduler == "consistency":
         raise BadInput(f"--npo {opts.npo}: the consistency sampler has no CFG branch for NPO to replace "
                        "(it guides with --guide-with); use a diffusion scheduler")
@@ -215,17 +235,18 @@ def write_png(path: Path, image, record: dict) -> None:
 def _finish(out: Path, marker: str, suffix: str, opts, ref, settings, records, total: int) -> None:
     from dtk.io import run_record, write_json, write_jsonl
 
+    files = [Path(r["path"]).name for r in records] + [f"samples{suffix}.jsonl"]
     if opts.grid and records:
         from PIL import Image
 
         cols = opts.num_per_prompt if opts.num_per_prompt > 1 else math.ceil(math.sqrt(len(records)))
         write_grid(out / f"grid{suffix}.png", [Image.open(r["path"]) for r in records], cols)
+        files.append(f"grid{suffix}.png")
     write_jsonl(out / f"samples{suffix}.jsonl", records)
     args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
     write_json(out / marker, run_record(
         "sample", args, model=ref.spec, sampler=asdict(settings), total_images=total,
-        shard=list(opts.shard), files=[Path(r["path"]).name for r in records],
-        manifest=f"samples{suffix}.jsonl",
+        shard=list(opts.shard), files=files, manifest=f"samples{suffix}.jsonl",
     ))
 
 

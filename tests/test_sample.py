@@ -43,8 +43,11 @@ def test_writes_pngs_manifests_and_json_lines(run_dtk, tiny_sd, tmp_path):
     assert json.loads(im.text["dtk"])["prompt"] == "a red circle"
     assert Image.open(out / "grid.png").size == (32, 32)
     manifest = json.loads((out / "dtk.json").read_text())
-    assert manifest["command"] == "sample" and manifest["files"] == names[:4]
+    assert manifest["command"] == "sample" and manifest["files"] == [*names[:4], "samples.jsonl", "grid.png"]
     assert [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()] == recs
+    # an --overwrite without --grid leaves no grid of the run it replaced
+    r, _ = sample(run_dtk, tiny_sd, out, "--overwrite", "a red circle")
+    assert r.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["000000.png", "dtk.json", "samples.jsonl"]
 
 
 def pixels(directory: Path) -> dict[str, bytes]:
@@ -206,12 +209,25 @@ BAD = {
     "shard garbage": (lambda t, l: (["--shard", "a/b", "x"], "--shard")),
     "zero steps": (lambda t, l: (["--steps", "0", "x"], "--steps")),
     "negative steps": (lambda t, l: (["--steps", "-3", "x"], "--steps")),
-    "height not multiple": (lambda t, l: (["--height", "17", "x"], "multiple of the VAE factor 2")),
+    "height not multiple": (lambda t, l: (["--height", "17", "x"], "must be a multiple of 2 for this model")),
     "lora mismatch": (lambda t, l: _lora_mismatch(t, l)),
     "missing lora": (lambda t, l: (["--lora", str(t / "no.safetensors"), "x"], "no such file")),
     "pickled model": (lambda t, l: (["--model", str(_touch(t / "m.ckpt")), "x"], "pickled")),
     "unknown scheduler": (lambda t, l: (["--scheduler", "nope", "x"], "--scheduler")),
+    "too many steps": (lambda t, l: (["--steps", "2000", "x"], "--steps 2000: must be in 1..1000")),
+    "lcm beyond its grid": (lambda t, l: (["--scheduler", "lcm", "--steps", "100", "x"], "--scheduler lcm --steps 100")),
+    "karras with timesteps": (lambda t, l: (["--scheduler", "dpm++2m-karras", "--timesteps", "999,500", "x"],
+                                            "Cannot use `timesteps`")),
+    "infinite guidance": (lambda t, l: (["--guidance", "inf", "x"], "--guidance inf: must be a finite number")),
+    "seed too large": (lambda t, l: _jsonl_seed(t)),
+    "pixel class unknown late": (lambda t, l: (["--model", "demo-pixel", "--batch-size", "1", "circle", "hexagon"],
+                                               "class 'hexagon' unknown")),
 }
+
+
+def _jsonl_seed(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x", "seed": 18446744073709551615}\n')
+    return ["--prompts", str(tmp_path / "p.jsonl")], "'seed' must be an integer in 0..2^63-1"
 
 
 def _touch(p):
@@ -245,6 +261,11 @@ def test_finished_output_is_kept_without_overwrite(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 2 and png_bytes(out) == before and (out / "dtk.json").exists()
     r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "--overwrite", "x")
     assert r.exit_code == 0 and png_bytes(out) != before
+    # a shard over a result of another layout would replace its images piecemeal: refused, even with --overwrite
+    before = png_bytes(out)
+    for flags in ([], ["--overwrite"]):
+        r, _ = sample(run_dtk, tiny_sd, out, "--shard", "0/2", *flags, "y", "z")
+        assert r.exit_code == 2 and "another --shard layout (dtk.json)" in r.stderr and png_bytes(out) == before
 
 
 def test_real_process_default_shard_from_slurm_and_ctrl_c(tiny_sd, tmp_path):
@@ -378,3 +399,16 @@ def test_sample_loop_equals_the_diffusers_pipeline():
     ref = pipe(prompt, num_inference_steps=10, guidance_scale=model.ref.sampler["guidance"],
                generator=torch.Generator().manual_seed(123), output_type="pt").images
     assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_a_closed_stdout_stops_quietly_with_141(tiny_sd, tmp_path):
+    """`dtk sample ... | head -1`: the reader goes away; dtk stops as a Unix tool killed by SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--steps", "2",
+                             "--batch-size", "1", "--num-per-prompt", "400", "--out", str(tmp_path / "s"), "x"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["index"] == 0
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "error" not in err and "Traceback" not in err
+    assert not (tmp_path / "s" / "dtk.json").exists()   # unfinished: no manifest, as after Ctrl-C

@@ -49,11 +49,14 @@ def test_ddim_with_an_oracle_stays_on_the_closed_form_path():
 
 
 @pytest.mark.parametrize("spacing,name", [("leading", "ddim"), ("trailing", "ddim-trailing")])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_dtk_ddim_equals_diffusers_ddim(spacing, name, prediction_type):
+@pytest.mark.parametrize("prediction_type, model_keys", [
+    ("epsilon", {}), ("v_prediction", {}),
+    ("v_prediction", {"rescale_betas_zero_snr": True}),      # a zero-terminal-SNR model: ᾱ_999 = 0
+    ("epsilon", {"clip_sample": True, "clip_sample_range": 0.5})])   # a pixel model's x0 clipping
+def test_dtk_ddim_equals_diffusers_ddim(spacing, name, prediction_type, model_keys):
     from diffusers import DDIMScheduler
 
-    config = {**SD_CONFIG, "prediction_type": prediction_type}
+    config = {**SD_CONFIG, "prediction_type": prediction_type, **model_keys}
     ref = DDIMScheduler.from_config({**config, "timestep_spacing": spacing})
     ref.set_timesteps(10)
     ours = make_sampler(name, config, 10, None, "cpu")
@@ -67,6 +70,18 @@ def test_dtk_ddim_equals_diffusers_ddim(spacing, name, prediction_type):
         x_ref = ref.step(model(x_ref, int(t)), t, x_ref).prev_sample
         x_ours = ours.step(model(x_ours, int(t)), t, x_ours)
     assert torch.allclose(x_ours, x_ref, atol=1e-5)
+
+
+def test_the_model_schedule_reaches_every_sampler():
+    """A zero-terminal-SNR config's schedule is the one every sampler runs (not dropped as a sampler key)."""
+    from diffusers import EulerDiscreteScheduler
+
+    config = {**SD_CONFIG, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+              "timestep_spacing": "trailing"}
+    ref = EulerDiscreteScheduler.from_config(config)
+    ref.set_timesteps(4)
+    ours = make_sampler("euler", config, 4, None, "cpu")
+    assert float(ours.scheduler.sigmas[0]) == pytest.approx(float(ref.sigmas[0])) and float(ref.sigmas[0]) > 1000
 
 
 def test_explicit_trailing_timesteps_equal_ddim_trailing():

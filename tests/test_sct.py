@@ -235,6 +235,10 @@ def test_guidance_by_an_earlier_snapshot(run_dtk, tiny_pixel_classes, labelled_i
     assert json.loads(r.stdout)["guide"] == str(tmp_path / "late")
     r = run_dtk("sample", "--model", tmp_path / "early", "--class", 1, "--guidance", 2, "--out", tmp_path / "s2")
     assert r.exit_code == 2 and "guided by a worse version of itself; name one with --guide-with" in r.stderr
+    # the guide the model records serves its consistency sampler; another --scheduler samples without it
+    r = run_dtk("sample", "--model", tmp_path / "late", "--class", 1, "--scheduler", "ddim", "--steps", 2,
+                "--guidance", 1, "--out", tmp_path / "s3")
+    assert r.exit_code == 0 and "guide" not in json.loads(r.stdout), r.stderr
 
 
 def test_phased_sct_and_text_conditioned_sd(run_dtk, tiny_pixel_classes, tiny_sd, labelled_images, tmp_path):

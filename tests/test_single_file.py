@@ -72,3 +72,20 @@ def test_single_file_without_model_config_is_a_one_line_usage_error(run_dtk, tin
     assert "--model-config" in lines[0] and str(tiny_sd_single_file) in lines[0]
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not out.exists()
+
+
+def test_a_single_file_loads_with_the_hub_switched_off(run_dtk, tiny_sd_single_file, tmp_path, monkeypatch):
+    """diffusers would fetch a missing architecture config from the network: dtk loads with the hub off."""
+    import huggingface_hub.constants
+    from diffusers import StableDiffusionPipeline
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        raise OSError("no config")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", spy)
+    r = sample(run_dtk, tiny_sd_single_file, tmp_path / "o")
+    assert r.exit_code == 2 and seen == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False

@@ -22,7 +22,7 @@ import traceback
 import click
 
 from dtk import __version__
-from dtk.errors import DtkError
+from dtk.errors import DtkError, StdoutClosed
 
 # name -> module; the module defines ``command``. One line per command.
 COMMANDS = {
@@ -41,6 +41,7 @@ COMMANDS = {
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_STDOUT_CLOSED = 141   # 128 + SIGPIPE, as a Unix tool killed by it
 
 
 class Terminated(BaseException):
@@ -89,6 +90,9 @@ class LazyGroup(click.Group):
         except Terminated:
             print(f"{_where(args)}: terminated", file=sys.stderr)
             code = EXIT_TERMINATED
+        except StdoutClosed:
+            sys.stdout = open(os.devnull, "w")   # nothing more reaches the closed pipe, not even at exit
+            code = EXIT_STDOUT_CLOSED
         except DtkError as e:
             _fail(_where(args), str(e), debug, label=e.label)
             code = e.exit_code

@@ -215,7 +215,11 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
                     "with a diffusers pipeline directory of the same architecture")
         raise BadInput(f"--model {ref.spec}: could not load ({type(e).__name__}: {_short(e)}){hint}") from None
     if ref.unet_dir is not None:  # the same class as the pipeline's own (UNet2DConditionModel, or UNet2DModel)
-        pipe.unet = type(pipe.unet).from_pretrained(str(ref.unet_dir), torch_dtype=dtype)
+        try:
+            pipe.unet = type(pipe.unet).from_pretrained(str(ref.unet_dir), torch_dtype=dtype, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - broken trained weights are bad input; say where
+            raise BadInput(f"--model {ref.spec}: could not load its UNet from {ref.unet_dir} "
+                           f"({type(e).__name__}: {_short(e)})") from None
     schedule = ref.sampler.get("schedule")
     if schedule:  # a model retrained under another noise schedule (e.g. train-reflow --beta-schedule)
         pipe.scheduler = pipe.scheduler.from_config({**pipe.scheduler.config, **schedule})
@@ -282,10 +286,22 @@ def vae_factor_of(ref: ModelRef) -> int | None:
 def check_size(factor: int | None, height: int | None, width: int | None) -> None:
     for name, v in (("--height", height), ("--width", width)):
         if factor and v is not None and v % factor:
-            raise BadInput(f"{name} {v}: must be a multiple of the VAE factor {factor} for this model")
+            raise BadInput(f"{name} {v}: must be a multiple of {factor} for this model (its downsampling factor)")
 
 
 def _from_files(cls, ref: ModelRef, dtype, model_config: str | None, extra: dict):
+    import huggingface_hub.constants as hub
+
+    # dtk never downloads at run time: diffusers' single-file loader would fetch a missing architecture
+    # config despite local_files_only, so the hub is switched off for the load
+    offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        return _load_files(cls, ref, dtype, model_config, extra)
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+
+
+def _load_files(cls, ref: ModelRef, dtype, model_config: str | None, extra: dict):
     import warnings
 
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ from dtk.errors import BadInput
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddim-trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
-    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
@@ -31,9 +31,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 SCHEDULER_NAMES = list(SCHEDULERS)
 
-# Keys of a base scheduler config that describe the model, not the sampler.
+# Keys of a base scheduler config that describe the model, not the sampler (a zero-terminal-SNR model's
+# schedule and a pixel model's x0 clipping included); where the config is silent, diffusers' defaults, but
+# no clipping (diffusers' DDPM would clip by default, which latent models must not).
 _MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-               "prediction_type", "steps_offset", "timestep_spacing", "set_alpha_to_one", "clip_sample")
+               "prediction_type", "steps_offset", "timestep_spacing", "set_alpha_to_one", "clip_sample",
+               "clip_sample_range", "rescale_betas_zero_snr")
+_DEFAULTS = {"clip_sample": False}
 
 
 def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:
@@ -57,21 +61,28 @@ def make_sampler(name: str, base_config: dict, steps: int, timesteps: list[int] 
 
     cls_name, overrides = SCHEDULERS[name]
     model_config = {k: v for k, v in dict(base_config).items() if k in _MODEL_KEYS}
-    config = {**model_config, **overrides}
+    config = {**_DEFAULTS, **model_config, **overrides}
     scheduler = getattr(diffusers, cls_name).from_config(config)
-    if name.startswith("ddim"):
-        if timesteps is None:
-            scheduler.set_timesteps(steps)
-            timesteps = [int(t) for t in scheduler.timesteps]
-        return DDIMSampler(config, timesteps, device)
-    if timesteps is not None:
-        import inspect
+    n_train = int(config.get("num_train_timesteps", 1000))
+    if timesteps is None and not 1 <= steps <= n_train:
+        raise BadInput(f"--steps {steps}: must be in 1..{n_train} (the model's training timesteps)")
+    try:
+        if name.startswith("ddim"):
+            if timesteps is None:
+                scheduler.set_timesteps(steps)
+                timesteps = [int(t) for t in scheduler.timesteps]
+            return DDIMSampler(config, timesteps, device)
+        if timesteps is not None:
+            import inspect
 
-        if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
-            raise BadInput(f"--scheduler {name} does not accept --timesteps; use ddim, euler, dpm++2m, lcm or tcd")
-        scheduler.set_timesteps(timesteps=timesteps, device=device)
-    else:
-        scheduler.set_timesteps(steps, device=device)
+            if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise BadInput(f"--scheduler {name} does not accept --timesteps; use ddim, euler, dpm++2m, lcm or tcd")
+            scheduler.set_timesteps(timesteps=timesteps, device=device)
+        else:
+            scheduler.set_timesteps(steps, device=device)
+    except ValueError as e:   # diffusers' own limits (e.g. lcm's original-steps grid, karras with timesteps)
+        what = f"--timesteps {','.join(map(str, timesteps))}" if timesteps is not None else f"--steps {steps}"
+        raise BadInput(f"--scheduler {name} {what}: {' '.join(str(e).split())}") from None
     return DiffusersSampler(scheduler)
 
 
@@ -108,6 +119,8 @@ class DDIMSampler:
         self.abar = alphas_cumprod(config)
         self.final_abar = 1.0 if config.get("set_alpha_to_one", True) else float(self.abar[0])
         self.prediction_type = config.get("prediction_type", "epsilon")
+        # a pixel model's x0 clipped as diffusers' DDIM clips it (ε as predicted)
+        self.clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
         self._next = {int(t): int(s) for t, s in zip(timesteps, list(timesteps[1:]) + [-1])}
         self.init_noise_sigma = 1.0
@@ -122,4 +135,6 @@ class DDIMSampler:
         a_t, s_t = alpha_sigma(self.abar, t)
         a_s, s_s = alpha_sigma(self.abar, self._next[t], self.final_abar)
         x0, eps = to_x0_eps(model_output.float(), x.float(), a_t, s_t, self.prediction_type)
+        if self.clip is not None:
+            x0 = x0.clamp(-self.clip, self.clip)
         return ddim_step(x0, eps, a_s, s_s).to(x.dtype)
