@@ -53,14 +53,25 @@ def _ffmpeg_frames(path: Path, option: str) -> list[np.ndarray]:
     if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
         raise BadInput(f"{option} {path}: not an image sequence PIL reads, and ffmpeg is not installed to decode it "
                        "(give a folder of frames instead)")
+    import json
+
     probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                            "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+                            "stream=width,height:stream_side_data=rotation", "-of", "json", str(path)],
+                           capture_output=True, text=True)
     try:
-        w, h = (int(v) for v in probe.stdout.strip().split(",")[:2])
-    except ValueError:
+        stream = json.loads(probe.stdout)["streams"][0]
+        w, h = int(stream["width"]), int(stream["height"])
+        rotation = next((int(d["rotation"]) for d in stream.get("side_data_list", []) if "rotation" in d), 0)
+    except (ValueError, KeyError, IndexError, TypeError):
         raise BadInput(f"{option} {path}: ffprobe finds no video stream") from None
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                         capture_output=True).stdout
+    if rotation % 180:   # ffmpeg turns phone videos upright as it decodes: their frames are h × w
+        w, h = h, w
+    decoded = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                             capture_output=True)
+    raw = decoded.stdout
+    if decoded.returncode != 0:   # a corrupt or cut video: say so rather than track its first part
+        raise BadInput(f"{option} {path}: ffmpeg could not decode it "
+                       f"({decoded.stderr.decode(errors='replace').strip()[-200:]})")
     n = len(raw) // (w * h * 3)
     if n == 0:
         raise BadInput(f"{option} {path}: ffmpeg decodes no frames")

@@ -268,3 +268,27 @@ def test_another_flow_plugs_into_the_tracker():
     gray = np.stack([np.full((8, 10), 10 * (t + 1), np.uint8) for t in range(3)])
     pos, vis = OnePixelRight().track(gray, refine=False)
     assert np.allclose(pos[2] - pos[0], [2.0, 0.0])
+
+
+@pytest.mark.skipif(__import__("shutil").which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_mp4_in_and_out_through_ffmpeg(tmp_path):
+    """An mp4 round trip; a phone video's rotation is applied (frames upright, h × w); a cut file is bad input."""
+    import subprocess
+
+    from dtk.errors import BadInput
+    from dtk.video import read_frames, write_video
+
+    frames = [np.zeros((48, 64, 3), np.uint8) for _ in range(4)]
+    for t, f in enumerate(frames):
+        f[:, :10 + 8 * t] = 200
+    write_video(tmp_path / "v.mp4", frames, fps=5)
+    back = read_frames(str(tmp_path / "v.mp4"), "VIDEO")
+    assert back.shape == (4, 48, 64, 3) and np.abs(back.astype(int) - np.stack(frames)).mean() < 8
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "v.mp4"), "-c", "copy", "-metadata:s:v:0",
+                    "rotate=90", str(tmp_path / "r.mp4")], check=True)
+    upright = read_frames(str(tmp_path / "r.mp4"), "VIDEO")
+    assert upright.shape == (4, 64, 48, 3)   # turned a quarter (ffmpeg's sense of the tag), not reshaped
+    assert min(np.abs(upright[0].astype(int) - np.rot90(back[0], k)).mean() for k in (1, -1)) < 8
+    (tmp_path / "cut.mp4").write_bytes((tmp_path / "v.mp4").read_bytes()[:len((tmp_path / "v.mp4").read_bytes()) // 2])
+    with pytest.raises(BadInput, match="cut.mp4"):
+        read_frames(str(tmp_path / "cut.mp4"), "VIDEO")
