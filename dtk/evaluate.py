@@ -258,14 +258,16 @@ def run_eval(opts: EvalOptions) -> list[dict]:
         teacher_features = bench.features(teacher_images)
         del teacher
         baseline_rewards = {}
+        # a recorded guide serves the consistency sampler only; another --scheduler runs without it
+        guide = False if opts.scheduler not in (None, "consistency") else None
         if baseline_ref:
-            baseline = open_model(baseline_ref, device, dtype)
+            baseline = open_model(baseline_ref, device, dtype, guide=guide)
             for s in steps:
                 ims, _ = _sample_set(baseline, bench, s, opts.scheduler, opts.guidance, opts.batch_size, bar)
                 baseline_rewards[s] = bench.reward(ims, bench.captions)
             del baseline
         for label, ref in zip(labels, refs):
-            model = open_model(ref, device, dtype)
+            model = open_model(ref, device, dtype, guide=guide)
             per_steps = {}
             for s in steps:
                 images, settings = _sample_set(model, bench, s, opts.scheduler, opts.guidance, opts.batch_size, bar)

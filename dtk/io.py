@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Iterator
 from dtk.errors import BadInput
 
 MANIFEST = "dtk.json"
+log = logging.getLogger("dtk")
 
 
 @contextlib.contextmanager
@@ -142,12 +144,37 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
+    recover_set_aside(out, marker)
     if (out / marker).exists() and not overwrite:
         raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
     return out
 
 
 ASIDE = ".replaced"
+
+
+def recover_set_aside(out: Path, marker: str = MANIFEST) -> None:
+    """A run killed outright (SIGKILL, out of memory, a time limit) while its --overwrite held the old result
+    in ``out/.replaced-MARKER``: that result comes back, unless a new finished one stands (then it goes)."""
+    import shutil
+
+    aside = Path(out) / f"{ASIDE}-{marker}"
+    if not aside.is_dir():
+        return
+    if (Path(out) / marker).exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    entries = sorted(aside.iterdir(), key=lambda p: p.name == marker)   # the marker last
+    for entry in entries:
+        path = Path(out) / entry.name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(entry, path)
+    shutil.rmtree(aside, ignore_errors=True)
+    if entries:
+        log.warning("%s: put back the result a killed --overwrite run had set aside", out)
 
 
 class Replacing:
@@ -172,16 +199,17 @@ class Replacing:
         self.names += list(names)
 
     def set_aside(self) -> "Replacing":
-        import shutil
-
-        if self.aside.exists():   # left by a run killed before its result was safe: superseded by this one
-            shutil.rmtree(self.aside, ignore_errors=True)
-        for name in dict.fromkeys(self.names):
-            path = self.out / name
-            if path.exists() or path.is_symlink():
-                self.aside.mkdir(parents=True, exist_ok=True)
-                os.replace(path, self.aside / name)
-                self.moved.append(name)
+        recover_set_aside(self.out, self.aside.name[len(ASIDE) + 1:])
+        try:
+            for name in dict.fromkeys(self.names):
+                path = self.out / name
+                if path.exists() or path.is_symlink():
+                    self.aside.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, self.aside / name)
+                    self.moved.append(name)
+        except BaseException:   # interrupted half way: what moved goes back
+            self.restore()
+            raise
         return self
 
     def drop(self) -> None:

@@ -66,8 +66,8 @@ def _ffmpeg_frames(path: Path, option: str) -> list[np.ndarray]:
         raise BadInput(f"{option} {path}: ffprobe finds no video stream") from None
     if rotation % 180:   # ffmpeg turns phone videos upright as it decodes: their frames are h × w
         w, h = h, w
-    decoded = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                             capture_output=True)
+    decoded = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-f", "rawvideo",
+                              "-pix_fmt", "rgb24", "-"], capture_output=True)
     raw = decoded.stdout
     if decoded.returncode != 0:   # a corrupt or cut video: say so rather than track its first part
         raise BadInput(f"{option} {path}: ffmpeg could not decode it "

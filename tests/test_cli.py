@@ -50,10 +50,10 @@ def test_usage_errors_are_one_line_exit_2(run_dtk):
 
 def test_unknown_config_key_is_named(run_dtk, tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text('stepz = 4\n')
+    cfg.write_text('steps = 4\nstepz = 4\n')   # after a known key, the error still names --config
     r = run_dtk("sample", "--config", cfg, "x")
     assert r.exit_code == 2
-    assert "unknown key 'stepz'" in r.stderr and str(cfg) in r.stderr
+    assert "unknown key 'stepz'" in r.stderr and str(cfg) in r.stderr and "'--config'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 

@@ -1,5 +1,7 @@
 """Atomic files, JSON Lines, output dirs, seeds and shards."""
 
+import json
+
 import pytest
 
 from dtk.errors import BadInput
@@ -109,3 +111,23 @@ def test_a_sample_manifest_reads_from_any_directory(tmp_path, monkeypatch):
     (tmp_path / "s" / "other.jsonl").write_text('{"path": "t/000000.png", "prompt": "a"}\n')
     with pytest.raises(BadInput, match="image t/000000.png: no such file"):   # another folder's name: not guessed
         read_manifest("../s/other.jsonl")
+
+
+def test_a_result_set_aside_by_a_killed_run_comes_back(tmp_path):
+    """SIGKILL while --overwrite held the old result aside: the next run in that folder puts it back first
+    (and then needs --overwrite again); beside a new finished result, the set-aside one goes."""
+    from dtk.io import recover_set_aside
+
+    out = tmp_path / "o"
+    write_json(out / "dtk.json", {"files": ["a.png"]})
+    (out / "a.png").write_bytes(b"old")
+    Replacing(out).set_aside()   # ... and the process dies here
+    (out / "a.png").write_bytes(b"half new")
+    assert not (out / "dtk.json").exists()
+    with pytest.raises(BadInput, match="--overwrite"):
+        prepare_out_dir(out, overwrite=False)
+    assert (out / "a.png").read_bytes() == b"old" and not list(out.glob(".replaced*"))
+    Replacing(out).set_aside()
+    write_json(out / "dtk.json", {"files": ["b.png"]})   # the new result finished, the drop did not happen
+    recover_set_aside(out)
+    assert json.loads((out / "dtk.json").read_text())["files"] == ["b.png"] and not list(out.glob(".replaced*"))

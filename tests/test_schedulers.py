@@ -82,6 +82,8 @@ def test_the_model_schedule_reaches_every_sampler():
     ref.set_timesteps(4)
     ours = make_sampler("euler", config, 4, None, "cpu")
     assert float(ours.scheduler.sigmas[0]) == pytest.approx(float(ref.sigmas[0])) and float(ref.sigmas[0]) > 1000
+    with pytest.raises(BadInput, match="HeunDiscreteScheduler has no zero-terminal-SNR schedule"):
+        make_sampler("heun", config, 4, None, "cpu")   # diffusers' Heun would silently sample the other schedule
 
 
 def test_explicit_trailing_timesteps_equal_ddim_trailing():

@@ -289,6 +289,12 @@ def test_mp4_in_and_out_through_ffmpeg(tmp_path):
     upright = read_frames(str(tmp_path / "r.mp4"), "VIDEO")
     assert upright.shape == (4, 64, 48, 3)   # turned a quarter (ffmpeg's sense of the tag), not reshaped
     assert min(np.abs(upright[0].astype(int) - np.rot90(back[0], k)).mean() for k in (1, -1)) < 8
-    (tmp_path / "cut.mp4").write_bytes((tmp_path / "v.mp4").read_bytes()[:len((tmp_path / "v.mp4").read_bytes()) // 2])
-    with pytest.raises(BadInput, match="cut.mp4"):
+    # cut in half, with its index up front (faststart): ffprobe still finds the stream, decoding fails part way
+    noise = [(np.random.default_rng(t).random((48, 64, 3)) * 255).astype(np.uint8) for t in range(30)]
+    write_video(tmp_path / "n.mp4", noise, fps=10)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "n.mp4"), "-c", "copy", "-movflags", "+faststart",
+                    str(tmp_path / "fs.mp4")], check=True)
+    whole = (tmp_path / "fs.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(BadInput, match="cut.mp4: ffmpeg could not decode it"):
         read_frames(str(tmp_path / "cut.mp4"), "VIDEO")

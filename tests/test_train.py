@@ -106,6 +106,9 @@ def test_data_errors(shapes_dir, tmp_path):
         open_dataset(str(bare), resolution=32)
     ds = open_dataset(str(bare), resolution=32, allow_missing_captions=True)
     assert [ds[i]["caption"] for i in range(3)] == ["a caption", "", ""]
+    (bare / ".replaced-dtk.json").mkdir()   # hidden folders are not data
+    (bare / ".replaced-dtk.json" / "x.png").write_bytes((bare / "000000.png").read_bytes())
+    assert len(open_dataset(str(bare), resolution=32, allow_missing_captions=True)) == 3
     (bare / "000001.png").write_bytes(b"not a png")
     with pytest.raises(BadInput, match="000001.png: not a readable image"):
         ds[1]
@@ -285,6 +288,9 @@ def test_a_failed_overwrite_puts_the_finished_model_back(tiny_sd, sd_pairs, tmp_
         train(NanAt(), config(out, tiny_sd, sd_pairs, max_steps=4, checkpoint_every=2, overwrite=True))
     assert not (out / "dtk.json").exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
     assert not list(out.glob(".replaced*"))
+    # --overwrite --resume auto already at --max-steps: no new checkpoint, only the export; nothing left aside
+    train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=2, resume="auto", overwrite=True))
+    assert (out / "dtk.json").exists() and not list(out.glob(".replaced*"))
     # a run into its own base model's folder is refused before anything is touched
     with pytest.raises(BadInput, match="one of the models it is built on"):
         train(RectifiedDiffusion(), config(tiny_sd, tiny_sd, sd_pairs, overwrite=True))

@@ -58,8 +58,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
                 f"{value}: unknown key '{key}' for 'dtk {name}' (known: {', '.join(sorted(keys))})",
                 ctx, param,
             )
-        param = next(p for p in ctx.command.params if p.name == keys[norm])
-        if isinstance(val, list) and not (getattr(param, "multiple", False) or param.nargs != 1):
+        option = next(p for p in ctx.command.params if p.name == keys[norm])
+        if isinstance(val, list) and not (getattr(option, "multiple", False) or option.nargs != 1):
             val = ",".join(str(v) for v in val)   # a TOML array for a comma-list option (--lora-targets, --steps)
         defaults[keys[norm]] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}

@@ -62,6 +62,10 @@ def make_sampler(name: str, base_config: dict, steps: int, timesteps: list[int] 
     cls_name, overrides = SCHEDULERS[name]
     model_config = {k: v for k, v in dict(base_config).items() if k in _MODEL_KEYS}
     config = {**_DEFAULTS, **model_config, **overrides}
+    if config.get("rescale_betas_zero_snr") and not _takes(cls_name, "rescale_betas_zero_snr"):
+        supported = [n for n, (c, _) in SCHEDULERS.items() if _takes(c, "rescale_betas_zero_snr")]
+        raise BadInput(f"--scheduler {name}: diffusers' {cls_name} has no zero-terminal-SNR schedule, which this "
+                       f"model was trained on (choose from {', '.join(supported)})")
     scheduler = getattr(diffusers, cls_name).from_config(config)
     n_train = int(config.get("num_train_timesteps", 1000))
     if timesteps is None and not 1 <= steps <= n_train:
@@ -84,6 +88,15 @@ def make_sampler(name: str, base_config: dict, steps: int, timesteps: list[int] 
         what = f"--timesteps {','.join(map(str, timesteps))}" if timesteps is not None else f"--steps {steps}"
         raise BadInput(f"--scheduler {name} {what}: {' '.join(str(e).split())}") from None
     return DiffusersSampler(scheduler)
+
+
+def _takes(cls_name: str, key: str) -> bool:
+    """Whether a diffusers scheduler class has the setting (from_config keeps unknown keys, and ignores them)."""
+    import inspect
+
+    import diffusers
+
+    return key in inspect.signature(getattr(diffusers, cls_name).__init__).parameters
 
 
 class DiffusersSampler:

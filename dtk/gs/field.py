@@ -80,8 +80,10 @@ def load_tracks(path: str) -> Tracks:
         if "colors" in data:
             raw = np.asarray(data["colors"])
             colors = torch.from_numpy(raw.astype(np.float64))
+            if colors.numel() and not torch.isfinite(colors).all():
+                raise BadInput(f"--tracks {path}: colors hold NaN or infinite values")
             # integer colours are 0..255 whatever their values (a dark first frame may hold only 0s and 1s)
-            if np.issubdtype(raw.dtype, np.integer) or colors.max() > 1.0:
+            if np.issubdtype(raw.dtype, np.integer) or (colors.numel() and colors.max() > 1.0):
                 colors = colors / 255.0
         size = tuple(int(v) for v in np.asarray(data["image_size"]).reshape(-1)) if "image_size" in data else None
     except (ValueError, TypeError) as e:

@@ -117,7 +117,9 @@ def _refuse_missing(where: str, missing: list[str], total: int, allowed: bool, w
 
 
 def image_folder(path: Path, resolution: int, allow_missing_captions: bool) -> ImageCaptionDataset:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    # hidden folders are not data (e.g. a result --overwrite has set aside, .ipynb_checkpoints)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     items, missing = [], []
     for f in files:
         txt = f.with_suffix(".txt")

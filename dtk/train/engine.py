@@ -488,6 +488,11 @@ def train(method: Method, config: TrainConfig) -> dict:
     if out.resolve() in resolve_model(config.model).dirs:
         raise BadInput(f"--out {out}: is --model {config.model} or one of the models it is built on; "
                        "a run must not overwrite its own base")
+    if main:
+        from dtk.io import recover_set_aside
+
+        recover_set_aside(out)   # what a killed --overwrite run had set aside comes back before any check
+    accelerator.wait_for_everyone()
     resume_from = _prepare_out(out, config, main)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -522,12 +527,15 @@ def train(method: Method, config: TrainConfig) -> dict:
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
     replacing = _clear_out(out, config, main, resume_from)
     try:
-        return _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen,
-                           out, t_start, replacing)
+        result = _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen,
+                             out, t_start, replacing)
     except BaseException:
         if replacing is not None:   # stopped before it had a checkpoint of its own: the replaced result returns
             replacing.restore()
         raise
+    if replacing is not None:   # a resume already at --max-steps writes no checkpoint, only its export
+        replacing.drop()
+    return result
 
 
 def _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen, out,
