@@ -141,6 +141,8 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     replaced with ``overwrite``, through ``Replacing`` once the command has
     accepted all its input (so refused input, or a failed run, loses nothing).
     """
+    if not str(out).strip():
+        raise BadInput("--out '': empty (an unset shell variable?); name the output directory")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")

@@ -13,7 +13,20 @@ import time
 
 log = logging.getLogger("dtk")
 
-PLAIN_INTERVAL_S = float(os.environ.get("DTK_PROGRESS_INTERVAL", "5"))
+
+
+def plain_interval() -> float:
+    """Seconds between plain progress lines (DTK_PROGRESS_INTERVAL, default 5); checked when dtk starts."""
+    from dtk.errors import BadInput
+
+    text = os.environ.get("DTK_PROGRESS_INTERVAL", "5")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0 or seconds == float("inf"):
+        raise BadInput(f"DTK_PROGRESS_INTERVAL={text}: want a number of seconds (0 or more)")
+    return seconds
 
 
 class Progress:
@@ -24,6 +37,7 @@ class Progress:
         self._last_print = 0.0
         self._rich = None
         self.enabled = enabled and total > 0
+        self.interval = plain_interval()
         if self.enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
@@ -52,7 +66,7 @@ class Progress:
             self._rich.update(self._task, advance=n)
             return
         now = time.monotonic()
-        if now - self._last_print >= PLAIN_INTERVAL_S or self.done >= self.total:
+        if now - self._last_print >= self.interval or self.done >= self.total:
             self._last_print = now
             elapsed = now - self.start
             rate = self.done / elapsed if elapsed > 0 else 0.0

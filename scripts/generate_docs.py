@@ -87,7 +87,7 @@ def man_page(name: str, command: click.Command, parent: str | None) -> str:
             if record:
                 parts.append(f".TP\n.B {_roff(record[0])}\n{_roff(' '.join(record[1].split()))}")
     if parent:
-        env = [f"{env_prefix}{p.name.upper()}" for p in params if p.name not in ("help", "config")]
+        env = [p.envvar for p in params if isinstance(p.envvar, str)]
         parts.append(".SH ENVIRONMENT")
         parts.append(".PP\nEvery option can be set by a variable " + _roff(env_prefix) + "<OPTION>; "
                      "precedence: command line, then environment, then \\-\\-config file, then default.")

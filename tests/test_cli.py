@@ -90,3 +90,33 @@ def test_debug_shows_traceback(tmp_path):
     assert p.stderr.strip().splitlines()[-1].startswith("dtk sample: error: --model")
     p = dtk_subprocess("--debug", "sample", "--model", tmp_path / "missing", "x")
     assert p.returncode == 2 and "Traceback" in p.stderr
+
+
+def test_variables_are_named_after_the_long_option(run_dtk, tmp_path, monkeypatch):
+    """DTK_<COMMAND>_<OPTION> from the option's name (--self, not click's internal self_npo); a repeatable
+    text option takes one value per line; a TOML string serves a repeatable option; bad values are refused."""
+    import click
+
+    from dtk.cli import cli
+
+    def parse(name, args):   # in a context like the real one (click caches the help option it makes)
+        root = click.Context(cli, info_name="dtk", **cli.context_settings)
+        return cli.get_command(root, name).make_context(name, args, parent=root).params
+
+    monkeypatch.setenv("DTK_TRAIN_NPO_SELF", "1")
+    monkeypatch.setenv("DTK_TRAIN_NPO_VALIDATION_PROMPT", "a red circle\na small blue star")
+    params = parse("train-npo", ["--data", "d", "--out", "o"])
+    assert params["self_npo"] is True and params["validation_prompts"] == ("a red circle", "a small blue star")
+    monkeypatch.delenv("DTK_TRAIN_NPO_VALIDATION_PROMPT")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('validation_prompt = "a red circle"\n')
+    params = parse("dpo", ["--config", str(cfg), "--data", "d", "--out", "o"])
+    assert params["validation_prompts"] == ("a red circle",)
+    cfg.write_text("max_steps = 2.5\n")
+    r = run_dtk("dpo", "--config", cfg, "--data", "d", "--out", "o")
+    assert r.exit_code == 2 and "'max_steps' = 2.5: want a whole number" in r.stderr
+    r = run_dtk("sample", "x", env={"DTK_PROGRESS_INTERVAL": "abc"})
+    assert r.exit_code == 2 and "DTK_PROGRESS_INTERVAL=abc" in r.stderr
+    for command in (["sample", "x"], ["dpo", "--data", "d"]):   # --out "$OUT" with OUT unset
+        r = run_dtk(*command, "--out", "")
+        assert r.exit_code == 2 and "--out '': empty" in r.stderr, r.stderr

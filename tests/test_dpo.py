@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dtk.errors import BadInput
+
 
 def png_bytes(color, size=32) -> bytes:
     buf = io.BytesIO()
@@ -80,6 +82,9 @@ def test_preference_formats(pairs, tmp_path):
     scored = open_preferences(str(tmp_path / "scored.jsonl"), resolution=16, min_margin=0.05)
     assert len(scored) == 1 and scored.counts["ties_dropped"] == 1
     assert scored[0]["image_w"][0].mean() > scored[0]["image_l"][0].mean()
+    (tmp_path / "nan.jsonl").write_text(lines[0] + "\n" + lines[1].replace("0.9", "NaN") + "\n")
+    with pytest.raises(BadInput, match="score 'shapes' is nan"):   # NaN would win or lose its prompt at random
+        open_preferences(str(tmp_path / "nan.jsonl"), resolution=16)
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -151,7 +156,14 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     assert logged["unreadable"] == 1 and logged["implicit_acc"] == 0.5   # over the one readable pair
     assert {"model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"} <= set(logged)   # the names of every step
     assert "trains text-to-image (SD/SDXL) models" in bad(pairs, model=tiny_pixel)
-    assert "--beta -1.0: must be positive" in bad(pairs, "--beta", -1)
+    assert "--beta -1: must be above 0" in bad(pairs, "--beta", -1)
+    assert "--beta nan: must be a finite number" in bad(pairs, "--beta", "nan")
+    rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0}] * 2
+    assert "none of the first 2 pairs decodes" in bad(write_pairs(tmp_path / "broken.parquet", rows))
+    rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": float("nan")}]
+    assert "is not a preference in [0, 1]" in bad(write_pairs(tmp_path / "nan.parquet", rows))
+    r = run_dtk("train-npo", "--self", "--model", tiny_sd, "--data", pairs, "--beta", 2000, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--beta: --from-pairs's, not --self's" in r.stderr
     assert "--min-margin -0.1: must be 0 or more" in bad(pairs, "--min-margin", -0.1)
     assert "no such file" in bad(tmp_path / "missing.parquet")
 

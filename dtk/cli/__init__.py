@@ -59,7 +59,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        return importlib.import_module(COMMANDS[name]).command
+        return _with_envvars(importlib.import_module(COMMANDS[name]).command, name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Run with the error boundary: one line per failure, a documented exit code."""
@@ -106,6 +106,17 @@ class LazyGroup(click.Group):
         sys.exit(code)
 
 
+def _with_envvars(command: click.Command, name: str) -> click.Command:
+    """DTK_<COMMAND>_<OPTION> named after the long option (DTK_TRAIN_NPO_SELF for --self), not after click's
+    internal parameter name, which is what click's automatic names would use."""
+    prefix = "DTK_" + name.upper().replace("-", "_")
+    for p in command.params:
+        longs = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+        if isinstance(p, click.Option) and p.envvar is None and longs and p.name not in ("help", "config"):
+            p.envvar = f"{prefix}_{longs[0][2:].upper().replace('-', '_')}"
+    return command
+
+
 def _group_args(args: list[str]) -> list[str]:
     """The arguments before the subcommand name (the group's own options)."""
     for i, a in enumerate(args):
@@ -144,8 +155,10 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
     flags on the command line win.
     """
     from dtk.logs import setup_logging
+    from dtk.progress import plain_interval
 
     setup_logging(verbose=verbose, quiet=quiet)
+    plain_interval()   # a malformed DTK_PROGRESS_INTERVAL is refused now, not after a model has loaded
 
 
 def main() -> None:

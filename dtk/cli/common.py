@@ -40,8 +40,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             data = tomllib.load(f)
     except FileNotFoundError:
         raise click.BadParameter(f"{value}: no such file", ctx, param) from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise click.BadParameter(f"{value}: not valid TOML ({e})", ctx, param) from None
+    except OSError as e:
+        raise click.BadParameter(f"{value}: cannot read it ({e.strerror})", ctx, param) from None
     # A table named after this command holds its keys; tables for other dtk
     # commands are allowed so that one file can serve a whole pipeline.
     from dtk.cli import COMMANDS
@@ -59,8 +61,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
                 ctx, param,
             )
         option = next(p for p in ctx.command.params if p.name == keys[norm])
-        if isinstance(val, list) and not (getattr(option, "multiple", False) or option.nargs != 1):
+        many = getattr(option, "multiple", False) or option.nargs != 1
+        if isinstance(val, list) and not many:
             val = ",".join(str(v) for v in val)   # a TOML array for a comma-list option (--lora-targets, --steps)
+        elif many and isinstance(val, str):
+            val = [val]   # one value for a repeatable option (validation_prompt = "a red circle")
+        if isinstance(option.type, click.types.IntParamType) and isinstance(val, float) and not val.is_integer():
+            raise click.BadParameter(f"{value}: '{key}' = {val}: want a whole number", ctx, param)
         defaults[keys[norm]] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value

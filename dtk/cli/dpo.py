@@ -8,13 +8,15 @@ from dtk.cli.common import config_option, model_option
 from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 
 
-def preference_options(f):
+PAIRS_HELP = ("Preference pairs: Pick-a-Pic-style parquet (caption, jpg_0, jpg_1, label_0; `dtk score --pairs-out` "
+              "writes it), a datasets directory of those columns, or a scored JSONL manifest from `dtk score` "
+              "(best vs worst per prompt).")
+
+
+def preference_options(f, data_help: str = PAIRS_HELP, data_metavar: str = "PAIRS"):
     """The options of every command that reads preference pairs."""
     for option in reversed([
-        click.option("--data", required=True, metavar="PAIRS",
-                     help="Preference pairs: Pick-a-Pic-style parquet (caption, jpg_0, jpg_1, label_0; "
-                     "`dtk score --pairs-out` writes it), a datasets directory of those columns, or a scored "
-                     "JSONL manifest from `dtk score` (best vs worst per prompt)."),
+        click.option("--data", required=True, metavar=data_metavar, help=data_help),
         click.option("--pair-by", metavar="SCORE", default=None,
                      help="Scored JSONL: the score that orders each prompt's images [its only one]."),
         click.option("--min-margin", type=float, default=0.0, show_default=True,

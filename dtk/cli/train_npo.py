@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dtk.cli.common import config_option, model_option
-from dtk.cli.dpo import preference_options
+from dtk.cli.dpo import PAIRS_HELP, preference_options
 from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 
 
@@ -18,7 +18,8 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--self", "self_npo", is_flag=True,
               help="Self-NPO: no labels; --data holds images (any image format) or a prompt list (.txt: the "
               "model's own samples are the images). Its defaults differ: --lr 1e-6, --ema-decay 0.999.")
-@preference_options
+@lambda f: preference_options(f, "--from-pairs: " + PAIRS_HELP + " --self: images (any image format dtk "
+                               "trains on) or a prompt list (.txt).", "PAIRS|IMAGES|PROMPTS.txt")
 @click.option("--beta", type=float, default=500.0, show_default=True,
               help="From pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")
 @click.option("--empty-prompt-prob", type=float, default=0.2, show_default=True,
@@ -64,6 +65,14 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
         raise BadInput("choose one of --from-pairs (preference pairs) and --self (no labels)")
     if kwargs.get("full"):
         raise BadInput("--full: an NPO model is a LoRA on its base (dtk sample --npo adds it on the negative branch)")
+    ctx = click.get_current_context()
+    other_mode = (("--beta", "beta"), ("--pair-by", "pair_by"), ("--min-margin", "min_margin"), ("--strict", "strict")) \
+        if self_npo else (("--teacher-guidance", "teacher_guidance"), ("--teacher-steps", "teacher_steps"),
+                          ("--huber-c", "huber_c"), ("--negative", "negative"))
+    given = [flag for flag, name in other_mode if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if given:
+        raise BadInput(f"{', '.join(given)}: {'--from-pairs' if self_npo else '--self'}'s, not "
+                       f"{'--self' if self_npo else '--from-pairs'}'s")
     if from_pairs:
         from dtk.methods.dpo import DiffusionDPO
 
@@ -72,7 +81,6 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
     else:
         from dtk.methods.self_npo import SelfNPO
 
-        ctx = click.get_current_context()
         for name, value in (("ema_decay", 0.999), ("lr", 1e-6)):  # Self-NPO's own defaults
             if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
                 kwargs[name] = value

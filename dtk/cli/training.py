@@ -9,6 +9,14 @@ import click
 from dtk.train.config import (DEFAULT_LORA_TARGETS, EXIT_PREEMPTED, EXPORT_FORMATS, LR_SCHEDULES, MIXED_PRECISION,
                               OPTIMIZERS)
 
+
+class _Lines(click.types.StringParamType):
+    """A repeatable text option read from a variable one value per line (prompts have spaces in them)."""
+    envvar_list_splitter = "\n"
+
+
+_LINES = _Lines()
+
 TRAIN_EPILOG = (f"Exit status: 0 done, 1 failed while running (e.g. a NaN loss; the last good checkpoint is kept), "
                 f"2 bad input, {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after saving a checkpoint "
                 f"(requeue and rerun with --resume auto).")
@@ -47,7 +55,7 @@ def training_options(*, lr: float, max_steps: int, batch_size: int, lora_rank: i
                      "or from a checkpoint directory."),
         click.option("--validate-every", type=int, default=0, show_default=True,
                      help="Write OUT/validation/step-N.png every N steps (0 = off)."),
-        click.option("--validation-prompt", "validation_prompts", multiple=True,
+        click.option("--validation-prompt", "validation_prompts", multiple=True, type=_LINES,
                      help="Prompt for validation images; repeatable [first captions of the data]."),
         click.option("--export-format", type=click.Choice(EXPORT_FORMATS), default="diffusers", show_default=True,
                      help="LoRA layout: diffusers/peft (pipe.load_lora_weights) or kohya (ComfyUI, A1111)."),

@@ -105,6 +105,8 @@ def _from_dir(spec: str, path: Path, within: tuple[Path, ...] = ()) -> ModelRef:
         # parts were not saved with it, so they still apply there
         ref.text_encoder_loras, ref.loras = ref.text_encoder_loras + ref.loras, []
     for entry in manifest.get("loras", []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            raise BadInput(f"--model {spec}: {manifest_path}: a 'loras' entry without a 'path' ({entry!r})")
         lora_path = path / entry["path"]
         if not lora_path.exists():
             raise BadInput(f"--model {spec}: dtk.json names {lora_path}, which is missing")

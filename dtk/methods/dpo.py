@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dtk.errors import BadInput
+from dtk.errors import BadInput, check_number
 from dtk.methods.reflow import check_empty_prompt_prob, drop_captions
 from dtk.train.engine import Method, Run
 
@@ -57,8 +57,7 @@ class DiffusionDPO(Method):
     def __init__(self, *, beta: float = 5000.0, sft: bool = False, empty_prompt_prob: float = 0.0,
                  reverse: bool = False, strict: bool = False, pair_by: str | None = None, min_margin: float = 0.0,
                  name: str = "dpo"):
-        if beta <= 0:
-            raise BadInput(f"--beta {beta}: must be positive")
+        check_number("--beta", beta, above=0)
         if not min_margin >= 0:   # a negative margin would make pairs of ties
             raise BadInput(f"--min-margin {min_margin}: must be 0 or more")
         check_empty_prompt_prob(empty_prompt_prob)
@@ -76,6 +75,7 @@ class DiffusionDPO(Method):
     def check_data(self, data, run: Run) -> None:
         if run.family == "pixel":
             raise BadInput(f"--model {run.model.ref.spec}: {self.name} trains text-to-image (SD/SDXL) models")
+        data.check_some_decode()
 
     def setup(self, run: Run) -> None:
         # LoRA: the reference is the same UNet with the adapter off (no second copy in memory); full: a frozen

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dtk.diffusion.schedule import ddim_step
-from dtk.errors import BadInput
+from dtk.errors import BadInput, check_number
 from dtk.methods.reflow import check_empty_prompt_prob, drop_captions, pseudo_huber, with_pair_sizes
 from dtk.train.engine import Method, Run
 
@@ -287,6 +287,11 @@ class PhasedConsistency(Method):
                  adv_real: str = "target", adv_at: str = "draw", adv_span: int | None = None, adv_heads: int = 4,
                  method: str = "pcm", sample_guidance: float | None = None):
         check_empty_prompt_prob(empty_prompt_prob)
+        for option, value, low, above in (("--ddim-steps", ddim_steps, 1, None), ("--huber-c", huber_c, None, 0),
+                                          ("--adv-weight", adv_weight, 0, None), ("--adv-lr", adv_lr, None, 0),
+                                          ("--sample-guidance", sample_guidance, None, None),
+                                          *((("--cfg-range", w, None, None) for w in cfg_range or ()))):
+            check_number(option, value, low=low, above=above)
         if method not in ("pcm", "lcm"):
             raise BadInput(f"--method {method}: choose pcm or lcm")
         self.method = method
@@ -294,7 +299,7 @@ class PhasedConsistency(Method):
         self.ddim_steps = ddim_steps
         # checked now, before anything is loaded or overwritten (with SD1.x's default grid if none is given;
         # setup checks SDXL's default again)
-        check_discretisation(ddim_steps or 50, self.phases)
+        check_discretisation(ddim_steps if ddim_steps is not None else 50, self.phases)
         if cfg_range is not None and cfg_range[0] > cfg_range[1]:
             raise BadInput(f"--cfg-range {cfg_range[0]:g},{cfg_range[1]:g}: the minimum is above the maximum")
         if loss not in ("huber", "l2"):

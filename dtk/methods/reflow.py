@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from dtk.diffusion.schedule import ddim_step
-from dtk.errors import BadInput
+from dtk.errors import BadInput, check_number
 from dtk.train.engine import Method, Run
 
 TEACHER_GRID = 40   # DDIM steps over the whole ODE for the phased teacher (10 per phase at K = 4)
@@ -136,6 +136,9 @@ class RectifiedDiffusion(Method):
                  beta_schedule: str | None = None, teacher_guidance: float | None = None,
                  sample_steps: int | None = None, sample_guidance: float = 1.5, allow_other_teacher: bool = False):
         check_empty_prompt_prob(empty_prompt_prob)
+        check_number("--huber-c", huber_c, above=0)
+        check_number("--teacher-guidance", teacher_guidance)
+        check_number("--sample-guidance", sample_guidance)
         self.phased = phased
         self.data_kinds = ("images", "pairs") if phased else ("pairs",)
         self.huber_c, self.empty_prompt_prob = huber_c, empty_prompt_prob

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dtk.errors import BadInput
+from dtk.errors import BadInput, check_number
 from dtk.train.engine import Method, Run
 
 # ECT's lognormal t (ImageNet settings; CIFAR: −1.1, 2.0)
@@ -123,6 +123,10 @@ class ConsistencyTuning(Method):
             raise BadInput(f"--guidance {guidance:g}: needs --guide-with (the worse model that guides this one)")
         if bank_size and target != "stable":
             raise BadInput("--bank-size goes with --target stable (ECT's target uses no references)")
+        for option, value, above in (("--q", q, None), ("--p-mean", p_mean, None), ("--p-std", p_std, 0),
+                                     ("--huber-c", huber_c, 0), ("--sigma-data", sigma_data, 0),
+                                     ("--sigma-max", sigma_max, 0), ("--t-mid", t_mid, 0), ("--guidance", guidance, None)):
+            check_number(option, value, above=above)
         if not q > 1:
             raise BadInput(f"--q {q:g}: must be above 1 (Δt/t shrinks by q at each stage; q ≤ 1 never shrinks it)")
         if double_every < 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dtk.diffusion.schedule import ddim_step
-from dtk.errors import BadInput
+from dtk.errors import BadInput, check_number
 from dtk.methods.reflow import check_empty_prompt_prob, drop_captions, pseudo_huber
 from dtk.train.engine import Method, Run
 
@@ -72,6 +72,8 @@ class SelfNPO(Method):
             raise BadInput(f"--teacher-steps {teacher_steps}: must be in 0..{GRID - 1} (the {GRID}-step DDIM grid)")
         if negative not in ("ema", "student"):
             raise BadInput(f"--negative {negative}: choose ema (the teacher) or student")
+        check_number("--teacher-guidance", teacher_guidance)
+        check_number("--huber-c", huber_c, above=0)
         self.teacher_guidance, self.teacher_steps, self.huber_c = teacher_guidance, teacher_steps, huber_c
         check_empty_prompt_prob(empty_prompt_prob)
         self.negative, self.empty_prompt_prob = negative, empty_prompt_prob

@@ -62,6 +62,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every value in range (a config file's values included, which click does not check)."""
+        if not str(self.out).strip():
+            raise BadInput("--out '': empty (an unset shell variable?); name the output directory")
         if isinstance(self.lora_targets, str):   # a config file may give a comma list or a TOML array
             self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         if not (self.lora_targets and all(isinstance(t, str) and t for t in self.lora_targets)):

@@ -59,7 +59,7 @@ def decode_image(data: bytes | Path, where: str, resolution: int):
                 left, top = (w - resolution) // 2, (h - resolution) // 2
                 im = im.crop((left, top, left + resolution, top + resolution))
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"{where}: not a readable image ({' '.join(str(e).split())})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,6 +74,20 @@ class PreferenceDataset(Dataset):
     def captions(self) -> list[str]:
         return [p.caption for p in self.pairs]
 
+    def check_some_decode(self, tries: int = 16) -> None:
+        """Refuse data none of whose first pairs decodes (a wrong image column, a broken export): masked out
+        one by one, they would train nothing, and the run would still end as if it had."""
+        errors = []
+        for p in self.pairs[:tries]:
+            try:
+                for which, load in (("preferred", p.preferred), ("other", p.other)):
+                    decode_image(load(), f"{p.where} ({which} image)", self.resolution)
+                return
+            except BadInput as e:
+                errors.append(str(e))
+        if errors:
+            raise BadInput(f"{errors[0]}; and none of the first {len(errors)} pairs decodes")
+
     def describe(self) -> dict:
         return {**super().describe(), **self.counts}
 
@@ -93,9 +108,12 @@ def _label(value, where: str) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        label = float(value)
     except (TypeError, ValueError):
         raise BadInput(f"--data {where}: label_0 {value!r} is not a number (0, 0.5 or 1)") from None
+    if not 0.0 <= label <= 1.0:   # NaN included: it would silently make jpg_1 the winner
+        raise BadInput(f"--data {where}: label_0 {value!r} is not a preference in [0, 1] (0, 0.5 or 1)")
+    return label
 
 
 def _from_table(table, where: str, pairs: list, counts: dict) -> None:
@@ -160,6 +178,8 @@ def _from_manifest(spec: str, pair_by: str | None, min_margin: float, pairs: lis
             value = float(scores[key])
         except (TypeError, ValueError):
             raise BadInput(f"--data {where}: score '{key}' {scores[key]!r} is not a number") from None
+        if not math.isfinite(value):   # a NaN would sort anywhere and win or lose its prompt at random
+            raise BadInput(f"--data {where}: score '{key}' is {value}")
         by_prompt.setdefault(row.get("prompt", row.get("caption", "")), []).append((value, row["_file"], where))
     for prompt, scored in by_prompt.items():
         if len(scored) < 2:
