@@ -144,7 +144,7 @@ def prompts_benchmark(prompts: list[str], num_images: int, clip_model: str, real
     from dtk.eval.rewards import ClipReward
     from dtk.seeds import derive_seed
 
-    clip = ClipReward("clip", clip_model, device)
+    clip = ClipReward("clip", clip_model, device, option="--clip-model")
     captions = [prompts[i % len(prompts)] for i in range(num_images)]
 
     def featurize(images, batch=32):
@@ -166,7 +166,8 @@ def prompts_benchmark(prompts: list[str], num_images: int, clip_model: str, real
 
         real = featurize([load(p) for p in files])
     return Benchmark(name="prompts", captions=captions, seeds=[derive_seed(BENCHMARK_SEED, i) for i in range(num_images)],
-                     features=featurize, reward=lambda ims, caps: [s["clip"] for s in clip(ims, caps)],
+                     features=featurize, reward=lambda ims, caps: [  # in --batch-size-like chunks, as the features
+                         s["clip"] for i in range(0, len(ims), 32) for s in clip(ims[i:i + 32], caps[i:i + 32])],
                      reward_name="clip_score", real_features=real)
 
 

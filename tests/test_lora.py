@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from dtk.train.config import DEFAULT_LORA_TARGETS
+
 
 def _peft_unet(model_dir, rank, alpha, seed=0):
     from diffusers import UNet2DConditionModel
@@ -10,8 +12,9 @@ def _peft_unet(model_dir, rank, alpha, seed=0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))
+    # every module dtk trains by default (on SDXL linear_1/2 also match add_embedding, the pooled/size MLP)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]))
+                                target_modules=list(DEFAULT_LORA_TARGETS)))
     return unet
 
 
@@ -46,14 +49,14 @@ def test_saved_lora_reproduces_the_trained_adapter(family, tiny_sd, tiny_sdxl, t
     assert (meta["dtk.lora.rank"], meta["dtk.lora.alpha"]) == ("4", "32")
     # dtk fuses LoRAs into the weights: equal to the unfused adapter up to float rounding (an alpha/rank error
     # would be off by the size of the update, ~0.4 here)
-    assert torch.allclose(_images(model_dir, loras=[(diffusers_file, 1.0)]), reference, atol=5e-4)
+    assert (_images(model_dir, loras=[(diffusers_file, 1.0)]) - reference).abs().max() < 2e-3, "diffusers file"
 
     kohya_file = save_kohya(tmp_path / "k.safetensors", unet)
     with safe_open(str(kohya_file), "pt") as f:
         keys = list(f.keys())
         assert float(f.get_tensor([k for k in keys if k.endswith(".alpha")][0])) == 32.0
     assert all(k.startswith("lora_unet_") for k in keys)
-    assert torch.allclose(_images(model_dir, loras=[(kohya_file, 1.0)]), reference, atol=5e-4)
+    assert (_images(model_dir, loras=[(kohya_file, 1.0)]) - reference).abs().max() < 2e-3, "kohya file"
 
     # a LoRA scale multiplies the update: scale 0 is the base model
     assert torch.allclose(_images(model_dir, loras=[(kohya_file, 0.0)]), base, atol=1e-6)

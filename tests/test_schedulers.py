@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dtk.diffusion.schedule import alpha_sigma, alphas_cumprod, ddim_step, to_x0_eps
+from dtk.diffusion.schedule import alpha_sigma, alphas_cumprod, ddim_step, output_for, to_x0_eps
 from dtk.diffusion.schedulers import SCHEDULERS, make_sampler, parse_timesteps
 from dtk.errors import BadInput
 
@@ -30,6 +30,8 @@ def test_to_x0_eps_inverts_the_forward_process(prediction_type):
     out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction_type]
     x0_hat, eps_hat = to_x0_eps(out, x_t, a, s, prediction_type)
     assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
+    # and the training target of each kind (DPO's: a sample-predicting model must not be taught v)
+    assert torch.allclose(output_for(x0, eps, a, s, prediction_type), out, atol=1e-6)
 
 
 def test_ddim_with_an_oracle_stays_on_the_closed_form_path():

@@ -140,6 +140,27 @@ def test_clip_family_rewards_with_tiny_weights(run_dtk, tmp_path, tiny_clip):
     r2 = run_dtk("score", "--data", f, "--reward", f"aesthetic={tmp_path / 'aesthetic.pth'}", "--clip-model", tiny_clip)
     assert [json.loads(x)["scores"]["aesthetic"] for x in r2.stdout.splitlines()] == \
         pytest.approx([s["aesthetic"] for s in recs], rel=1e-5)
+    # a prompt longer than CLIP reads is cut (not an error); PickScore's card truncates at 77 tokens
+    long_prompt = [json.dumps({**json.loads(x), "prompt": "red " * 600}) for x in f.read_text().splitlines()]
+    (tmp_path / "long.jsonl").write_text("\n".join(long_prompt) + "\n")
+    assert run_dtk("score", "--data", tmp_path / "long.jsonl", "--reward", f"clip={tiny_clip}").exit_code == 0
+    # an incomplete CLIP (transformers would fill in random weights) and a predictor of another width: refused
+    import shutil
+
+    from safetensors.torch import load_file
+
+    partial = shutil.copytree(tiny_clip, tmp_path / "partial-clip")
+    weights = partial / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if "visual_projection" not in k}, str(weights))
+    r = run_dtk("score", "--data", f, "--reward", f"clip={partial}")
+    assert r.exit_code == 2 and "an incomplete CLIP checkpoint" in r.stderr and "visual_projection" in r.stderr
+    save_file({"layers.0.weight": torch.randn(1, 512), "layers.0.bias": torch.randn(1)}, str(tmp_path / "wide.safetensors"))
+    r = run_dtk("score", "--data", f, "--reward", f"aesthetic={tmp_path / 'wide.safetensors'}", "--clip-model", tiny_clip)
+    assert r.exit_code == 2 and "an MLP from 512 to 1; this --clip-model gives 16-wide" in r.stderr
+    torch.save({"state_dict": mlp}, str(tmp_path / "nested.pth"))   # a Lightning-style checkpoint is unwrapped
+    r3 = run_dtk("score", "--data", f, "--reward", f"aesthetic={tmp_path / 'nested.pth'}", "--clip-model", tiny_clip)
+    assert [json.loads(x)["scores"]["aesthetic"] for x in r3.stdout.splitlines()] == \
+        pytest.approx([s["aesthetic"] for s in recs], rel=1e-5)
 
 
 def _bad_image_manifest(tmp_path):

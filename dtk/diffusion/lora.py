@@ -121,6 +121,9 @@ def save_lora(out_dir: str | Path, unet, family: str, text_encoder=None, adapter
     return out_dir / LORA_FILE
 
 
+KOHYA_RENAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
 def to_kohya(layers: dict, alpha: float, prefix: str = "lora_unet_") -> dict:
     """peft LoRA weights of one module → kohya keys, with ``alpha`` per layer.
 
@@ -134,7 +137,10 @@ def to_kohya(layers: dict, alpha: float, prefix: str = "lora_unet_") -> dict:
         for peft_part, part in (("A", "down"), ("B", "up")):
             tail = f".lora_{peft_part}.weight"
             if key.endswith(tail):
-                name = prefix + key[: -len(tail)].replace(".", "_")
+                module = key[: -len(tail)]
+                # SDXL's pooled-text/size MLP: kohya readers (diffusers included) know it by its original name
+                module = KOHYA_RENAMES.get(module, module)
+                name = prefix + module.replace(".", "_")
                 out[f"{name}.lora_{part}.weight"] = value
                 out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out

@@ -56,6 +56,17 @@ def to_x0_eps(output: torch.Tensor, x_t: torch.Tensor, alpha: float, sigma: floa
     return x0, eps
 
 
+def output_for(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    """The output a model of ``prediction_type`` should give for (x₀, ε): the inverse of ``to_x0_eps``."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_s: float, sigma_s: float) -> torch.Tensor:
     """Deterministic first-order DDIM jump to s: x_s = α_s x̂₀ + σ_s ε̂."""
     return alpha_s * x0 + sigma_s * eps

@@ -95,38 +95,59 @@ class _Clip:
         img = img / img.norm(dim=-1, keepdim=True)
         if prompts is None:
             return img, None
-        tok = self.processor(text=list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        # CLIP reads at most its position embeddings' length (77); longer prompts are cut, as PickScore's card does
+        limit = self.model.config.text_config.max_position_embeddings
+        tok = self.processor(text=list(prompts), padding=True, truncation=True, max_length=limit,
+                             return_tensors="pt").to(self.device)
         txt = self.model.get_text_features(**tok)
         txt = getattr(txt, "pooler_output", txt)
         return img, txt / txt.norm(dim=-1, keepdim=True)
 
 
-def _load_clip(name: str, weights: str | None, device, processor_fallback: str | None = None) -> _Clip:
+def _load_clip(option: str, weights: str | None, device, processor_fallback: str | None = None) -> _Clip:
+    """A CLIP model (transformers layout) and its processor, in fp32 whatever the checkpoint's dtype (fp16
+    scores make false ties); ``option`` names the flag in errors (``--reward pickscore=``, ``--clip-model``)."""
     from transformers import CLIPModel, CLIPProcessor
 
     if weights is None:
-        raise BadInput(f"--reward {name}: needs weights: --reward {name}=PATH")
-    path = local_path(weights, f"--reward {name}=")
+        raise BadInput(f"{option}: needs weights: {option}=PATH")
+    path = local_path(weights, option)
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                                output_loading_info=True)
     except Exception as e:  # noqa: BLE001
-        raise BadInput(f"--reward {name}={weights}: not a CLIP model in the transformers layout ({type(e).__name__})") from None
+        raise BadInput(f"{option}={weights}: not a CLIP model in the transformers layout ({type(e).__name__})") from None
+    # transformers fills missing weights with random ones (and dtk keeps its warnings quiet): refuse instead
+    incomplete = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, tuple) else k
+                                                        for k in info.get("mismatched_keys", [])]
+    if incomplete:
+        raise BadInput(f"{option}={weights}: an incomplete CLIP checkpoint ({len(incomplete)} weights missing or of "
+                       f"another shape, e.g. {sorted(incomplete)[0]})")
+    model = model.to(device).eval()
     try:
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
     except Exception:  # noqa: BLE001 - PickScore ships without a processor; it uses CLIP-H's
         if processor_fallback is None:
-            raise BadInput(f"--reward {name}={weights}: no CLIP processor (tokenizer/preprocessor) in it") from None
-        processor = CLIPProcessor.from_pretrained(str(local_path(processor_fallback, f"--reward {name} processor")),
-                                                  local_files_only=True)
+            raise BadInput(f"{option}={weights}: no CLIP processor (tokenizer/preprocessor) in it") from None
+        try:
+            processor = CLIPProcessor.from_pretrained(str(local_path(processor_fallback, f"{option} processor")),
+                                                      local_files_only=True)
+        except BadInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - a cache holding only the open_clip weights of that repo
+            raise BadInput(f"{option}={weights}: needs the processor of {processor_fallback}, not found in the local "
+                           f"cache ({type(e).__name__}); fetch it with `hf download {processor_fallback} --include "
+                           "'*.json' '*.txt'`") from None
     return _Clip(model, processor, device)
 
 
 class ClipReward:
     """CLIP score, PickScore and HPSv2: cosine of image and text embeddings, each with its scale."""
 
-    def __init__(self, name: str, weights: str | None, device):
+    def __init__(self, name: str, weights: str | None, device, option: str | None = None):
         self.name = name
-        self.clip = _load_clip(name, weights, device, PICKSCORE_PROCESSOR if name == "pickscore" else None)
+        self.clip = _load_clip(option or f"--reward {name}", weights, device,
+                               PICKSCORE_PROCESSOR if name == "pickscore" else None)
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -151,17 +172,8 @@ class AestheticReward:
             raise BadInput("--reward aesthetic: needs the LAION aesthetic MLP weights: --reward aesthetic=PATH "
                            "(.safetensors, or the original .pth state dict)")
         path = local_path(weights, "--reward aesthetic=")
-        state = _load_state_dict(path)
-        linear = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")},
-                        key=lambda k: int(k.split(".")[-1]))
-        layers = []
-        for i, key in enumerate(linear):
-            w = state[f"{key}.weight"]
-            layer = torch.nn.Linear(w.shape[1], w.shape[0])
-            layer.load_state_dict({"weight": w, "bias": state[f"{key}.bias"]})
-            layers.append(layer)
-        self.mlp = torch.nn.Sequential(*layers).to(device).eval()  # dropout-free at eval, no activations (as LAION's)
-        self.clip = _load_clip("aesthetic", clip_model, device)
+        self.clip = _load_clip("--clip-model", clip_model, device)
+        self.mlp = _aesthetic_mlp(_load_state_dict(path), path, self.clip.model.config.projection_dim).to(device)
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -169,15 +181,47 @@ class AestheticReward:
         return [{"aesthetic": float(v)} for v in self.mlp(img.float()).squeeze(-1)]
 
 
+def _aesthetic_mlp(state: dict, path: Path, width: int) -> torch.nn.Sequential:
+    """LAION's predictor: linear layers named ``layers.N`` (v2, the MLP) or a single ``weight``/``bias`` (v1, linear),
+    applied without activations (as LAION's); the first takes the CLIP embedding, the last gives one number."""
+    import re
+
+    if isinstance(state.get("state_dict"), dict):   # a Lightning-style checkpoint
+        state = state["state_dict"]
+    names = sorted({k.rsplit(".", 1)[0] if "." in k else "" for k in state if k.endswith("weight")},
+                   key=lambda k: int(k.rsplit(".", 1)[-1]) if re.fullmatch(r"(.+\.)?\d+", k) else -1)
+    if not names or any(not (n == "" or re.fullmatch(r"(.+\.)?\d+", n)) for n in names):
+        raise BadInput(f"--reward aesthetic={path}: not LAION's aesthetic predictor (its weights are "
+                       f"{', '.join(sorted(state)[:4])}...)")
+    layers = []
+    for name in names:
+        prefix = f"{name}." if name else ""
+        w, b = state[f"{prefix}weight"], state.get(f"{prefix}bias")
+        if not (torch.is_tensor(w) and w.dim() == 2 and torch.is_tensor(b) and b.shape == w.shape[:1]):
+            raise BadInput(f"--reward aesthetic={path}: {prefix}weight/bias are not a linear layer")
+        layer = torch.nn.Linear(w.shape[1], w.shape[0])
+        layer.load_state_dict({"weight": w.float(), "bias": b.float()})
+        layers.append(layer)
+    if layers[0].in_features != width or layers[-1].out_features != 1:
+        raise BadInput(f"--reward aesthetic={path}: an MLP from {layers[0].in_features} to {layers[-1].out_features}; "
+                       f"this --clip-model gives {width}-wide embeddings and the predictor one score")
+    return torch.nn.Sequential(*layers).eval()
+
+
 def _load_state_dict(path: Path) -> dict:
+    if path.is_dir():
+        raise BadInput(f"--reward aesthetic={path}: a directory; name the weights file (.safetensors or .pth)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
     try:  # weights_only: tensors and plain containers, never arbitrary pickled code
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise BadInput(f"{path}: not a state dict of tensors ({type(e).__name__}); convert it to .safetensors") from None
+    if not isinstance(state, dict):
+        raise BadInput(f"{path}: not a state dict of tensors ({type(state).__name__})")
+    return state
 
 
 def load_reward(spec: str, device, clip_model: str = DEFAULT_WEIGHTS["clip"]):

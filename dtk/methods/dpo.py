@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dtk.diffusion.schedule import output_for
 from dtk.errors import BadInput, check_number
 from dtk.methods.reflow import check_empty_prompt_prob, drop_captions
 from dtk.train.engine import Method, Run
@@ -107,14 +108,14 @@ class DiffusionDPO(Method):
         valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=x_w.device)
         if self.sft:
             x_t = alpha * x_w + sigma * eps
-            target = eps if run.prediction_type == "epsilon" else alpha * eps - sigma * x_w
+            target = output_for(x_w, eps, alpha, sigma, run.prediction_type)
             err = per_example_mse(run.predict(run.unet, x_t, t, cond), target)
             return (err * valid).sum() / valid.sum().clamp(min=1), {}
         x0 = torch.cat([x_w, x_l])
         t2, eps2 = t.repeat(2), eps.repeat(2, 1, 1, 1)
         a2, s2 = alpha.repeat(2, 1, 1, 1), sigma.repeat(2, 1, 1, 1)
         x_t = a2 * x0 + s2 * eps2
-        target = eps2 if run.prediction_type == "epsilon" else a2 * eps2 - s2 * x0
+        target = output_for(x0, eps2, a2, s2, run.prediction_type)   # ε, v or x₀, as the model predicts
         cond2 = Conditioning.cat([cond, cond])
         model_w, model_l = per_example_mse(run.predict(run.unet, x_t, t2, cond2), target).chunk(2)
         ref_w, ref_l = per_example_mse(self._reference(run, x_t, t2, cond2), target).chunk(2)
