@@ -268,6 +268,10 @@ def test_tune_sct_bad_input(run_dtk, tiny_pixel_classes, tiny_pixel, labelled_im
     assert "takes no LoRA here: train it with --full" in bad()
     assert "--bank-size goes with --target stable" in bad("--bank-size", 8, "--target", "ect")
     assert "--guidance 2: needs --guide-with" in bad("--full", "--guidance", 2)
+    from tiny_models import build_tiny_pixel_pipeline
+
+    learned_variance = build_tiny_pixel_pipeline(tmp_path / "lv", out_channels=6)
+    assert "predicts a learned variance too (6 output channels)" in bad("--full", model=learned_variance)
     assert "guide model " + str(tiny_pixel) + ": its UNet has num_class_embeds None" in bad(
         "--full", "--guide-with", tiny_pixel)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": str(p), "prompt": ""}) + "\n"

@@ -119,14 +119,14 @@ def build_tiny_clip(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def build_tiny_pixel_pipeline(out: Path, num_classes: int | None = None, seed: int = 0) -> Path:
+def build_tiny_pixel_pipeline(out: Path, num_classes: int | None = None, seed: int = 0, out_channels: int = 3) -> Path:
     """A tiny random DDPMPipeline (pixel-space UNet2DModel, 16×16 RGB), optionally class-conditional:
     the layout of diffusers' DDPM checkpoints (google/ddpm-cifar10-32)."""
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=out_channels, layers_per_block=1,
                        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
                        num_class_embeds=num_classes)

@@ -417,6 +417,11 @@ def _load_model(config: TrainConfig, accelerator, weight_dtype):
     ref = resolve_model(config.model)
     model = open_model(ref, accelerator.device, torch.float32, config.model_config, guide=False)   # LoRAs fused
     pipe = model.pipe
+    unet_config = pipe.unet.config
+    if unet_config.get("out_channels", 0) == 2 * unet_config.get("in_channels", -1):
+        # a learned-variance UNet (mean and variance channels): every objective here reads one prediction
+        raise BadInput(f"--model {config.model}: its UNet predicts a learned variance too ({unet_config.out_channels} "
+                       "output channels); dtk trains models with one prediction (ε, v or x₀) per channel")
     for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipe, name, None)
         if module is not None:
