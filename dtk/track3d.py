@@ -75,7 +75,9 @@ class FlowTracker:
     def flow(self, a: np.ndarray, b: np.ndarray, init: np.ndarray | None = None) -> np.ndarray:
         """Flow [H, W, 2] from gray frame a to gray frame b (optionally starting from ``init``: DIS takes a
         flow argument of the right size and type as its initial estimate)."""
-        start = None if init is None else np.ascontiguousarray(init, dtype=np.float32)
+        # never None: OpenCV's DIS keeps the last initial flow it was given and starts from it again when a
+        # later call passes none (a 200 px start leaked into the next frame-to-frame flow)
+        start = np.zeros((*a.shape[:2], 2), np.float32) if init is None else np.ascontiguousarray(init, np.float32)
         return self.dis.calc(a, b, start)
 
     def track(self, gray: np.ndarray, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +102,10 @@ class FlowTracker:
                 err_direct = np.abs(bilinear(smooth[t][..., None], direct)[:, 0] - smooth[0].reshape(-1))
                 pos[t] = np.where((err_direct <= err_chained)[:, None], direct, pos[t])
             fwd = pos[t] - grid
-            # the backward flow t → 0 starts from the negated forward field (smooth motion: close enough),
-            # as a large displacement is out of reach of an uninitialised coarse-to-fine search
-            back = bilinear(self.flow(gray[t], gray[0], init=-fwd.reshape(H, W, 2)), pos[t])
+            # the backward flow t → 0 starts from the negated forward displacements, moved onto frame t's pixels
+            # (where the points now are), as a large displacement is out of reach of an uninitialised
+            # coarse-to-fine search
+            back = bilinear(self.flow(gray[t], gray[0], init=splat(-fwd, pos[t], H, W)), pos[t])
             err = ((fwd + back) ** 2).sum(1)
             inside = (pos[t, :, 0] >= 0) & (pos[t, :, 0] < W) & (pos[t, :, 1] >= 0) & (pos[t, :, 1] < H)
             consistent = err <= 0.01 * ((fwd ** 2).sum(1) + (back ** 2).sum(1)) + 0.5
@@ -111,6 +114,29 @@ class FlowTracker:
             looks = np.abs(bilinear(smooth[t][..., None], pos[t])[:, 0] - smooth[0].reshape(-1)) <= PHOTO_TOLERANCE
             vis[t] = inside & consistent & looks
         return pos, vis
+
+
+def splat(values: np.ndarray, pos: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Per-point values [N, 2] as a field [H, W, 2] on the pixels where the points are: the mean of the points
+    in each pixel; pixels no point reached (disocclusions) take the mean of the nearest ones found (box sums at
+    growing sizes)."""
+    cv2 = _cv2()
+    x, y = np.floor(pos[:, 0]).astype(int), np.floor(pos[:, 1]).astype(int)
+    ok = (x >= 0) & (x < W) & (y >= 0) & (y < H)
+    total, count = np.zeros((H, W, 2), np.float32), np.zeros((H, W), np.float32)
+    np.add.at(total, (y[ok], x[ok]), values[ok])
+    np.add.at(count, (y[ok], x[ok]), 1.0)
+    field, filled = np.zeros((H, W, 2), np.float32), count > 0
+    field[filled] = total[filled] / count[filled][:, None]
+    k = 3
+    while not filled.all() and filled.any() and k <= 4 * max(H, W):
+        near_total = cv2.boxFilter(total, -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
+        near_count = cv2.boxFilter(count, -1, (k, k), normalize=False, borderType=cv2.BORDER_CONSTANT)
+        new = ~filled & (near_count > 0)
+        field[new] = near_total[new] / near_count[new][:, None]
+        filled |= new
+        k = 2 * k + 1
+    return field
 
 
 def lift(uv: np.ndarray, depth: np.ndarray, intrinsics) -> np.ndarray:
@@ -194,7 +220,7 @@ def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, m
     return maps
 
 
-METRIC_MODEL_TYPES = ("zoedepth", "depth_pro")
+METRIC_MODEL_TYPES = ("zoedepth", "depth_pro", "glpn")   # GLPN: sigmoid × max_depth, in metres
 
 
 def model_depth(model: str, frames: np.ndarray, device: str = "auto", kind: str = "auto"
@@ -205,7 +231,7 @@ def model_depth(model: str, frames: np.ndarray, device: str = "auto", kind: str 
     ``kind``: "depth" (metric models: used as they are), "disparity" (relative models such as Depth Anything
     V2: inverse depth up to scale — and a shift, which is ignored — turned into 1/(d/median d), a median depth
     of 1 m, a global scale the TAPVid-3D metrics remove by their median alignment), or "auto": metric when the
-    model's config says so (depth_estimation_type "metric", ZoeDepth, DepthPro), else disparity."""
+    model's config says so (depth_estimation_type "metric", ZoeDepth, DepthPro, GLPN), else disparity."""
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
@@ -452,6 +478,9 @@ def load_clip(opts: TrackOptions) -> tuple[np.ndarray, tuple[float, float]]:
         factor = opts.max_side / max(h, w)
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         frames = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.LANCZOS)) for f in frames])
+    if max(frames.shape[1:3]) < 12:   # DIS flow needs a side of 12 pixels
+        raise BadInput(f"VIDEO {opts.video}: frames of {frames.shape[2]}x{frames.shape[1]} (after --max-side); "
+                       "tracking needs a side of at least 12 pixels")
     return frames, (frames.shape[2] / w, frames.shape[1] / h)
 
 

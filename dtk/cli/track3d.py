@@ -23,7 +23,7 @@ from dtk.cli.render_gs import _floats
 @click.option("--fov", type=float, default=None, help="Horizontal field of view in degrees [without --intrinsics: "
               "the depth model's focal length when it predicts one (Depth Pro), else 60].")
 @click.option("--max-frames", type=click.IntRange(min=2), default=None)
-@click.option("--max-side", type=click.IntRange(min=8), default=None, help="Downscale so the longer side is at most this.")
+@click.option("--max-side", type=click.IntRange(min=12), default=None, help="Downscale so the longer side is at most this.")
 @click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True, help="Use every N-th frame.")
 @click.option("--refine/--no-refine", default=True, show_default=True,
               help="After chaining, refine with the flow from frame 0 straight to frame t.")
