@@ -209,6 +209,11 @@ def read_depth(spec: str, frames: int, size: tuple[int, int], stride: int = 1, m
     if maps.ndim != 3 or len(maps) != frames:
         raise BadInput(f"--depth {spec}: {maps.shape[0] if maps.ndim == 3 else maps.shape} depth map(s) of shape "
                        f"{maps.shape[1:] if maps.ndim == 3 else '?'}; the video has {frames} frames")
+    # 0 (a 16-bit PNG's "no reading"), negative and NaN depths are missing: NaN, so their points are dropped
+    # downstream (render-gs counts them) instead of landing on the camera centre
+    maps = np.where(maps > 0, maps, np.nan).astype(np.float32)
+    if not np.isfinite(maps).any():
+        raise BadInput(f"--depth {spec}: no positive finite depth in it")
     w, h = size
     mh, mw = maps.shape[1:]
     # the same aspect ratio, up to a pixel of rounding at the frames' (possibly --max-side reduced) size
@@ -502,6 +507,8 @@ def run_track(opts: TrackOptions) -> dict:
             raise BadInput(f"--viz {opts.viz}: {problem}")
     if opts.viz and Path(opts.viz).exists() and not opts.overwrite:
         raise BadInput(f"--viz {opts.viz}: exists; pass --overwrite or choose another file")
+    if opts.intrinsics and opts.fov is not None:
+        raise BadInput("give --intrinsics or --fov, not both (--fov would be ignored)")
     if (opts.depth is None) == (opts.depth_model is None):
         raise BadInput("give --depth FILE|DIR (per-frame depth maps) or --depth-model ID|PATH")
     gt = load_ground_truth(opts.eval) if opts.eval else None

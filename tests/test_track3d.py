@@ -157,6 +157,16 @@ def test_inputs_and_bad_input(run_dtk, tmp_path):
                  fx_fy_cx_cy=k)
         assert "want [fx, fy, cx, cy]" in bad(gif, "--depth", tmp_path / "depth.npz", "--eval", tmp_path / "gtk.npz",
                                               "--out", tmp_path / "x.npz")
+    np.save(tmp_path / "dz.npy", np.zeros((3, 32, 40), np.float32))   # 0 = no reading, everywhere
+    assert "no positive finite depth" in bad(gif, "--depth", tmp_path / "dz.npy", "--out", tmp_path / "x.npz")
+    assert "not both" in bad(gif, "--depth", tmp_path / "depth.npz", "--fov", 60, "--intrinsics", "50,50,20,16",
+                             "--out", tmp_path / "x.npz")
+    holes = np.ones((3, 32, 40), np.float32)
+    holes[:, :, :8] = 0   # a strip without readings: its points are missing (NaN), not at the camera centre
+    np.save(tmp_path / "dh.npy", holes)
+    assert run_dtk("track3d", gif, "--depth", tmp_path / "dh.npy", "--fov", 60, "--out", tmp_path / "h2.npz").exit_code == 0
+    xyz0 = np.load(tmp_path / "h2.npz")["tracks_xyz"][0].reshape(32, 40, 3)
+    assert np.isnan(xyz0[:, :7]).all() and np.isfinite(xyz0[:, 9:]).all()
     (tmp_path / "d8").mkdir()
     for t in range(3):   # 8-bit PNGs are pictures of depth, not millimetres
         Image.fromarray(np.full((32, 40), 200, np.uint8)).save(tmp_path / "d8" / f"{t}.png")
