@@ -412,3 +412,17 @@ def test_a_closed_stdout_stops_quietly_with_141(tiny_sd, tmp_path):
     assert proc.wait(timeout=120) == 141, err
     assert "error" not in err and "Traceback" not in err
     assert not (tmp_path / "s" / "dtk.json").exists()   # unfinished: no manifest, as after Ctrl-C
+
+
+def test_a_mismatched_lora_is_one_line_under_quiet(tiny_sd, tmp_path):
+    """diffusers' own error lines about the LoRA do not come before dtk's one-line error."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unet.no_such_block.proj.lora_A.weight": torch.zeros(4, 8),
+               "unet.no_such_block.proj.lora_B.weight": torch.zeros(8, 4)}, str(tmp_path / "l.safetensors"))
+    # a real process: the libraries' log handlers write to the process's own stderr
+    r = dtk_subprocess("-q", "sample", "--model", tiny_sd, "--lora", tmp_path / "l.safetensors", "--out",
+                       tmp_path / "o", "x")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not match the model" in r.stderr

@@ -270,6 +270,15 @@ def test_tune_sct_bad_input(run_dtk, tiny_pixel_classes, tiny_pixel, labelled_im
     assert "--guidance 2: needs --guide-with" in bad("--full", "--guidance", 2)
     from tiny_models import build_tiny_pixel_pipeline
 
+    # an unconditional model takes a plain folder of images (no captions needed, none asked for)
+    import shutil
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for png in sorted(labelled_images.glob("*.png")):
+        shutil.copy(png, plain / png.name)
+    tune(run_dtk, tiny_pixel, plain, tmp_path / "uncond", "--full", "--max-steps", 1)
+    assert "pass --allow-missing-captions" in bad("--full", data=plain)   # a class-conditional one needs labels
     learned_variance = build_tiny_pixel_pipeline(tmp_path / "lv", out_channels=6)
     assert "predicts a learned variance too (6 output channels)" in bad("--full", model=learned_variance)
     assert "guide model " + str(tiny_pixel) + ": its UNet has num_class_embeds None" in bad(

@@ -33,10 +33,12 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--negative", type=click.Choice(["ema", "student"]), default="student", show_default=True,
               help="Self-NPO: which weights are the negative model: the student (what the public Self-NPO "
                    "code saves) or its EMA teacher.")
+@click.option("--allow-missing-captions", is_flag=True,
+              help="Self-NPO: images without captions train with the empty one.")
 @training_options(lr=5e-6, max_steps=2000, batch_size=4, lora_rank=8)
 @config_option
 def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin, strict, beta, empty_prompt_prob,
-            teacher_guidance, teacher_steps, huber_c, negative, **kwargs):
+            teacher_guidance, teacher_steps, huber_c, negative, allow_missing_captions, **kwargs):
     """Train a negative LoRA for the unconditional branch of classifier-free guidance.
 
     --from-pairs (Diffusion-NPO): the DPO loss with winner and loser swapped,
@@ -68,7 +70,8 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
     ctx = click.get_current_context()
     other_mode = (("--beta", "beta"), ("--pair-by", "pair_by"), ("--min-margin", "min_margin"), ("--strict", "strict")) \
         if self_npo else (("--teacher-guidance", "teacher_guidance"), ("--teacher-steps", "teacher_steps"),
-                          ("--huber-c", "huber_c"), ("--negative", "negative"))
+                          ("--huber-c", "huber_c"), ("--negative", "negative"),
+                          ("--allow-missing-captions", "allow_missing_captions"))
     given = [flag for flag, name in other_mode if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
     if given:
         raise BadInput(f"{', '.join(given)}: {'--from-pairs' if self_npo else '--self'}'s, not "
@@ -88,4 +91,5 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
             empty_prompt_prob = 0.0  # the public Self-NPO code keeps every caption
         method = SelfNPO(teacher_guidance=teacher_guidance, teacher_steps=teacher_steps, huber_c=huber_c,
                          negative=negative, empty_prompt_prob=empty_prompt_prob)
-    train(method, train_config(kwargs, model=model, model_config=model_config, data=data))
+    train(method, train_config(kwargs, model=model, model_config=model_config, data=data,
+                               allow_missing_captions=allow_missing_captions))

@@ -38,10 +38,13 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
               "sampling: D_guide + w(D − D_guide); recorded in dtk.json by absolute path.")
 @click.option("--guidance", type=float, default=1.0, show_default=True,
               help="w of --guide-with guidance recorded for sampling (1: unguided).")
+@click.option("--allow-missing-captions", is_flag=True,
+              help="Images without captions (or class labels) train with the empty one; an unconditional model "
+              "needs none.")
 @training_options(lr=1e-4, max_steps=4000, batch_size=32)
 @config_option
 def command(model, model_config, data, target, bank_size, phases, q, double_every, p_mean, p_std, weighting, huber_c,
-            sigma_data, t_mid, sample_steps, guide_with, guidance, **kwargs):
+            sigma_data, t_mid, sample_steps, guide_with, guidance, allow_missing_captions, **kwargs):
     """Tune MODEL into a consistency model (ECT), with SCT's variance-reduced target.
 
     The model is seen as an EDM denoiser D(x, σ) (ε-, v- or x₀-prediction);
@@ -67,4 +70,5 @@ def command(model, model_config, data, target, bank_size, phases, q, double_ever
                                p_mean=p_mean, p_std=p_std, weighting=weighting, huber_c=huber_c,
                                sigma_data=sigma_data, t_mid=t_mid, sample_steps=sample_steps,
                                guide_with=guide_with, guidance=guidance)
-    train(method, train_config(kwargs, model=model, model_config=model_config, data=data))
+    train(method, train_config(kwargs, model=model, model_config=model_config, data=data,
+                               allow_missing_captions=allow_missing_captions))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 from dtk.diffusion.loading import LoadedModel
@@ -48,7 +50,8 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]], text_
         file = lora_file(path)
         name = f"lora{i}"
         try:
-            pipe.load_lora_weights(str(file), adapter_name=name)
+            with _diffusers_silent():   # its own error lines would come before dtk's one-line error
+                pipe.load_lora_weights(str(file), adapter_name=name)
         except Exception as e:  # noqa: BLE001 - shape or key mismatch: the file is for another model
             msg = " ".join(str(e).split())[:300]
             raise BadInput(f"--lora {path}: does not match the model {model.ref.spec!r} ({type(e).__name__}: {msg})") from None
@@ -122,6 +125,18 @@ def save_lora(out_dir: str | Path, unet, family: str, text_encoder=None, adapter
 
 
 KOHYA_RENAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+@contextlib.contextmanager
+def _diffusers_silent():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def to_kohya(layers: dict, alpha: float, prefix: str = "lora_unet_") -> dict:

@@ -502,8 +502,10 @@ def train(method: Method, config: TrainConfig) -> dict:
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     model = _load_model(config, accelerator, weight_dtype)
+    # an unconditional model reads no caption: a plain folder of images is its data
+    unconditional = model.family == "pixel" and not model.unet.config.get("num_class_embeds")
     data = method.open_data(config.data, resolution=config.resolution or model.default_size,
-                            allow_missing_captions=config.allow_missing_captions)
+                            allow_missing_captions=config.allow_missing_captions or unconditional)
     if data.kind not in method.data_kinds:
         raise BadInput(f"--data {config.data}: {method.name} needs {' or '.join(method.data_kinds)}, "
                        f"this is {data.kind}")
