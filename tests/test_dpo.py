@@ -155,6 +155,14 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     logged = json.loads((tmp_path / "y/metrics.jsonl").read_text().splitlines()[0])
     assert logged["unreadable"] == 1 and logged["implicit_acc"] == 0.5   # over the one readable pair
     assert {"model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l"} <= set(logged)   # the names of every step
+    # the unreadable pair counts as 0 over a fixed denominator: the same gradient however the batch is split
+    # (over micro-batches here; over processes alike)
+    r = run_dtk("dpo", "--model", tiny_sd, "--data", corrupt, "--out", tmp_path / "y2", "--max-steps", 1,
+                "--batch-size", 1, "--grad-accum", 2, "--log-every", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    split = json.loads((tmp_path / "y2/metrics.jsonl").read_text().splitlines()[0])
+    assert split["grad_norm"] == pytest.approx(logged["grad_norm"], rel=1e-4)
+    assert split["loss"] == pytest.approx(logged["loss"], rel=1e-4)
     assert "trains text-to-image (SD/SDXL) models" in bad(pairs, model=tiny_pixel)
     assert "--beta -1: must be above 0" in bad(pairs, "--beta", -1)
     assert "--beta nan: must be a finite number" in bad(pairs, "--beta", "nan")

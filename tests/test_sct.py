@@ -311,3 +311,35 @@ def test_a_tuned_model_keeps_its_class_names(run_dtk, tiny_pixel_classes, labell
     r = run_dtk("sample", "--model", tmp_path / "sct", "--guide-with", named, "--scheduler", "ddim", "--class", 1,
                 "--out", tmp_path / "s2")
     assert r.exit_code == 2 and "guides consistency sampling only" in r.stderr
+
+
+def test_two_processes_share_one_reference_set_and_bank(tiny_pixel, labelled_images, tmp_path):
+    """SCT's stable target under DDP: the references are the global batch (gathered), so 2 processes × 2 equal
+    1 × 4, and the bank is the same on every rank, so a resume is exact."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import dtk_subprocess
+
+    common = ["tune-sct", "--model", str(tiny_pixel), "--data", str(labelled_images), "--full", "--bank-size", "8",
+              "--double", "2", "--p-mean", "1.5", "--p-std", "0.5", "--log-every", "1", "--device", "cpu",
+              "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def two(out, *extra):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            "29533", "-m", "dtk", *common, "--batch-size", "2", "--out", str(out), *extra],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+
+    def losses(out):
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    one = dtk_subprocess(*common, "--batch-size", "4", "--max-steps", "4", "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two(tmp_path / "a", "--max-steps", "4")
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    two(tmp_path / "b", "--max-steps", "2")
+    two(tmp_path / "b", "--max-steps", "4", "--resume", "auto", "--overwrite")
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")

@@ -110,7 +110,7 @@ class DiffusionDPO(Method):
             x_t = alpha * x_w + sigma * eps
             target = output_for(x_w, eps, alpha, sigma, run.prediction_type)
             err = per_example_mse(run.predict(run.unet, x_t, t, cond), target)
-            return (err * valid).sum() / valid.sum().clamp(min=1), {}
+            return (err * valid).sum() / len(valid), {}   # a fixed denominator: the same under any process split
         x0 = torch.cat([x_w, x_l])
         t2, eps2 = t.repeat(2), eps.repeat(2, 1, 1, 1)
         a2, s2 = alpha.repeat(2, 1, 1, 1), sigma.repeat(2, 1, 1, 1)
@@ -130,7 +130,9 @@ class DiffusionDPO(Method):
         if bool(valid.all()):
             return dpo_loss(inside), logs
         inside = torch.where(valid, inside, torch.zeros_like(inside))
-        return -(F.logsigmoid(inside) * valid).sum() / valid.sum().clamp(min=1), logs
+        # an unreadable pair counts as 0 over a fixed denominator (dividing by this micro-batch's readable
+        # count would weight pairs by how the global batch was split across processes)
+        return -(F.logsigmoid(inside) * valid).sum() / len(valid), logs
 
     def describe(self) -> dict:
         paper = ("Diffusion-NPO (negative preference optimisation, from pairs)" if self.reverse

@@ -188,8 +188,13 @@ class ConsistencyTuning(Method):
             return [""] * len(batch["caption"])  # an unconditional model ignores captions
         return list(batch["caption"])
 
-    def _references(self, x0: torch.Tensor, labels: torch.Tensor | None):
-        """The batch, and the bank of earlier batches when there is one (then the batch joins the bank)."""
+    def _references(self, x0: torch.Tensor, labels: torch.Tensor | None, run: Run):
+        """The batch — every process's part of it, so that N processes use the reference set one process with the
+        same global batch would, and keep the same bank — and the bank of earlier batches when there is one
+        (then the batch joins the bank)."""
+        if run.accelerator.num_processes > 1:
+            x0 = run.accelerator.gather(x0.detach().contiguous())
+            labels = None if labels is None else run.accelerator.gather(labels.contiguous())
         refs, ref_labels = x0, labels
         if self.bank is not None:
             refs = torch.cat([x0, self.bank.to(x0.device)])
@@ -211,7 +216,7 @@ class ConsistencyTuning(Method):
         eps = run.rng.randn(*x0.shape[1:])
         x_t = x0 + t.view(-1, 1, 1, 1) * eps
         if self.target == "stable":
-            refs, ref_labels = self._references(x0, labels)
+            refs, ref_labels = self._references(x0, labels, run)
             same = None if labels is None else labels[:, None] == ref_labels[None, :]
             x_r, _ = stable_point(x_t, t, r, refs, same)
         else:
