@@ -31,7 +31,7 @@ def machine() -> str:
 def save(name: str, title: str, args, table: str) -> Path:
     """Write ``results/NAME.md``: the title, the exact command (from ``args``) and the table."""
     flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                     for k, v in vars(args).items() if v not in (None, False) and k != "save")
+                     for k, v in vars(args).items() if v is not None and v is not False and k != "save")
     out = RESULTS / f"{name}.md"
     out.write_text(f"# {title}\n\nCommand: `python benchmarks/{Path(sys.argv[0]).name} {flags}`\n\n{table}\n")
     print(f"wrote {out}")

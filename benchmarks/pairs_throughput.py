@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """Benchmark: pairs per second of `dtk reflow-pairs` vs calling the diffusers pipeline directly.
 
-    python benchmarks/pairs_throughput.py [--model demo] [--num 256] [--batch-size 64] [--save]
+    python benchmarks/pairs_throughput.py [--model demo] [--num 128] [--batch-size 64] [--repeats 3] [--save]
 
-Both run the teacher's DPM-Solver (order 2), 25 steps, guidance 5, from the
-same noise, and keep the final latents; dtk also writes the shards. Model
-loading is excluded; each side gets one warm-up batch first.
+Both run the teacher's DPM-Solver (order 2), 25 steps, guidance 5, on per-pair
+noise of their own (the same amount of work: one UNet call per step and batch
+of 2 × the batch size), and keep the final latents; dtk also writes the shards.
+Model loading is excluded; each side gets one warm-up batch first; the two are
+timed alternately, --repeats times, so that load on a shared machine falls on
+both; the table gives the median and the range.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +28,8 @@ from common import machine, report  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--num", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=5.0)
@@ -59,12 +64,10 @@ def main() -> None:
     record = {"bench": True}
     bar = Progress(0, "", enabled=False)
     _write_shard(work / "warm.safetensors", model, settings, Opts, range(args.batch_size), record, bar)
-    t0 = time.perf_counter()
-    _write_shard(work / "pairs.safetensors", model, settings, Opts, range(args.num), record, bar)
-    dtk_s = time.perf_counter() - t0
 
     pipe = model.pipe
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+    dtk_scheduler = pipe.scheduler
+    pipe_scheduler = DPMSolverMultistepScheduler.from_config(
         pipe.scheduler.config, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min")
     shape = (model.unet.config.in_channels, size // model.vae_scale_factor, size // model.vae_scale_factor)
 
@@ -73,22 +76,36 @@ def main() -> None:
         return pipe(captions[start:stop], latents=noise, num_inference_steps=args.steps,
                     guidance_scale=args.guidance, output_type="latent").images
 
+    pipe.scheduler = pipe_scheduler
     diffusers_batch(0, args.batch_size)
-    t0 = time.perf_counter()
-    for start in range(0, args.num, args.batch_size):
-        diffusers_batch(start, min(args.num, start + args.batch_size))
-    pipe_s = time.perf_counter() - t0
+    dtk_rates, pipe_rates = [], []
+    for _ in range(args.repeats):
+        pipe.scheduler = dtk_scheduler
+        t0 = time.perf_counter()
+        _write_shard(work / "pairs.safetensors", model, settings, Opts, range(args.num), record, bar)
+        dtk_rates.append(args.num / (time.perf_counter() - t0))
+        (work / "pairs.safetensors").unlink()
+        pipe.scheduler = pipe_scheduler
+        t0 = time.perf_counter()
+        for start in range(0, args.num, args.batch_size):
+            diffusers_batch(start, min(args.num, start + args.batch_size))
+        pipe_rates.append(args.num / (time.perf_counter() - t0))
     shutil.rmtree(work, ignore_errors=True)
+
+    def cell(rates):
+        return f"{statistics.median(rates):.2f} | {min(rates):.2f}–{max(rates):.2f}"
 
     lines = [
         f"model: {args.model} ({size}x{size}), DPM-Solver order 2, {args.steps} steps, guidance {args.guidance}, "
         f"{args.num} pairs in batches of {args.batch_size}, CPU fp32",
         f"machine: {machine()}",
         "",
-        "| path | pairs/s |",
-        "|---|---:|",
-        f"| diffusers pipeline __call__ (latents out, nothing written) | {args.num / pipe_s:.2f} |",
-        f"| dtk reflow-pairs (noise + latents, shard written) | {args.num / dtk_s:.2f} |",
+        f"| path | pairs/s (median of {args.repeats}) | range |",
+        "|---|---:|---:|",
+        f"| diffusers pipeline __call__ (latents out, nothing written) | {cell(pipe_rates)} |",
+        f"| dtk reflow-pairs (noise + latents, shard written) | {cell(dtk_rates)} |",
+        "",
+        f"dtk / diffusers: {statistics.median(dtk_rates) / statistics.median(pipe_rates):.2f}× (medians)",
     ]
     report("pairs_throughput", "reflow pair generation throughput", args, lines)
 

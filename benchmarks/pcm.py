@@ -111,7 +111,9 @@ def main() -> None:
                         f"step {last['step']}; g_loss {last['g_loss']:.2f}, consistency loss "
                         f"{last['consistency_loss']:.4f}")
 
-    best_pcm = [n for n in (1, 2, 4, 8) if min(fd_t(p, n) for p in runs if p.startswith("pcm")) < fd_t("lcm", n)]
+    # judged on one fixed configuration, PCM's default (K = 4, CFG-augmented: one UNet call per step, as LCM),
+    # not on the best of all rows
+    best_pcm = [n for n in (1, 2, 4, 8) if fd_t("pcm-k4", n) < fd_t("lcm", n)]
     k4_ratio = res["pcm-k4"][4]["fd_real"] / t25["fd_real"]
     cons = {name: res[name][1]["consistency"] for name in runs}
     lines = [
@@ -127,7 +129,7 @@ def main() -> None:
         *rows,
         "",
         "targets (mirroring the paper's SD1.5 table):",
-        f"- PCM beats LCM on FD-teacher at every step count: at {best_pcm} of [1, 2, 4, 8] "
+        f"- PCM (K=4) beats LCM on FD-teacher at every step count: at {best_pcm} of [1, 2, 4, 8] "
         f"({'met' if len(best_pcm) == 4 else 'NOT met'})",
         f"- PCM (K=4) 4-step FD-real within 1.2× of the teacher's 25-step: {k4_ratio:.2f}× "
         f"({'met' if k4_ratio <= 1.2 else 'NOT met'})",
