@@ -483,9 +483,9 @@ def load_clip(opts: TrackOptions) -> tuple[np.ndarray, tuple[float, float]]:
         factor = opts.max_side / max(h, w)
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         frames = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.LANCZOS)) for f in frames])
-    if max(frames.shape[1:3]) < 12:   # DIS flow needs a side of 12 pixels
+    if max(frames.shape[1:3]) < 12 or min(frames.shape[1:3]) < 8:   # DIS flow's smallest image
         raise BadInput(f"VIDEO {opts.video}: frames of {frames.shape[2]}x{frames.shape[1]} (after --max-side); "
-                       "tracking needs a side of at least 12 pixels")
+                       "tracking needs at least 12 pixels on the long side and 8 on the short one")
     return frames, (frames.shape[2] / w, frames.shape[1] / h)
 
 

@@ -104,7 +104,7 @@ def test_variables_are_named_after_the_long_option(run_dtk, tmp_path, monkeypatc
         return cli.get_command(root, name).make_context(name, args, parent=root).params
 
     monkeypatch.setenv("DTK_TRAIN_NPO_SELF", "1")
-    monkeypatch.setenv("DTK_TRAIN_NPO_VALIDATION_PROMPT", "a red circle\na small blue star")
+    monkeypatch.setenv("DTK_TRAIN_NPO_VALIDATION_PROMPT", "a red circle\na small blue star\n")   # trailing newline
     params = parse("train-npo", ["--data", "d", "--out", "o"])
     assert params["self_npo"] is True and params["validation_prompts"] == ("a red circle", "a small blue star")
     monkeypatch.delenv("DTK_TRAIN_NPO_VALIDATION_PROMPT")

@@ -171,6 +171,10 @@ def test_inputs_and_bad_input(run_dtk, tmp_path):
     for t in range(3):   # 8-bit PNGs are pictures of depth, not millimetres
         Image.fromarray(np.full((32, 40), 200, np.uint8)).save(tmp_path / "d8" / f"{t}.png")
     assert "16-bit" in bad(gif, "--depth", tmp_path / "d8", "--out", tmp_path / "x.npz")
+    wide = write_clip(tmp_path / "wide", [np.ascontiguousarray(texture(16, 72, seed=2)[:, t:t + 64]) for t in range(3)])
+    np.save(tmp_path / "dw.npy", np.ones((3, 16, 64), np.float32))
+    assert "at least 12 pixels on the long side and 8 on the short one" in bad(   # 12x3: below DIS's minimum
+        wide, "--depth", tmp_path / "dw.npy", "--max-side", 12, "--fov", 60, "--out", tmp_path / "x.npz")
     (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
     assert "clip.mp4" in bad(tmp_path / "clip.mp4", "--depth", tmp_path / "depth.npz", "--out", tmp_path / "x.npz")
     assert ".mp4, .webp or .gif" in bad(gif, "--depth", tmp_path / "depth.npz", "--out", tmp_path / "x.npz",

@@ -14,6 +14,9 @@ class _Lines(click.types.StringParamType):
     """A repeatable text option read from a variable one value per line (prompts have spaces in them)."""
     envvar_list_splitter = "\n"
 
+    def split_envvar_value(self, rv: str):
+        return [line for line in rv.split("\n") if line.strip()]   # no empty prompt from a trailing newline
+
 
 _LINES = _Lines()
 

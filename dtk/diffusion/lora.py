@@ -129,8 +129,13 @@ KOHYA_RENAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linea
 
 @contextlib.contextmanager
 def _diffusers_silent():
+    import logging
+
     from diffusers.utils import logging as diffusers_logging
 
+    if logging.getLogger("dtk").level <= logging.DEBUG:   # -v/-vv: the library's own messages are wanted
+        yield
+        return
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 10)
     try:

@@ -113,8 +113,7 @@ def _load_clip(option: str, weights: str | None, device, processor_fallback: str
         raise BadInput(f"{option}: needs weights: {option}=PATH")
     path = local_path(weights, option)
     try:
-        model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
-                                                output_loading_info=True)
+        model, info = CLIPModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise BadInput(f"{option}={weights}: not a CLIP model in the transformers layout ({type(e).__name__})") from None
     # transformers fills missing weights with random ones (and dtk keeps its warnings quiet): refuse instead
@@ -123,7 +122,7 @@ def _load_clip(option: str, weights: str | None, device, processor_fallback: str
     if incomplete:
         raise BadInput(f"{option}={weights}: an incomplete CLIP checkpoint ({len(incomplete)} weights missing or of "
                        f"another shape, e.g. {sorted(incomplete)[0]})")
-    model = model.to(device).eval()
+    model = model.float().to(device).eval()   # fp16 checkpoints upcast exactly; fp16 scores make false ties
     try:
         processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
     except Exception:  # noqa: BLE001 - PickScore ships without a processor; it uses CLIP-H's
