@@ -118,8 +118,6 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         from dtk.diffusion.npo import npo_model_dir
 
         model_spec = npo_model_dir(opts.npo)[0].manifest.get("base_model")
-    import math
-
     for name, value in (("--guidance", opts.guidance), ("--npo-scale", opts.npo_scale)):
         if value is not None and not math.isfinite(value):
             raise BadInput(f"{name} {value}: must be a finite number")
