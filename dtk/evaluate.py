@@ -211,7 +211,7 @@ def _sample_set(model, bench: Benchmark, steps: int, scheduler, guidance, batch_
 
 def run_eval(opts: EvalOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.loading import guide_for, open_model, resolve_model
     from dtk.eval.metrics import fd, mean_cosine
     from dtk.io import emit, prepare_out_dir
     from dtk.logs import progress_enabled
@@ -259,8 +259,7 @@ def run_eval(opts: EvalOptions) -> list[dict]:
         teacher_features = bench.features(teacher_images)
         del teacher
         baseline_rewards = {}
-        # a recorded guide serves the consistency sampler only; another --scheduler runs without it
-        guide = False if opts.scheduler not in (None, "consistency") else None
+        guide = guide_for(opts.scheduler)
         if baseline_ref:
             baseline = open_model(baseline_ref, device, dtype, guide=guide)
             for s in steps:

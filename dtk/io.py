@@ -168,15 +168,21 @@ def recover_set_aside(out: Path, marker: str = MANIFEST) -> None:
         return
     entries = sorted(aside.iterdir(), key=lambda p: p.name == marker)   # the marker last
     for entry in entries:
-        path = Path(out) / entry.name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        os.replace(entry, path)
+        _put_back(entry, Path(out) / entry.name)
     shutil.rmtree(aside, ignore_errors=True)
     if entries:
         log.warning("%s: put back the result a killed --overwrite run had set aside", out)
+
+
+def _put_back(entry: Path, path: Path) -> None:
+    """``entry`` (set aside) back under ``path``, over whatever a failed run wrote there."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    os.replace(entry, path)
 
 
 class Replacing:
@@ -185,12 +191,13 @@ class Replacing:
     (``drop``, or leaving the ``with`` block normally); an error or interruption before that puts it back.
     The marker goes first and comes back last, so a half-replaced folder is never taken for finished."""
 
-    def __init__(self, out: Path, marker: str | None = MANIFEST, names: tuple[str, ...] = ()):
+    def __init__(self, out: Path, marker: str = MANIFEST, names: tuple[str, ...] = ()):
         # one aside folder per marker: the shards of one `dtk sample` output replace theirs side by side
-        self.out, self.aside, self.moved = Path(out), Path(out) / f"{ASIDE}-{marker or MANIFEST}", []
-        self.names = [marker] if marker else []
-        done = self.out / marker if marker else None
-        if done is not None and done.exists():
+        self.out, self.marker, self.moved = Path(out), marker, []
+        self.aside = self.out / f"{ASIDE}-{marker}"
+        self.names = [marker]
+        done = self.out / marker
+        if done.exists():
             try:
                 listed = json.loads(done.read_text()).get("files", [])
             except (OSError, ValueError, AttributeError):
@@ -201,7 +208,7 @@ class Replacing:
         self.names += list(names)
 
     def set_aside(self) -> "Replacing":
-        recover_set_aside(self.out, self.aside.name[len(ASIDE) + 1:])
+        recover_set_aside(self.out, self.marker)
         try:
             for name in dict.fromkeys(self.names):
                 path = self.out / name
@@ -222,18 +229,9 @@ class Replacing:
         self.moved = []
 
     def restore(self) -> None:
-        import shutil
-
         for name in reversed(self.moved):
-            path = self.out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-            os.replace(self.aside / name, path)
-        if self.moved:
-            shutil.rmtree(self.aside, ignore_errors=True)
-        self.moved = []
+            _put_back(self.aside / name, self.out / name)
+        self.drop()   # the aside folder, now empty
 
     def __enter__(self) -> "Replacing":
         return self.set_aside()

@@ -199,9 +199,10 @@ def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], s
             number = path.name[len("pairs-"):-len(".safetensors")]
             if not number.isdigit() or int(number) >= chunks:
                 path.unlink(missing_ok=True)
-        same_array = suffix[suffix.index("-of-"):] + ".json" if suffix else None   # "-of-00004.json"
+        from dtk.sample import same_shard_layout
+
         for marker in out.glob("dtk*.json"):   # ours, and any of a run split another way
-            if marker.name == f"dtk{suffix}.json" or not (same_array and marker.name.endswith(same_array)):
+            if marker.name == f"dtk{suffix}.json" or not same_shard_layout(marker.name, suffix):
                 marker.unlink(missing_ok=True)
         return
     theirs = read_shard_meta(existing[0])["settings"]

@@ -107,9 +107,15 @@ def shard_suffix(shard: tuple[int, int]) -> str:
     return "" if n == 1 else f".shard-{i:05d}-of-{n:05d}"
 
 
+def same_shard_layout(marker: str, suffix: str) -> bool:
+    """Whether the output marker ``marker`` (``dtk*.json``) is one of the same ``--shard I/N`` layout as
+    ``suffix``'s (another I of the same N); never for an unsharded run."""
+    return bool(suffix) and marker.startswith("dtk.shard-") and marker.endswith(suffix[suffix.index("-of-"):] + ".json")
+
+
 def run_sample(opts: SampleOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import check_size, open_model, resolve_model, vae_factor_of
+    from dtk.diffusion.loading import check_size, guide_for, open_model, resolve_model, vae_factor_of
     from dtk.diffusion.sampling import settings_for
     from dtk.io import Replacing, prepare_out_dir
 
@@ -125,9 +131,8 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     suffix = shard_suffix(opts.shard)
     marker = f"dtk{suffix}.json"
     out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
-    layout = suffix[suffix.index("-of-"):] + ".json" if suffix else None    # "-of-00004.json"
-    other = [m.name for m in sorted(out.glob("dtk*.json")) if m.name != marker
-             and not (layout and m.name.startswith("dtk.shard-") and m.name.endswith(layout))]
+    other = [m.name for m in sorted(out.glob("dtk*.json"))
+             if m.name != marker and not same_shard_layout(m.name, suffix)]
     if other:   # images of one numbering, two layouts: shards would overwrite another run's files piecemeal
         raise BadInput(f"--out {out}: holds a result made with another --shard layout ({other[0]}); remove it or "
                        "choose another directory")
@@ -135,11 +140,8 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
-    guide = opts.guide_with
-    if guide is None and opts.scheduler not in (None, "consistency"):
-        guide = False   # the guide a consistency model records serves its own sampler, not --scheduler's
-    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras, guide=guide,
-                       npo=opts.npo, npo_scale=opts.npo_scale)
+    model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras,
+                       guide=guide_for(opts.scheduler, opts.guide_with), npo=opts.npo, npo_scale=opts.npo_scale)
     if not opts.prompts:
         if model.family != "pixel" or model.unet.config.get("num_class_embeds"):
             raise BadInput(NO_PROMPTS + (" or --class" if model.family == "pixel" else ""))

@@ -254,6 +254,14 @@ def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
     return model
 
 
+def guide_for(scheduler: str | None, guide_with: str | None = None) -> str | bool | None:
+    """``open_model``'s ``guide``: the one given; none for a chosen --scheduler other than the consistency
+    sampler (the guide a consistency model records serves that sampler only); else the recorded one."""
+    if guide_with is None and scheduler not in (None, "consistency"):
+        return False
+    return guide_with
+
+
 def resolve_guide(spec: str, ref: ModelRef) -> ModelRef:
     """The guide of a consistency model (SCT: an earlier snapshot of itself): a model of the same shape."""
     from dtk.io import read_json

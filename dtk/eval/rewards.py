@@ -106,7 +106,7 @@ class _Clip:
 
 def _load_clip(option: str, weights: str | None, device, processor_fallback: str | None = None) -> _Clip:
     """A CLIP model (transformers layout) and its processor, in fp32 whatever the checkpoint's dtype (fp16
-    scores make false ties); ``option`` names the flag in errors (``--reward pickscore=``, ``--clip-model``)."""
+    scores make false ties); ``option`` names the flag in errors (``--reward pickscore``, ``--clip-model``)."""
     from transformers import CLIPModel, CLIPProcessor
 
     if weights is None:
@@ -187,9 +187,10 @@ def _aesthetic_mlp(state: dict, path: Path, width: int) -> torch.nn.Sequential:
 
     if isinstance(state.get("state_dict"), dict):   # a Lightning-style checkpoint
         state = state["state_dict"]
+    numbered = re.compile(r"(.+\.)?\d+")   # "layers.0", "0": a layer's place in the MLP
     names = sorted({k.rsplit(".", 1)[0] if "." in k else "" for k in state if k.endswith("weight")},
-                   key=lambda k: int(k.rsplit(".", 1)[-1]) if re.fullmatch(r"(.+\.)?\d+", k) else -1)
-    if not names or any(not (n == "" or re.fullmatch(r"(.+\.)?\d+", n)) for n in names):
+                   key=lambda k: int(k.rsplit(".", 1)[-1]) if numbered.fullmatch(k) else -1)
+    if not names or any(not (n == "" or numbered.fullmatch(n)) for n in names):
         raise BadInput(f"--reward aesthetic={path}: not LAION's aesthetic predictor (its weights are "
                        f"{', '.join(sorted(state)[:4])}...)")
     layers = []

@@ -139,6 +139,7 @@ class RectifiedDiffusion(Method):
         check_number("--huber-c", huber_c, above=0)
         check_number("--teacher-guidance", teacher_guidance)
         check_number("--sample-guidance", sample_guidance)
+        check_number("--sample-steps", sample_steps, low=1)
         self.phased = phased
         self.data_kinds = ("images", "pairs") if phased else ("pairs",)
         self.huber_c, self.empty_prompt_prob = huber_c, empty_prompt_prob
@@ -148,8 +149,6 @@ class RectifiedDiffusion(Method):
         self.teacher = None
         if phased and (phased < 1 or TEACHER_GRID % phased):
             raise BadInput(f"--phased {phased}: must divide the {TEACHER_GRID}-step teacher grid (1, 2, 4, 5, 8, 10, 20, 40)")
-        if sample_steps is not None and sample_steps < 1:
-            raise BadInput(f"--sample-steps {sample_steps}: must be at least 1")
         if teacher_guidance is not None and not phased:
             raise BadInput("--teacher-guidance goes with --phased (pairs were made with their own guidance)")
         if phased and beta_schedule:

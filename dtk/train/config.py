@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from dtk.errors import BadInput
+from dtk.errors import BadInput, check_number
 
 # peft target modules of a diffusers UNet: attention projections, the
 # transformer blocks' in/out projections and feed-forward, ResNet convolutions
@@ -79,9 +78,8 @@ class TrainConfig:
                 raise BadInput(f"{name} {value}: must be a whole number, at least {low}")
         for name, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay),
                             ("--max-grad-norm", self.max_grad_norm), ("--ema-decay", self.ema_decay),
-                            ("--lora-alpha", self.lora_alpha if self.lora_alpha is not None else 1.0)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise BadInput(f"{name} {value}: must be a finite number")
+                            ("--lora-alpha", self.lora_alpha)):
+            check_number(name, value)
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise BadInput(f"--lora-alpha {self.lora_alpha}: must be positive")
         if self.lr <= 0:
