@@ -3,7 +3,11 @@
 Writes, flat in OUT: ``camK-NNNNN.png`` per camera K and frame, ``camK.mp4``
 (``ffmpeg`` on PATH) or ``camK.webp``/``.gif``, optionally ``camK-depth-NNNNN.png``
 (16-bit, millimetres) and ``camK-alpha-NNNNN.png``, ``field-NNNNN.ply`` with
-``--export-ply``, and ``dtk.json`` last. One JSON line per camera on stdout.
+``--export-ply`` (``--ply-format full``: the float32 3DGS layout standard
+viewers read, 248 bytes per Gaussian; ``compact``: no normals nor empty SH
+bands, 56 bytes per Gaussian of a field from tracks; see ``dtk.gs.field``), and
+``dtk.json`` last. One JSON line per camera on stdout. A ``--ply`` scene's
+spherical harmonics (f_rest_*) colour it per view, as in 3DGS (``dtk.gs.sh``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from dtk.errors import BadInput
 
 log = logging.getLogger("dtk")
+NO_INPUT = "no input: give --tracks NPZ (a 4D field from dtk track3d) or --ply FILE (a static 3DGS scene)"
 
 @dataclass
 class RenderOptions:
@@ -38,6 +43,7 @@ class RenderOptions:
     depth: bool = False
     alpha: bool = False
     export_ply: bool = False
+    ply_format: str = "full"                # "full" (3DGS layout, degree-3 SH slots) or "compact"
     video_format: str = "auto"
     fps: float = 12.0
     device: str = "auto"
@@ -49,8 +55,10 @@ def _source(opts: RenderOptions):
     from dtk.gs.field import colors_from_frames, frame_gaussians, load_tracks, read_ply
     from dtk.video import read_frames
 
-    if (opts.tracks is None) == (opts.ply is None):
-        raise BadInput("give --tracks NPZ (a 4D field) or --ply FILE (a static 3DGS scene)")
+    if opts.tracks is None and opts.ply is None:
+        raise BadInput(NO_INPUT)
+    if opts.tracks is not None and opts.ply is not None:
+        raise BadInput("--tracks and --ply: give one of them, not both")
     if opts.size is not None and min(opts.size) < 1:
         raise BadInput(f"--size {opts.size[0]}x{opts.size[1]}: both sides must be at least 1 pixel")
     if opts.intrinsics is not None and not (all(np.isfinite(opts.intrinsics)) and min(opts.intrinsics[:2]) > 0):
@@ -96,6 +104,10 @@ def run_render(opts: RenderOptions) -> list[dict]:
     from dtk.io import Replacing, atomic_write, emit, prepare_out_dir, run_record, write_json
     from dtk.video import video_problem
 
+    from dtk.gs.field import PLY_FORMATS
+
+    if opts.ply_format not in PLY_FORMATS:
+        raise BadInput(f"--ply-format {opts.ply_format}: choose {', '.join(PLY_FORMATS)}")
     problem = opts.video_format != "auto" and video_problem("." + opts.video_format)
     if problem:   # refused before any rendering
         raise BadInput(f"--video-format {opts.video_format}: {problem}")
@@ -119,16 +131,21 @@ def run_render(opts: RenderOptions) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         background = torch.tensor(opts.background, dtype=dtype, device=device)
         files: list[str] = []
+        sh_degree = None
         for t in range(frames):
             g = gaussians_at(t)
+            sh_degree = g.sh_degree
             if opts.export_ply:
-                write_ply(out / f"field-{t:05d}.ply", g)
+                write_ply(out / f"field-{t:05d}.ply", g, opts.ply_format)
                 files.append(f"field-{t:05d}.ply")
             views = torch.stack([p[0][t] for p in paths]).to(device, dtype)
             Ks = torch.stack([p[1][t] for p in paths]).to(device, dtype)
+            # a 3DGS scene's SH coefficients are coloured per camera (on either backend); a field's colours are fixed
+            colors = g.colors if g.sh is None else g.sh
             rgb, alpha, depth = render(*(x.to(device, dtype) for x in (g.means, g.quats, g.scales, g.opacities,
-                                                                       g.colors)),
-                                       views, Ks, width, height, background=background, backend=backend)
+                                                                       colors)),
+                                       views, Ks, width, height, background=background, backend=backend,
+                                       sh_degree=g.sh_degree)
             for k in range(len(paths)):
                 name = f"cam{k}-{t:05d}.png"
                 image = (rgb[k].clamp(0, 1) * 255).round().byte().cpu().numpy()
@@ -150,7 +167,8 @@ def run_render(opts: RenderOptions) -> list[dict]:
             records.append(record)
             emit(record)
         write_json(out / "dtk.json", run_record("render-gs", asdict(opts), kind="render", files=files,
-                                                cameras=records, dropped_points=dropped, backend=backend))
+                                                cameras=records, dropped_points=dropped, backend=backend,
+                                                sh_degree=sh_degree))
     return records
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from dtk.cli.common import config_option, device_option
@@ -16,13 +18,23 @@ def _floats(n: int):
         if value is None:
             return None
         try:
-            values = [float(v) for v in value.replace("x", ",").split(",")]
+            values = [float(v) for v in value.split(",")]
         except ValueError:
             values = []
         if len(values) != n:
             raise click.BadParameter(f"expected {n} comma-separated numbers, got {value!r}")
         return values
     return convert
+
+
+def _size(ctx, param, value):
+    """WxH only: "10,20" is refused (it reads as W,H to some and H,W to others)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
+    if not match:
+        raise click.BadParameter(f"{value!r}: the format is WxH in whole pixels, e.g. 640x480")
+    return int(match[1]), int(match[2])
 
 
 @click.command("render-gs", short_help="Render a pseudo-4D Gaussian field from 3D tracks under new cameras.")
@@ -34,7 +46,7 @@ def _floats(n: int):
 @click.option("--camera", "cameras", multiple=True, default=["identity"], show_default=True, help=CAMERA_HELP)
 @click.option("--frames", type=click.IntRange(min=1), default=None, help="Frames to render of a static --ply [1].")
 @click.option("--intrinsics", callback=_floats(4), metavar="FX,FY,CX,CY", help="Camera of a --ply scene.")
-@click.option("--size", callback=_floats(2), metavar="WxH", help="Output size [the tracks' image size].")
+@click.option("--size", callback=_size, metavar="WxH", help="Output size, e.g. 640x480 [the tracks' image size].")
 @click.option("--scale-px", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True,
               help="Gaussian scale in pixels at its depth (s = scale·z/f).")
 @click.option("--opacity", type=click.FloatRange(0, 1), default=0.99, show_default=True)
@@ -46,16 +58,22 @@ def _floats(n: int):
               help="Background colour in 0..1 (holes where content appears after frame 0 show it).")
 @click.option("--depth", is_flag=True, help="Also write camK-depth-NNNNN.png (16-bit millimetres).")
 @click.option("--alpha", is_flag=True, help="Also write camK-alpha-NNNNN.png.")
-@click.option("--export-ply", is_flag=True, help="Also write field-NNNNN.ply per frame (the 3DGS layout).")
+@click.option("--export-ply", is_flag=True, help="Also write field-NNNNN.ply per frame (the 3DGS layout; a --ply "
+              "scene's SH colours kept).")
+@click.option("--ply-format", type=click.Choice(["full", "compact"]), default="full", show_default=True,
+              help="--export-ply layout. full: float32 with normals and 45 f_rest_* (degree-3 SH, unused bands 0), "
+              "what the original 3DGS code and standard viewers read; 248 bytes per Gaussian (16.3 MB per frame of "
+              "256x256 tracks). compact: float32 without normals or unused SH bands; 56 bytes per Gaussian of a "
+              "field from tracks (3.7 MB), read by dtk and by loaders that accept degree-0 scenes.")
 @click.option("--video-format", type=click.Choice(["auto", "mp4", "webp", "gif"]), default="auto", show_default=True,
               help="auto: mp4 when ffmpeg is installed, else webp.")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True)
 @device_option
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (required).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
 @config_option
 def command(tracks, video, ply, cameras, frames, intrinsics, size, scale_px, opacity, color_source, occluded,
-            background, depth, alpha, export_ply, video_format, fps, device, out, overwrite):
+            background, depth, alpha, export_ply, ply_format, video_format, fps, device, out, overwrite):
     """Build one Gaussian per track (GS-DiT's pseudo-4D field) and render every frame under each --camera.
 
     A Gaussian's mean at frame t is its track point (the input camera's
@@ -64,6 +82,8 @@ def command(tracks, video, ply, cameras, frames, intrinsics, size, scale_px, opa
     the clip; moved cameras show the field from elsewhere, with holes where
     content appears only later (a video model fills those). Rendering is EWA
     splatting: a vectorised pure-torch rasteriser on the CPU, gsplat's on CUDA.
+    A --ply scene's spherical harmonics (f_rest_*, degree ≤ 3) give each
+    camera its view-dependent colour, as in 3DGS.
 
     \b
     Examples:
@@ -72,10 +92,15 @@ def command(tracks, video, ply, cameras, frames, intrinsics, size, scale_px, opa
       dtk render-gs --ply scene.ply --intrinsics 500,500,320,240 --size 640x480 --frames 24 \\
           --camera orbit:30 --out orbit/
     """
-    from dtk.render_gs import RenderOptions, run_render
+    from dtk.errors import BadInput
+    from dtk.render_gs import NO_INPUT, RenderOptions, run_render
 
+    if not tracks and not ply:   # checked before --out: the missing input is what to say first
+        raise BadInput(NO_INPUT)
+    if out is None:
+        raise click.UsageError("Missing option '--out'.", ctx=click.get_current_context())
     run_render(RenderOptions(
         out=out, tracks=tracks, ply=ply, video=video, cameras=list(cameras), frames=frames, intrinsics=intrinsics,
-        size=tuple(int(v) for v in size) if size else None, scale_px=scale_px, opacity=opacity,
-        color_source=color_source, occluded=occluded, background=tuple(background), depth=depth, alpha=alpha,
-        export_ply=export_ply, video_format=video_format, fps=fps, device=device, overwrite=overwrite))
+        size=size, scale_px=scale_px, opacity=opacity, color_source=color_source, occluded=occluded,
+        background=tuple(background), depth=depth, alpha=alpha, export_ply=export_ply, ply_format=ply_format,
+        video_format=video_format, fps=fps, device=device, overwrite=overwrite))

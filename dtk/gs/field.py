@@ -9,12 +9,20 @@ frames (the pixel each track occupies). Gaussians are isotropic with a scale of
 identity rotation; occluded points are kept, hidden, or kept only once they
 have been seen. Points that are NaN/inf in a frame are dropped from it (counted).
 
-The standard 3DGS PLY (x, y, z, nx, ny, nz, f_dc_0..2, [f_rest_*], opacity as a
-logit, scale_0..2 as logs, rot_0..3 as wxyz) is written per frame and read back.
+The standard 3DGS PLY (x, y, z, nx, ny, nz, f_dc_0..2, f_rest_*, opacity as a
+logit, scale_0..2 as logs, rot_0..3 as wxyz) is written per frame and read back,
+spherical-harmonic colour included (``dtk.gs.sh``: f_rest_* are channel-major,
+all of R's coefficients, then G's, then B's). Two layouts are written: "full",
+float32 with normals and the 45 f_rest_* of degree 3 (unused bands 0), which
+the original 3DGS code and the usual viewers read (248 bytes per Gaussian); and
+"compact", float32 without the (zero) normals and with only the SH bands the
+field uses, none for a field from tracks (56 bytes per Gaussian, 4.4× smaller).
+PLY has no 16-bit float type, so "compact" stays float32 to remain readable.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +30,8 @@ import numpy as np
 import torch
 
 from dtk.errors import BadInput
+from dtk.gs.sh import C0 as SH_C0, MAX_DEGREE, degree_of   # degree 0: colour = 0.5 + C0 · f_dc
 
-SH_C0 = 0.28209479177387814   # the degree-0 spherical harmonic: colour = 0.5 + C0 · f_dc
 OCCLUDED = ("keep", "hide", "seen")
 
 
@@ -124,7 +132,12 @@ class Gaussians:
     quats: torch.Tensor       # [N, 4] wxyz
     scales: torch.Tensor      # [N, 3]
     opacities: torch.Tensor   # [N]
-    colors: torch.Tensor      # [N, 3] in 0..1
+    colors: torch.Tensor      # [N, 3] in 0..1 (view-independent; the DC colour of an SH scene)
+    sh: torch.Tensor | None = None   # [N, K, 3] SH coefficients, K = (d+1)², DC first; when set, it is the colour
+
+    @property
+    def sh_degree(self) -> int | None:
+        return None if self.sh is None else degree_of(self.sh.shape[1])
 
 
 def frame_gaussians(tracks: Tracks, t: int, colors: torch.Tensor, *, scale_px: float = 0.7,
@@ -161,34 +174,64 @@ def frame_gaussians(tracks: Tracks, t: int, colors: torch.Tensor, *, scale_px: f
 
 PLY_REQUIRED = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
                 "rot_0", "rot_1", "rot_2", "rot_3")
-SH_REST = 45   # f_rest_0..44: the degree-3 bands the original 3DGS loader expects (written as zeros)
-PLY_ORDER = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2",
-             *(f"f_rest_{i}" for i in range(SH_REST)), "opacity", "scale_0", "scale_1", "scale_2",
-             "rot_0", "rot_1", "rot_2", "rot_3")
+SH_REST = 3 * ((MAX_DEGREE + 1) ** 2 - 1)   # 45 f_rest_*: the degree-3 bands the original 3DGS loader expects
+PLY_FORMATS = ("full", "compact")
+
+
+def ply_properties(ply_format: str = "full", rest: int = SH_REST) -> tuple[str, ...]:
+    """The vertex properties, in order, of a "full" PLY (normals, 45 f_rest_*) or a "compact" one (``rest``
+    f_rest_*, no normals)."""
+    if ply_format == "full":
+        rest = SH_REST
+    normals = ("nx", "ny", "nz") if ply_format == "full" else ()
+    return ("x", "y", "z", *normals, "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(rest)),
+            "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3")
+
+
+PLY_ORDER = ply_properties("full")
 PLY_TYPES = {"float": "<f4", "float32": "<f4", "double": "<f8", "float64": "<f8", "uchar": "u1", "uint8": "u1",
              "char": "i1", "int8": "i1", "ushort": "<u2", "uint16": "<u2", "short": "<i2", "int16": "<i2",
              "uint": "<u4", "uint32": "<u4", "int": "<i4", "int32": "<i4"}
 
 
-def write_ply(path: Path, g: Gaussians) -> None:
-    """Binary little-endian float32 PLY in the layout of the original 3DGS code (degree-3 SH, higher bands 0)."""
+def ply_bytes_per_gaussian(ply_format: str = "full", sh_degree: int = 0) -> int:
+    """Bytes per vertex of a PLY that ``write_ply`` writes (float32 properties)."""
+    return 4 * len(ply_properties(ply_format, 3 * ((sh_degree + 1) ** 2 - 1)))
+
+
+def write_ply(path: Path, g: Gaussians, ply_format: str = "full") -> None:
+    """Binary little-endian float32 PLY in the layout of the original 3DGS code (``GaussianModel.save_ply``).
+    "full": normals (0) and the 45 f_rest_* of degree 3, the bands the field lacks written as 0; "compact": no
+    normals, only the field's own f_rest_* (see the module's docstring)."""
     from dtk.io import atomic_write
 
+    if ply_format not in PLY_FORMATS:
+        raise BadInput(f"--ply-format {ply_format}: choose {', '.join(PLY_FORMATS)}")
     n = len(g.means)
+    dtype = g.means.dtype
+    if g.sh is not None:
+        dc, rest = g.sh[:, 0].to(dtype), g.sh[:, 1:].to(dtype).transpose(1, 2)   # rest: [N, 3, K−1]
+    else:
+        dc, rest = (g.colors.to(dtype) - 0.5) / SH_C0, torch.zeros(n, 3, 0, dtype=dtype)
+    if ply_format == "full":   # each channel's coefficients padded to degree 3, then channel-major
+        rest = torch.cat([rest, torch.zeros(n, 3, SH_REST // 3 - rest.shape[2], dtype=dtype)], 2)
     opac = g.opacities.clamp(1e-6, 1 - 1e-6)
-    columns = [g.means, torch.zeros(n, 3, dtype=g.means.dtype), (g.colors - 0.5) / SH_C0,
-               torch.zeros(n, SH_REST, dtype=g.means.dtype), torch.log(opac / (1 - opac))[:, None],
-               torch.log(g.scales), g.quats]
+    columns = [g.means, *([torch.zeros(n, 3, dtype=dtype)] if ply_format == "full" else []), dc,
+               rest.reshape(n, -1), torch.log(opac / (1 - opac))[:, None], torch.log(g.scales), g.quats]
     table = torch.cat([c.double() for c in columns], 1).numpy().astype("<f4")
+    names = ply_properties(ply_format, rest.shape[1] * rest.shape[2])
+    assert table.shape[1] == len(names)
     header = ("ply\nformat binary_little_endian 1.0\n" f"element vertex {n}\n"
-              + "".join(f"property float {name}\n" for name in PLY_ORDER) + "end_header\n")
+              + "".join(f"property float {name}\n" for name in names) + "end_header\n")
     with atomic_write(path, "wb") as f:
         f.write(header.encode("ascii"))
         f.write(table.tobytes())
 
 
 def read_ply(path: str) -> Gaussians:
-    """A static 3DGS PLY (binary little-endian, float properties; extra properties such as f_rest_* ignored)."""
+    """A static 3DGS PLY (binary little-endian, scalar properties; others than 3DGS's ignored). f_rest_* (0, 9, 24
+    or 45 of them: SH degree 0–3, channel-major) become ``sh``; top bands that are all zero are dropped (a
+    "full" PLY of a field from tracks renders as degree 0)."""
     raw = Path(path).read_bytes() if Path(path).is_file() else None
     if raw is None:
         raise BadInput(f"--ply {path}: no such file")
@@ -212,6 +255,8 @@ def read_ply(path: str) -> Gaussians:
         elif parts[:1] == ["property"] and element == "vertex":
             if len(parts) != 3 or parts[1] not in PLY_TYPES:
                 raise BadInput(f"--ply {path}: property {' '.join(parts[1:])!r} is not a scalar of a known type")
+            if parts[2] in names:
+                raise BadInput(f"--ply {path}: property {parts[2]} appears twice")
             types.append(PLY_TYPES[parts[1]])
             names.append(parts[2])
     missing = [p for p in PLY_REQUIRED if p not in names]
@@ -227,6 +272,20 @@ def read_ply(path: str) -> Gaussians:
         return torch.from_numpy(np.stack([v[k].astype(np.float64) for k in keys], 1))
 
     logit = cols("opacity")[:, 0]
+    dc = cols("f_dc_0", "f_dc_1", "f_dc_2")
+    rest = [name for name in names if name.startswith("f_rest_")]
+    want = [f"f_rest_{i}" for i in range(len(rest))]
+    if sorted(rest, key=lambda k: int(k[7:]) if k[7:].isdigit() else -1) != want or \
+            len(rest) not in [3 * ((d + 1) ** 2 - 1) for d in range(MAX_DEGREE + 1)]:
+        raise BadInput(f"--ply {path}: {len(rest)} f_rest_* properties; want f_rest_0..N-1 with N = 0, 9, 24 or 45 "
+                       "(SH degree 0–3)")
+    k = len(rest) // 3 + 1
+    # [N, 3·(K−1)] channel-major → [N, 3, K−1] → [N, K−1, 3]
+    higher = cols(*want).view(count, 3, k - 1).transpose(1, 2) if rest else torch.zeros(count, 0, 3,
+                                                                                            dtype=torch.float64)
+    sh = torch.cat([dc[:, None], higher], 1)
+    while sh.shape[1] > 1 and not sh[:, math.isqrt(sh.shape[1] - 1) ** 2:].any():   # an all-zero top band
+        sh = sh[:, :math.isqrt(sh.shape[1] - 1) ** 2]
     return Gaussians(means=cols("x", "y", "z"), quats=cols("rot_0", "rot_1", "rot_2", "rot_3"),
                      scales=torch.exp(cols("scale_0", "scale_1", "scale_2")), opacities=torch.sigmoid(logit),
-                     colors=(0.5 + SH_C0 * cols("f_dc_0", "f_dc_1", "f_dc_2")).clamp(0, 1))
+                     colors=(0.5 + SH_C0 * dc).clamp(0, 1), sh=sh.contiguous())

@@ -13,6 +13,10 @@ below 1/255 (α capped at 0.99 as in the original 3DGS; gsplat caps at 0.999, so
 the two differ for opacities above 0.99); C += c·α·T, T ← T(1 − α); a Gaussian
 that would take T to 1e-4 or below ends the pixel (as gsplat does).
 
+Colour c is the Gaussian's own, or with SH coefficients (a 3DGS scene) its
+view-dependent colour for each camera, max(0, SH(normalize(μ − centre)) + 0.5)
+(``dtk.gs.sh``), computed before rasterising as gsplat does.
+
 How it is vectorised (no Python loop per Gaussian or per pixel): α ≥ 1/255 ⟺
 σ ≤ ln(255·o), an ellipse, so each Gaussian only visits its ellipse's bounding
 box (inside the radii box). Gaussians with boxes of one size are evaluated
@@ -303,20 +307,34 @@ def rasterize(proj: Projection, colors: torch.Tensor, opacities: torch.Tensor, w
 
 
 def render(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-           background: torch.Tensor | None = None, backend: str = "auto"):
+           background: torch.Tensor | None = None, backend: str = "auto", sh_degree: int | None = None):
     """RGB [C, H, W, D], alpha [C, H, W, 1] and depth [C, H, W, 1] of N Gaussians seen by C cameras.
 
+    ``colors``: [N, D] or [C, N, D] colours; with ``sh_degree`` (as gsplat's ``rasterization``), SH coefficients
+    [N, K, 3] (K = (sh_degree + 1)², DC first), coloured per camera as 3DGS does (``dtk.gs.sh``).
     ``backend``: "torch" (this module, CPU tensors), "gsplat" (CUDA, needs gsplat), "auto" (gsplat when the
     tensors are on CUDA and gsplat's kernels load, else torch)."""
+    if sh_degree is not None:
+        from dtk.gs.sh import degree_of
+
+        if colors.dim() != 3 or colors.shape[-1] != 3 or degree_of(colors.shape[1]) != sh_degree:
+            raise ValueError(f"SH colours {tuple(colors.shape)} for degree {sh_degree}: want [N, "
+                             f"{(sh_degree + 1) ** 2}, 3]")
     if backend == "auto":
         backend = "gsplat" if means.is_cuda and _has_gsplat() else "torch"
     if backend == "gsplat":
         from gsplat import rasterization
 
+        # gsplat evaluates the SH itself, from the same camera centres and with the same + 0.5, clamp at 0
         out, alpha, _ = rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                                      render_mode="RGB+ED", backgrounds=None if background is None else
+                                      render_mode="RGB+ED", sh_degree=sh_degree,
+                                      backgrounds=None if background is None else
                                       background.expand(len(viewmats), -1))
         return out[..., :-1], alpha, out[..., -1:]
+    if sh_degree is not None:
+        from dtk.gs.sh import sh_colors
+
+        colors = sh_colors(colors, means, viewmats)
     proj = project(means, covariances(quats, scales), viewmats, Ks, width, height)
     return rasterize(proj, colors, opacities, width, height, background)
 
