@@ -28,7 +28,7 @@ from common import machine, report  # noqa: E402
 def make_pairs(model_spec, out: Path, n: int) -> None:
     from dtk.demo.shapes import make_split
     from dtk.pairs import PairOptions, run_pairs
-    from dtk.sample import PromptItem
+    from dtk.prompts import PromptItem
 
     _, captions, _ = make_split(n, seed=3)
     run_pairs(PairOptions(prompts=[PromptItem(c) for c in captions], model=model_spec, out=str(out), steps=4,

@@ -175,7 +175,7 @@ def prompts_benchmark(prompts: list[str], num_images: int, clip_model: str, real
 class EvalOptions:
     models: list[str]
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 25])
-    out: str = "eval"
+    out: str | None = None   # None: a new folder eval, eval-2, ... per run
     num_images: int = 1000
     teacher: str | None = None
     baseline: str | None = None
@@ -223,8 +223,8 @@ def run_eval(opts: EvalOptions) -> list[dict]:
     labels = [label_of(m) for m in opts.models]
     if len(set(labels)) != len(labels):
         raise BadInput(f"--model: two models share the name {labels}; give distinct directories")
-    out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
     refs = [resolve_model(m) for m in opts.models]  # fail fast on a bad model before any sampling
+    out = None if opts.out is None else prepare_out_dir(opts.out, overwrite=opts.overwrite)
     teacher = opts.teacher
     if teacher is None and opts.prompts:   # your own prompts, your own models: the first one's base (or itself)
         teacher = refs[0].manifest.get("base_model") or opts.models[0]
@@ -238,7 +238,7 @@ def run_eval(opts: EvalOptions) -> list[dict]:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     if opts.prompts:
-        from dtk.sample import read_prompts
+        from dtk.prompts import read_prompts
 
         bench = prompts_benchmark([p.prompt for p in read_prompts((), opts.prompts)], opts.num_images,
                                   opts.clip_model, opts.real_dir, device)
@@ -287,6 +287,12 @@ def run_eval(opts: EvalOptions) -> list[dict]:
                 rows.append(row)
             grids[label] = [per_steps[s][0][:GRID_COLUMNS] for s in steps]
             del model
+    if out is None:   # no --out: a new folder, never the previous run's
+        from dtk.io import fresh_out_dir
+
+        out = fresh_out_dir("eval")
+        opts.out = str(out)
+        log.info("eval: writing to %s/", out)
     _write_outputs(out, opts, bench, rows, grids, steps)
     if opts.format == "md":
         print(markdown_table(rows, bench))
@@ -323,7 +329,8 @@ def _write_outputs(out: Path, opts: EvalOptions, bench: Benchmark, rows, grids, 
 
     with Replacing(out):   # everything is measured: only now is a replaced result set aside
         table = markdown_table(rows, bench)
-        _print_rich_table(rows, bench)
+        if opts.format != "md":   # with --format md the table is on stdout already
+            _print_rich_table(rows, bench)
         files = ["eval.json", "eval.md", "plot.png"]
         write_json(out / "eval.json", {"benchmark": bench.name, "num_images": len(bench.captions),
                                        "noise_floor": bench.noise_floor, "teacher": label_of(bench.teacher),

@@ -58,10 +58,16 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 def emit(record: dict) -> None:
     """One JSON object per line on stdout: the machine-readable result."""
     from dtk.errors import StdoutClosed
+    from dtk.progress import write_above_bar
+
+    line = json.dumps(record, default=str) + "\n"
+
+    def write() -> None:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
     try:
-        sys.stdout.write(json.dumps(record, default=str) + "\n")
-        sys.stdout.flush()
+        write_above_bar(write)
     except BrokenPipeError:
         raise StdoutClosed() from None
 
@@ -150,6 +156,19 @@ def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MA
     if (out / marker).exists() and not overwrite:
         raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
     return out
+
+
+def fresh_out_dir(base: str) -> Path:
+    """A new folder for a generation run given no ``--out``: ``base``, ``base-2``, ``base-3``, ... the first
+    that does not exist yet. It is made here, so two runs started together never share one."""
+    n = 1
+    while True:
+        path = Path(base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
 
 
 ASIDE = ".replaced"

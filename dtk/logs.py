@@ -32,12 +32,12 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
-    STATE["quiet"] = quiet
+    STATE["quiet"], STATE["verbose"] = quiet, verbose
 
 
 # Per-invocation switches set by the top-level options (not os.environ, which
 # would leak between invocations in one process, e.g. in tests).
-STATE = {"quiet": False}
+STATE: dict = {"quiet": False, "verbose": 0, "threads": None}
 
 
 def progress_enabled() -> bool:

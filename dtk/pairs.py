@@ -87,7 +87,7 @@ def probes_match(a: list[float], b: list[float]) -> bool:
 
 @dataclass
 class PairOptions:
-    prompts: list                       # dtk.sample.PromptItem
+    prompts: list                       # dtk.prompts.PromptItem
     model: str | None = None
     model_config: str | None = None
     out: str = "pairs"

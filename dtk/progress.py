@@ -12,7 +12,7 @@ import sys
 import time
 
 log = logging.getLogger("dtk")
-
+_LIVE: list["Progress"] = []   # the rich bars being drawn now (innermost last)
 
 
 def plain_interval() -> float:
@@ -38,19 +38,26 @@ class Progress:
         self._rich = None
         self.enabled = enabled and total > 0
         self.interval = plain_interval()
+        from dtk import threads
+
+        threads.report()
         if self.enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
             from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+            # drawn only when it advances (no refresh thread), so a result line can be put above it without a
+            # race: see ``above_bar``
             self._rich = RichProgress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
+                console=Console(stderr=True), transient=False, auto_refresh=False,
                 redirect_stdout=False, redirect_stderr=False,  # stdout is for JSON lines only
             )
             self._task = self._rich.add_task(label, total=total)
             self._rich.start()
+            self._rich.refresh()
+            _LIVE.append(self)
 
     def __enter__(self) -> "Progress":
         return self
@@ -64,6 +71,7 @@ class Progress:
             return
         if self._rich is not None:
             self._rich.update(self._task, advance=n)
+            self._rich.refresh()
             return
         now = time.monotonic()
         if now - self._last_print >= self.interval or self.done >= self.total:
@@ -81,3 +89,18 @@ class Progress:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
+            if self in _LIVE:
+                _LIVE.remove(self)
+
+
+def write_above_bar(write) -> None:
+    """Run ``write`` (which prints whole lines on stdout) so that, where stdout and a live bar share a
+    terminal, the lines stand alone above the bar instead of being appended to it."""
+    bar = _LIVE[-1] if _LIVE else None
+    if bar is None or bar._rich is None or not sys.stdout.isatty():
+        write()
+        return
+    sys.stderr.write("\r\x1b[2K")   # the bar's line cleared; it is drawn again below the new lines
+    sys.stderr.flush()
+    write()
+    bar._rich.refresh()

@@ -9,61 +9,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dtk.errors import BadInput
-from dtk.io import emit, open_text, parse_jsonl
+from dtk.io import emit
+from dtk.prompts import NO_PROMPTS, PromptItem
 
 log = logging.getLogger("dtk")
-
-@dataclass
-class PromptItem:
-    prompt: str
-    negative_prompt: str | None = None
-    seed: int | None = None
-
-
-NO_PROMPTS = "no prompts: give them as arguments or with --prompts FILE (- for stdin)"
-
-
-def read_prompts(texts: tuple[str, ...] | list[str], prompts_file: str | None, required: bool = True) -> list[PromptItem]:
-    """Prompts from arguments, or from a plain-text / JSONL file (``-`` = stdin); none at all is an
-    error unless not ``required`` (an unconditional model needs none)."""
-    if texts and prompts_file:
-        raise BadInput("give prompts as arguments or with --prompts, not both")
-    if texts:
-        return [PromptItem(t) for t in texts]
-    if not prompts_file:
-        if required:
-            raise BadInput(NO_PROMPTS)
-        return []
-    name = "<stdin>" if prompts_file == "-" else prompts_file
-    with open_text(prompts_file) as f:
-        lines = f.read().splitlines()
-    first = next((ln.strip() for ln in lines if ln.strip()), "")
-    items: list[PromptItem] = []
-    if first.startswith("{"):
-        for lineno, obj in parse_jsonl(lines, name):
-            prompt = obj.get("prompt", obj.get("caption"))
-            if not isinstance(prompt, str):
-                raise BadInput(f"{name}:{lineno}: no 'prompt' string")
-            seed = obj.get("seed")
-            if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2 ** 63):
-                raise BadInput(f"{name}:{lineno}: 'seed' must be an integer in 0..2^63-1")
-            neg = obj.get("negative_prompt")
-            if neg is not None and not isinstance(neg, str):
-                raise BadInput(f"{name}:{lineno}: 'negative_prompt' must be a string")
-            items.append(PromptItem(prompt, neg, seed))
-    else:
-        items = [PromptItem(ln.strip()) for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not items:
-        raise BadInput(f"{name}: no prompts in it")
-    return items
-
 
 @dataclass
 class SampleOptions:
     prompts: list[PromptItem]
     model: str | None = None
     model_config: str | None = None
-    out: str = "samples"
+    out: str | None = None   # None: a new folder samples, samples-2, ... per run
+    from_classes: bool = False   # the prompts came from --class (a class-conditional pixel model's labels)
     num_per_prompt: int = 1
     negative_prompt: str = ""
     steps: int | None = None
@@ -128,14 +85,29 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         if value is not None and not math.isfinite(value):
             raise BadInput(f"{name} {value}: must be a finite number")
     ref = resolve_model(model_spec)
+    # the arguments first: a refused --out must not hide a missing LoRA or prompt
+    from dtk.diffusion.lora import check_lora_files
+
+    check_lora_files(opts.loras)
+    if ref.family != "pixel":
+        if opts.from_classes:
+            raise BadInput(f"--class: {ref.spec} is a text-to-image model, not a class-conditional one; give the "
+                           "text as a prompt")
+        if not opts.prompts:
+            raise BadInput(NO_PROMPTS)
     suffix = shard_suffix(opts.shard)
     marker = f"dtk{suffix}.json"
-    out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
-    other = [m.name for m in sorted(out.glob("dtk*.json"))
-             if m.name != marker and not same_shard_layout(m.name, suffix)]
-    if other:   # images of one numbering, two layouts: shards would overwrite another run's files piecemeal
-        raise BadInput(f"--out {out}: holds a result made with another --shard layout ({other[0]}); remove it or "
-                       "choose another directory")
+    out = None
+    if opts.out is None and opts.shard[1] > 1:
+        raise BadInput(f"shard {opts.shard[0]}/{opts.shard[1]}: a sharded run needs --out, the one folder that "
+                       "every shard writes into")
+    if opts.out is not None:
+        out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
+        other = [m.name for m in sorted(out.glob("dtk*.json"))
+                 if m.name != marker and not same_shard_layout(m.name, suffix)]
+        if other:   # images of one numbering, two layouts: shards would overwrite another run's files piecemeal
+            raise BadInput(f"--out {out}: holds a result made with another --shard layout ({other[0]}); remove it "
+                           "or choose another directory")
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
@@ -168,9 +140,16 @@ def run_sample(opts: SampleOptions) -> list[dict]:
 
     all_requests = plan_requests(opts)
     mine = [all_requests[i] for i in shard_indices(len(all_requests), opts.shard)]
-    log.info("sample: %d image(s)%s with %s, %s %d steps, guidance %.2f, %dx%d on %s",
-             len(mine), f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
-             ref.spec, settings.scheduler, settings.steps, settings.guidance, settings.width, settings.height, device)
+    if out is None:   # no --out: a new folder, never the previous run's
+        from dtk.io import fresh_out_dir
+
+        out = fresh_out_dir("samples")
+        opts.out = str(out)
+    log.info("sample: %d image%s%s with %s, %s %d step%s, guidance %.2f, %dx%d on %s, into %s/",
+             len(mine), "" if len(mine) == 1 else "s",
+             f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
+             ref.spec, settings.scheduler, settings.steps, "" if settings.steps == 1 else "s", settings.guidance,
+             settings.width, settings.height, device, out)
     with Replacing(out, marker):   # everything is accepted: only now is a replaced result set aside
         records = _generate_and_write(model, settings, mine, opts, out)
         _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))

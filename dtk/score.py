@@ -45,8 +45,10 @@ def run_score(opts: ScoreOptions) -> list[dict]:
 
     for spec in opts.rewards:
         parse_reward_spec(spec)
+    from dtk.eval.rewards import RANK_BY
+
     names = [parse_reward_spec(s)[0] for s in opts.rewards]
-    pair_by = opts.pair_by or names[0]
+    pair_by = opts.pair_by or RANK_BY.get(names[0], names[0])
     if opts.pairs_out and not pair_by.split("/")[0] in names:
         raise BadInput(f"--pair-by {pair_by}: not among the rewards computed ({', '.join(names)})")
     for target in (opts.out, opts.pairs_out):

@@ -10,11 +10,15 @@ import signal
 
 log = logging.getLogger("dtk")
 received: list[str] = []
+TRAINING = [False]   # whether the running command trains (set as it starts): what the signal will do differs
 
 
 def note(signum, frame) -> None:
     received.append(signal.Signals(signum).name)
-    log.warning("dtk: received %s; a training run checkpoints at its first step boundary", received[-1])
+    if TRAINING[0]:
+        log.warning("dtk: received %s; the run checkpoints at its first step boundary and exits 75", received[-1])
+    else:
+        log.warning("dtk: received %s (a time-limit warning); carrying on (SIGTERM stops the run)", received[-1])
 
 
 def install() -> None:

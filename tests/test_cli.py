@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import dtk_subprocess
 
 
@@ -120,3 +122,111 @@ def test_variables_are_named_after_the_long_option(run_dtk, tmp_path, monkeypatc
     for command in (["sample", "x"], ["dpo", "--data", "d"]):   # --out "$OUT" with OUT unset
         r = run_dtk(*command, "--out", "")
         assert r.exit_code == 2 and "--out '': empty" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------ a new user's first minutes
+
+
+def test_bare_dtk_prints_the_help(run_dtk):
+    r = run_dtk()
+    assert r.exit_code == 0 and r.stdout.startswith("Usage: dtk") and "Commands:" in r.stdout
+    assert len(r.stdout.splitlines()) > 10 and "error" not in r.stderr
+
+
+def test_global_options_after_the_command(run_dtk, tmp_path):
+    """-q / -v / --debug / --threads work before or after the command name."""
+    missing = tmp_path / "missing.jsonl"
+    for args in (["-q", "score", "--data", missing], ["score", "--data", missing, "-q"]):
+        r = run_dtk(*args)
+        assert r.exit_code == 2 and r.stderr.strip() == f"dtk score: error: {missing}: no such file", r.stderr
+    r = run_dtk("score", "-v", "--threads", "1", "--data", missing)
+    assert r.exit_code == 2 and "dtk: 1 CPU thread" not in r.stderr   # said when work starts; this is an error
+    p = dtk_subprocess("score", "--data", missing, "--debug")
+    assert p.returncode == 2 and "Traceback" in p.stderr
+
+
+def test_a_bad_value_names_its_variable_or_config_file(run_dtk, tmp_path):
+    r = run_dtk("sample", "x", env={"DTK_SAMPLE_STEPS": "abc"})
+    assert r.exit_code == 2 and r.stderr.startswith("dtk sample: error: DTK_SAMPLE_STEPS=abc:"), r.stderr
+    r = run_dtk("score", env={"DTK_THREADS": "0"})
+    assert r.exit_code == 2 and "DTK_THREADS=0:" in r.stderr
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[sample]\nsteps = 'abc'\n")
+    r = run_dtk("sample", "--config", cfg, "x")
+    assert r.exit_code == 2 and f"--config {cfg}:" in r.stderr and "'--steps'" in r.stderr
+
+
+def test_one_config_file_serves_a_pipeline(run_dtk, tmp_path):
+    """Top-level keys apply where the command has the option and are skipped elsewhere; a key no command
+    has, or a wrong key in the command's own table, is refused."""
+    import click
+
+    from dtk.cli import cli
+
+    def params(name, cfg):
+        root = click.Context(cli, info_name="dtk", **cli.context_settings)
+        return cli.get_command(root, name).make_context(name, ["--config", str(cfg)], parent=root).params
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("seed = 3\nbatch_size = 8\n[sample]\nsteps = 2\n[score]\nbatch_size = 5\n")
+    assert params("sample", cfg)["seed"] == 3 and params("sample", cfg)["steps"] == 2
+    assert params("score", cfg)["batch_size"] == 5   # seed: not a score option, skipped
+    cfg.write_text("sed = 3\n")
+    r = run_dtk("score", "--config", cfg, "--data", tmp_path / "x.jsonl")
+    assert r.exit_code == 2 and "unknown key 'sed'" in r.stderr and "no dtk command has that option" in r.stderr
+    cfg.write_text("[score]\nseed = 3\n")
+    r = run_dtk("score", "--config", cfg, "--data", tmp_path / "x.jsonl")
+    assert r.exit_code == 2 and "unknown key 'seed' in its [score] table" in r.stderr
+
+
+def test_sigusr1_outside_training_says_so(caplog):
+    import signal
+
+    from dtk import signals
+
+    signals.TRAINING[0] = False
+    signals.note(signal.SIGUSR1, None)
+    assert "carrying on" in caplog.text and "checkpoint" not in caplog.text
+    signals.TRAINING[0] = True
+    signals.note(signal.SIGUSR1, None)
+    assert "checkpoints at its first step boundary and exits 75" in caplog.text
+    signals.TRAINING[0] = False
+
+
+# ------------------------------------------------------------------ CPU threads
+
+
+def test_threads_from_cpus_quota_and_load(tmp_path):
+    from dtk.errors import BadInput
+    from dtk.threads import auto_threads, cgroup_cpus, choose_threads
+
+    # a shared 2-core machine with one other busy process: 1 thread (2 made sampling 15x slower)
+    assert auto_threads(2, busy=1.0, confined=False) == 1
+    assert auto_threads(2, busy=0.0, confined=False) == 2
+    assert auto_threads(2, busy=5.0, confined=False) == 1   # never below one
+    assert auto_threads(16, busy=3.0, confined=False, local_processes=2) == 6   # torchrun: shared per node
+    assert auto_threads(4, busy=100.0, confined=True) == 4   # Slurm's allotted CPUs are its own
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpus(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpus(v1) == 2.0
+    # precedence: --threads / DTK_THREADS, then OMP_NUM_THREADS, then automatic
+    assert choose_threads(3, env={"OMP_NUM_THREADS": "1"}) == (3, "as asked")
+    assert choose_threads(None, env={"OMP_NUM_THREADS": "2"}) == (2, "from OMP_NUM_THREADS")
+    n, why = choose_threads(None, env={})
+    assert n >= 1 and "CPU(s)" in why
+    with pytest.raises(BadInput, match="OMP_NUM_THREADS=x"):
+        choose_threads(None, env={"OMP_NUM_THREADS": "x"})
+
+
+def test_threads_are_applied_and_said(run_dtk, tiny_sd, tmp_path):
+    import torch
+
+    r = run_dtk("--threads", "2", "sample", "--model", tiny_sd, "--steps", "1", "--out", tmp_path / "o", "x")
+    assert r.exit_code == 0 and "dtk: 2 CPU threads (as asked)" in r.stderr, r.stderr
+    assert torch.get_num_threads() == 2   # conftest set 1 before

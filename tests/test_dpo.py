@@ -82,6 +82,15 @@ def test_preference_formats(pairs, tmp_path):
     scored = open_preferences(str(tmp_path / "scored.jsonl"), resolution=16, min_margin=0.05)
     assert len(scored) == 1 and scored.counts["ties_dropped"] == 1
     assert scored[0]["image_w"][0].mean() > scored[0]["image_l"][0].mean()
+    # `dtk score --reward shapes` writes several scores: its continuous confidence ranks by default (the
+    # accuracy ties whenever both images are read correctly: a whole demo pipeline of ties)
+    both = [json.dumps({**json.loads(x), "scores": {"shapes": 1.0, "shapes/confidence": json.loads(x)["scores"]["shapes"],
+                                                    "shapes/color1": 1.0}}) for x in lines]
+    (tmp_path / "shapes.jsonl").write_text("\n".join(both) + "\n")
+    ranked = open_preferences(str(tmp_path / "shapes.jsonl"), resolution=16)
+    assert len(ranked) == 2 and ranked.counts["ties_dropped"] == 0
+    with pytest.raises(BadInput, match=r"\(2 tied\); every pair is a tie: rank by a continuous score"):
+        open_preferences(str(tmp_path / "shapes.jsonl"), resolution=16, pair_by="shapes")
     (tmp_path / "nan.jsonl").write_text(lines[0] + "\n" + lines[1].replace("0.9", "NaN") + "\n")
     with pytest.raises(BadInput, match="score 'shapes' is nan"):   # NaN would win or lose its prompt at random
         open_preferences(str(tmp_path / "nan.jsonl"), resolution=16)
@@ -137,7 +146,8 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
         return r.stderr
 
     rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": 0.5}] * 3
-    assert "no usable preference pair (3 tied)" in bad(write_pairs(tmp_path / "tied.parquet", rows))
+    tied = bad(write_pairs(tmp_path / "tied.parquet", rows))
+    assert "no usable preference pair (3 tied)" in tied and "--pair-by" in tied   # and what to do about it
     rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255))}]
     assert "no label_0 column" in bad(write_pairs(tmp_path / "nolabel.parquet", rows))
     rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0},
@@ -223,6 +233,8 @@ def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path
     assert r.exit_code == 2 and "no CFG branch for NPO" in r.stderr
     r = run_dtk("train-npo", "--model", tiny_sd, *common, "--full", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "an NPO model is a LoRA" in r.stderr
+    shown = run_dtk("train-npo", "--help").stdout   # refused, so not offered; --self's own defaults are shown
+    assert "--full" not in shown and "--self: 1e-6" in shown and "--self: 0.999" in shown
 
 
 def test_npo_weights_go_to_the_negative_branch_only(run_dtk, tiny_sd, pairs, tmp_path):
@@ -327,6 +339,17 @@ def test_self_npo_teacher_target():
     assert float(run.abar[999]) == 0.0
     x, _, x0 = teacher_target(run, unet, x_t, torch.tensor([0, 0]), cond, uncond, -1.0, 2)
     assert torch.isfinite(x).all() and torch.isfinite(x0).all()
+
+
+def test_self_npo_prompt_list_is_read_like_sample_prompts(tmp_path):
+    from dtk.methods.self_npo import PromptList
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("# shapes, one per line\na red circle\n\n  # indented comment\na blue star\n")
+    assert PromptList(str(f)).prompts == ["a red circle", "a blue star"]
+    f.write_bytes(b"a red circle\n\xff\xfe\n")
+    with pytest.raises(BadInput, match=r"--data .*prompts.txt: not UTF-8"):
+        PromptList(str(f))
 
 
 def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):

@@ -36,6 +36,7 @@ def test_markdown_on_stdout_and_deterministic(run_dtk, tiny_sd, tmp_path):
     b = run_dtk(*args, "--out", tmp_path / "b")
     assert a.exit_code == 0, a.stderr
     assert a.stdout.startswith("| model | steps |") and "noise floor" in a.stdout
+    assert "FD-real" not in a.stderr   # the table once, on stdout (not also the stderr one)
     assert a.stdout == b.stdout
 
 

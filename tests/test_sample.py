@@ -219,6 +219,10 @@ BAD = {
     "karras with timesteps": (lambda t, l: (["--scheduler", "dpm++2m-karras", "--timesteps", "999,500", "x"],
                                             "Cannot use `timesteps`")),
     "infinite guidance": (lambda t, l: (["--guidance", "inf", "x"], "--guidance inf: must be a finite number")),
+    "lora scale not a number": (lambda t, l: (["--lora", f"{l}:abc", "x"], "scale 'abc' is not a number")),
+    "lora scale nan": (lambda t, l: (["--lora", f"{l}:nan", "x"], "the scale must be a finite number")),
+    "empty lora file": (lambda t, l: (["--lora", str(_touch(t / "e.safetensors")), "x"], "not a readable .safetensors")),
+    "class on a text model": (lambda t, l: (["--class", "star"], "--class: ")),
     "seed too large": (lambda t, l: _jsonl_seed(t)),
     "pixel class unknown late": (lambda t, l: (["--model", "demo-pixel", "--batch-size", "1", "circle", "hexagon"],
                                                "class 'hexagon' unknown")),
@@ -247,6 +251,52 @@ def test_bad_input(run_dtk, tiny_sd, tiny_sdxl_lora, tmp_path, case):
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
     assert not out.exists()
+
+
+def test_no_out_gives_each_run_a_new_folder(run_dtk, tiny_sd, tmp_path, monkeypatch):
+    """Without --out, runs never collide: samples, samples-2, ...; a sharded run must name its one folder;
+    and with a finished --out the real mistake (a missing LoRA, no prompts) is the one reported."""
+    monkeypatch.chdir(tmp_path)
+    paths = []
+    for _ in range(2):
+        r = run_dtk("sample", "--model", tiny_sd, "--steps", "2", "x")
+        assert r.exit_code == 0, r.stderr
+        paths.append(json.loads(r.stdout)["path"])
+    assert paths == ["samples/000000.png", "samples-2/000000.png"]
+    assert "into samples-2/" in r.stderr and json.loads((tmp_path / "samples-2/dtk.json").read_text())["args"]["out"]
+    r = run_dtk("sample", "--model", tiny_sd, "--shard", "0/2", "x", "y")
+    assert r.exit_code == 2 and "a sharded run needs --out" in r.stderr and not Path("samples-3").exists()
+    for args, message in ((["--lora", "no.safetensors", "x"], "--lora no.safetensors: no such file"),
+                          ([], "no prompts")):
+        r = run_dtk("sample", "--model", tiny_sd, "--out", "samples", *args)
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
+
+
+def test_json_lines_stand_alone_above_the_bar(tiny_sd, tmp_path):
+    """stdout and stderr on one terminal: each JSON line starts a line of its own, not the bar's line."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--out",
+                             str(tmp_path / "o"), "--steps", "2", "--batch-size", "1", "a", "b", "c"],
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    proc.wait(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0
+    starts = [i for i in range(len(screen)) if screen.startswith(b'{"path"', i)]
+    assert len(starts) == 3 and b"3/3" in screen
+    for i in starts:   # after a newline, or after the bar's line was cleared
+        assert screen[:i].endswith((b"\n", b"\x1b[2K")), screen[max(0, i - 60):i + 10]
 
 
 def test_finished_output_is_kept_without_overwrite(run_dtk, tiny_sd, tmp_path):

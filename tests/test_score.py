@@ -83,7 +83,8 @@ def test_pairs_file_round_trip(run_dtk, tmp_path):
     good, bad = _attrs(RED), _attrs("a large green circle on a white background")
     f = _manifest(tmp_path, [(RED, good), (RED, bad), (RED, good), (BLUE_STAR, _attrs(BLUE_STAR))])
     pairs = tmp_path / "pairs.parquet"
-    r = run_dtk("score", "--data", f, "--pairs-out", pairs, "--out", tmp_path / "scored.jsonl")
+    r = run_dtk("score", "--data", f, "--pairs-out", pairs, "--out", tmp_path / "scored.jsonl",
+                "--pair-by", "shapes")
     assert r.exit_code == 0, r.stderr
     t = pq.read_table(pairs).to_pylist()
     assert len(t) == 3  # 3 images of one prompt → 3 pairs; a single image forms none
@@ -92,6 +93,11 @@ def test_pairs_file_round_trip(run_dtk, tmp_path):
     assert Image.open(io.BytesIO(t[0]["jpg_0"])).format == "JPEG"
     assert Image.open(io.BytesIO(t[0]["jpg_1"])).size == (64, 64)
     assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 4
+    # by default the shapes reward ranks by its continuous confidence: two correct images are no tie
+    r = run_dtk("score", "--data", f, "--pairs-out", tmp_path / "conf.parquet")
+    assert r.exit_code == 0, r.stderr
+    t = pq.read_table(tmp_path / "conf.parquet").to_pylist()
+    assert [row["label_0"] for row in t][1] in (0.0, 1.0) and "by shapes/confidence" in r.stderr
     # overwriting needs --overwrite
     r = run_dtk("score", "--data", f, "--pairs-out", pairs)
     assert r.exit_code == 2 and "--overwrite" in r.stderr

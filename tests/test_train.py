@@ -339,8 +339,10 @@ def test_two_processes_match_one(tiny_sd, sd_pairs, tmp_path):
     one = dtk_subprocess(*common, "--out", tmp_path / "one", "--batch-size", "2")
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # without --device cpu: a CPU-only machine joins the launcher's processes on gloo, never N lone copies
+    two_args = [a for a in common if a not in ("--device", "cpu")]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29531", "-m", "dtk", *common, "--out", str(tmp_path / "two"), "--batch-size", "1"],
+                          "29531", "-m", "dtk", *two_args, "--out", str(tmp_path / "two"), "--batch-size", "1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
     assert len(two.stdout.splitlines()) == 1  # only the main process prints its result

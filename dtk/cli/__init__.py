@@ -59,14 +59,16 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        return _with_envvars(importlib.import_module(COMMANDS[name]).command, name)
+        return _with_global_options(_with_envvars(importlib.import_module(COMMANDS[name]).command, name), name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Run with the error boundary: one line per failure, a documented exit code."""
         if args is None:
             args = sys.argv[1:]
         args = list(args)
-        debug = os.environ.get("DTK_DEBUG", "") not in ("", "0") or "--debug" in _group_args(args)
+        if not args and not os.environ.get(complete_var or "_DTK_COMPLETE"):
+            args = ["--help"]   # bare `dtk`: the help on stdout, exit 0 (click would squash it into an error)
+        debug = os.environ.get("DTK_DEBUG", "") not in ("", "0") or "--debug" in _options_part(args)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_sigterm)
             from dtk import signals
@@ -79,7 +81,7 @@ class LazyGroup(click.Group):
             code = e.exit_code
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else "dtk"
-            _fail(where, e.format_message(), debug)
+            _fail(where, _origin(e) + e.format_message(), debug)
             code = 2
         except click.ClickException as e:
             _fail(_where(args), e.format_message(), debug)
@@ -117,12 +119,82 @@ def _with_envvars(command: click.Command, name: str) -> click.Command:
     return command
 
 
-def _group_args(args: list[str]) -> list[str]:
-    """The arguments before the subcommand name (the group's own options)."""
-    for i, a in enumerate(args):
-        if a in COMMANDS:
-            return args[:i]
-    return args
+# The group's options are accepted after the command name too (`dtk sample -q ...`): each command gets a
+# hidden copy of them, merged with the group's in ``_run_with_globals``.
+GLOBAL_OPTIONS = {
+    "debug": dict(param_decls=["--debug"], is_flag=True, help="Show tracebacks (also DTK_DEBUG=1)."),
+    "verbose": dict(param_decls=["-v", "--verbose"], count=True,
+                    help="More log lines on stderr (-vv: also library logs)."),
+    "quiet": dict(param_decls=["-q", "--quiet"], is_flag=True, help="Only errors on stderr; no progress."),
+    "threads": dict(param_decls=["--threads"], type=click.IntRange(min=1), default=None, metavar="N",
+                    help="CPU threads for torch (also DTK_THREADS) [the CPUs available to this process, less "
+                    "those busy with other work; OMP_NUM_THREADS if set]."),
+}
+TRAINING_COMMANDS = {"train-reflow", "distill-pcm", "tune-sct", "dpo", "train-npo"}
+
+
+def _global_options(f):
+    for spec in reversed(GLOBAL_OPTIONS.values()):
+        spec = dict(spec)
+        f = click.option(*spec.pop("param_decls"), **spec)(f)
+    return f
+
+
+def _with_global_options(command: click.Command, name: str) -> click.Command:
+    if getattr(command, "_dtk_globals", False):
+        return command
+    for key, spec in GLOBAL_OPTIONS.items():
+        spec = dict(spec)
+        command.params.append(click.Option(spec.pop("param_decls"), **spec, hidden=True, expose_value=True,
+                                           allow_from_autoenv=False))
+    callback = command.callback
+
+    def run(*args, **kwargs):
+        here = {key: kwargs.pop(key) for key in GLOBAL_OPTIONS}
+        return _run_with_globals(name, here, callback, args, kwargs)
+
+    command.callback = run
+    command._dtk_globals = True
+    return command
+
+
+def _run_with_globals(name: str, here: dict, callback, args, kwargs):
+    """The group's settings, with the ones given after the command name on top; then the command."""
+    from dtk import signals, threads
+    from dtk.logs import STATE, setup_logging
+
+    verbose = max(STATE["verbose"], here["verbose"])
+    quiet = STATE["quiet"] or here["quiet"]
+    if (verbose, quiet) != (STATE["verbose"], STATE["quiet"]):
+        setup_logging(verbose=verbose, quiet=quiet)
+    signals.TRAINING[0] = name in TRAINING_COMMANDS
+    threads.apply(here["threads"] if here["threads"] is not None else STATE["threads"])
+    return callback(*args, **kwargs)
+
+
+def _origin(e: click.UsageError) -> str:
+    """Where a bad value came from when it was not the command line: its DTK_* variable or --config."""
+    from click.core import ParameterSource
+
+    param, ctx = getattr(e, "param", None), e.ctx
+    if param is None or ctx is None or param.name is None:
+        return ""
+    source = ctx.get_parameter_source(param.name)
+    if source == ParameterSource.ENVIRONMENT:
+        names = param.envvar if isinstance(param.envvar, (list, tuple)) else [param.envvar]
+        if ctx.auto_envvar_prefix and param.name:
+            names = [*names, f"{ctx.auto_envvar_prefix}_{param.name.upper()}"]
+        for var in names:
+            if var and var in os.environ:
+                return f"{var}={os.environ[var]}: "
+    if source == ParameterSource.DEFAULT_MAP and "dtk.config" in ctx.meta:
+        return f"--config {ctx.meta['dtk.config']}: "
+    return ""
+
+
+def _options_part(args: list[str]) -> list[str]:
+    """The arguments before a ``--`` (after which everything is a positional value)."""
+    return args[:args.index("--")] if "--" in args else args
 
 
 def _where(args: list[str]) -> str:
@@ -143,21 +215,21 @@ def _fail(where: str, message: str, debug: bool, hint: bool = False, label: str 
 
 @click.group(name="dtk", cls=LazyGroup, context_settings={"auto_envvar_prefix": "DTK", "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="dtk")
-@click.option("--debug", is_flag=True, help="Show tracebacks (also DTK_DEBUG=1).")
-@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv: also library logs).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress.")
-def cli(debug: bool, verbose: int, quiet: bool) -> None:
+@_global_options
+def cli(debug: bool, verbose: int, quiet: bool, threads: int | None) -> None:
     """Post-training toolkit for diffusion models, and the video-to-4D tools beside them.
 
     Every command reads files (or - for stdin), writes its results under --out,
     prints one JSON object per result on stdout and logs to stderr. Options can
     also come from --config FILE.toml or DTK_<COMMAND>_<OPTION> variables;
-    flags on the command line win.
+    flags on the command line win. The options below may also follow the
+    command name (dtk sample -q ...).
     """
-    from dtk.logs import setup_logging
+    from dtk.logs import STATE, setup_logging
     from dtk.progress import plain_interval
 
     setup_logging(verbose=verbose, quiet=quiet)
+    STATE["threads"] = threads
     plain_interval()   # a malformed DTK_PROGRESS_INTERVAL is refused now, not after a model has loaded
 
 

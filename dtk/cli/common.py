@@ -52,12 +52,17 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     table = dict(data.get(name, {})) if isinstance(data.get(name), dict) else {}
     top = {k: v for k, v in data.items() if not (k in COMMANDS and isinstance(v, dict))}
     keys = _config_keys(ctx.command)
+    # One file serves a pipeline: a top-level key applies to the commands that have that option and is
+    # skipped by the others; it must still be some command's option (a typo is not skipped). A command's
+    # own table is strict.
+    top = {k: v for k, v in top.items() if k.replace("-", "_") in keys or not _known_to_any(k.replace("-", "_"))}
     defaults: dict[str, Any] = {}
     for key, val in {**top, **table}.items():
         norm = key.replace("-", "_")
         if norm not in keys:
+            where = f"[{name}] table" if key in table else "file (no dtk command has that option)"
             raise click.BadParameter(
-                f"{value}: unknown key '{key}' for 'dtk {name}' (known: {', '.join(sorted(keys))})",
+                f"{value}: unknown key '{key}' in its {where} for 'dtk {name}' (known: {', '.join(sorted(keys))})",
                 ctx, param,
             )
         option = next(p for p in ctx.command.params if p.name == keys[norm])
@@ -70,7 +75,19 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             raise click.BadParameter(f"{value}: '{key}' = {val}: want a whole number", ctx, param)
         defaults[keys[norm]] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["dtk.config"] = value   # named by the error boundary when one of these values is refused
     return value
+
+
+def _known_to_any(key: str) -> bool:
+    """Whether some dtk command (or the group) takes option ``key`` (its modules are light: no torch)."""
+    import importlib
+
+    from dtk.cli import COMMANDS, GLOBAL_OPTIONS
+
+    if key in GLOBAL_OPTIONS:
+        return True
+    return any(key in _config_keys(importlib.import_module(module).command) for module in COMMANDS.values())
 
 
 def config_option(f: Callable) -> Callable:

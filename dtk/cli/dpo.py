@@ -18,7 +18,7 @@ def preference_options(f, data_help: str = PAIRS_HELP, data_metavar: str = "PAIR
     for option in reversed([
         click.option("--data", required=True, metavar=data_metavar, help=data_help),
         click.option("--pair-by", metavar="SCORE", default=None,
-                     help="Scored JSONL: the score that orders each prompt's images [its only one]."),
+                     help="Scored JSONL: the score that orders each prompt's images [the first reward's; shapes/confidence for shapes]."),
         click.option("--min-margin", type=float, default=0.0, show_default=True,
                      help="Scored JSONL: best and worst must differ by more than this, else the pair is a tie."),
         click.option("--strict", is_flag=True, help="Stop at an image that cannot be decoded (else drop its pair)."),

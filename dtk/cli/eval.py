@@ -42,7 +42,8 @@ def _step_list(ctx, param, value):
               help="CLIP for the prompt benchmark.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @device_options
-@click.option("--out", default="eval", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output directory [a new one per run: eval, eval-2, ...].")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "md"]), default="jsonl", show_default=True,
               help="stdout: one JSON line per (model, steps), or a markdown table.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")

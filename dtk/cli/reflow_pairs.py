@@ -47,7 +47,7 @@ def command(prompt, prompts_file, model, model_config, num, solver, steps, guida
       dtk reflow-pairs --model sd15/ --prompts laion.txt --num 1000000 --shard 3/64 --out pairs/
     """
     from dtk.pairs import PairOptions, run_pairs
-    from dtk.sample import read_prompts
+    from dtk.prompts import read_prompts
     from dtk.seeds import default_shard, parse_shard
 
     run_pairs(PairOptions(

@@ -38,7 +38,8 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @size_options
 @shard_option
 @device_options
-@click.option("--out", default="samples", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output directory [a new one per run: samples, samples-2, ...; a sharded run needs --out].")
 @click.option("--grid", is_flag=True, help="Also write a contact sheet grid.png.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
 @config_option
@@ -61,12 +62,13 @@ def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, 
     """
     from dtk.diffusion.lora import parse_lora_spec
     from dtk.diffusion.schedulers import parse_timesteps
-    from dtk.sample import SampleOptions, read_prompts, run_sample
+    from dtk.prompts import read_prompts
+    from dtk.sample import SampleOptions, run_sample
     from dtk.seeds import default_shard, parse_shard
 
     run_sample(SampleOptions(
         prompts=read_prompts(tuple(prompt) + tuple(classes), prompts_file, required=False),
-        model=model, model_config=model_config, out=out, num_per_prompt=num_per_prompt,
+        model=model, model_config=model_config, out=out, from_classes=bool(classes), num_per_prompt=num_per_prompt,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
         timesteps=parse_timesteps(timesteps) if timesteps else None,
         loras=[parse_lora_spec(s) for s in loras], npo=npo, npo_scale=npo_scale, guide_with=guide_with,

@@ -17,7 +17,8 @@ from dtk.cli.common import config_option, device_option
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Also write the scored manifest here.")
 @click.option("--pairs-out", default=None, type=click.Path(dir_okay=False), metavar="FILE.parquet",
               help="Write preference pairs of same-prompt images (Pick-a-Pic layout).")
-@click.option("--pair-by", default=None, metavar="SCORE", help="Score that ranks pairs [first reward].")
+@click.option("--pair-by", default=None, metavar="SCORE",
+              help="Score that ranks pairs [the first reward's; shapes/confidence for shapes].")
 @click.option("--tie-margin", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Score differences up to this are ties (label 0.5).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)

@@ -21,10 +21,9 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @lambda f: preference_options(f, "--from-pairs: " + PAIRS_HELP + " --self: images (any image format dtk "
                                "trains on) or a prompt list (.txt).", "PAIRS|IMAGES|PROMPTS.txt")
 @click.option("--beta", type=float, default=500.0, show_default=True,
-              help="From pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")
-@click.option("--empty-prompt-prob", type=float, default=0.2, show_default=True,
-              help="Captions replaced by the empty one (the result serves the empty-prompt branch); "
-                   "--self defaults to 0.")
+              help="--from-pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")
+@click.option("--empty-prompt-prob", type=float, default=0.2,
+              help="Captions replaced by the empty one (the result serves the empty-prompt branch) [0.2; --self: 0].")
 @click.option("--teacher-guidance", type=float, default=None,
               help="Self-NPO: the EMA teacher's guidance w in ε_c + w(ε_c − ε_u) [−1 SD1.x, −5 SDXL].")
 @click.option("--teacher-steps", type=int, default=5, show_default=True,
@@ -35,7 +34,9 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
                    "code saves) or its EMA teacher.")
 @click.option("--allow-missing-captions", is_flag=True,
               help="Self-NPO: images without captions train with the empty one.")
-@training_options(lr=5e-6, max_steps=2000, batch_size=4, lora_rank=8)
+@training_options(lr=5e-6, max_steps=2000, batch_size=4, lora_rank=8, full=False,
+                  mode_defaults={"lr": "--self: 1e-6", "ema_decay": "--self: 0.999"})
+@click.option("--full", is_flag=True, hidden=True)   # not offered, but explained when tried
 @config_option
 def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin, strict, beta, empty_prompt_prob,
             teacher_guidance, teacher_steps, huber_c, negative, allow_missing_captions, **kwargs):

@@ -25,15 +25,25 @@ TRAIN_EPILOG = (f"Exit status: 0 done, 1 failed while running (e.g. a NaN loss; 
                 f"(requeue and rerun with --resume auto).")
 
 
-def training_options(*, lr: float, max_steps: int, batch_size: int, lora_rank: int = 16) -> Callable:
-    """Decorate a command with the engine's options (defaults per command where papers differ)."""
+def training_options(*, lr: float, max_steps: int, batch_size: int, lora_rank: int = 16, full: bool = True,
+                     mode_defaults: dict[str, str] | None = None) -> Callable:
+    """Decorate a command with the engine's options (defaults per command where papers differ). ``full=False``
+    leaves out --full (a command that trains LoRAs only); ``mode_defaults`` names defaults that one of the
+    command's modes changes (``{"lr": "--self: 1e-6"}``), shown in --help beside the general one."""
+    notes = mode_defaults or {}
+
+    def default(name: str, value, help: str) -> dict:
+        if name in notes:
+            return {"default": value, "show_default": False, "help": f"{help} [{value:g}; {notes[name]}]"}
+        return {"default": value, "show_default": True, "help": help}
+
     options = [
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory."),
         click.option("--max-steps", type=int, default=max_steps, show_default=True, help="Optimizer steps."),
         click.option("--batch-size", type=int, default=batch_size, show_default=True,
                      help="Examples per process and micro-step (global batch = this × --grad-accum × processes)."),
         click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-steps per optimizer step."),
-        click.option("--lr", type=float, default=lr, show_default=True, help="Peak learning rate."),
+        click.option("--lr", type=float, **default("lr", lr, "Peak learning rate.")),
         click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant", show_default=True),
         click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear LR warm-up steps."),
         click.option("--weight-decay", type=float, default=1e-2, show_default=True),
@@ -43,10 +53,10 @@ def training_options(*, lr: float, max_steps: int, batch_size: int, lora_rank: i
         click.option("--mixed-precision", type=click.Choice(MIXED_PRECISION), default="no", show_default=True,
                      help="Autocast dtype of the forward pass; trained weights stay fp32."),
         click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations: less memory, ~30% slower."),
-        click.option("--ema-decay", type=float, default=0.0, show_default=True,
-                     help="EMA of the trained weights (e.g. 0.9999); exported instead of the raw weights (unless the "
-                     "command says otherwise). 0 = off."),
-        click.option("--full", is_flag=True, help="Fine-tune the whole UNet instead of a LoRA."),
+        click.option("--ema-decay", type=float, **default(
+            "ema_decay", 0.0, "EMA of the trained weights (e.g. 0.9999); exported instead of the raw weights (unless "
+            "the command says otherwise). 0 = off.")),
+        *([click.option("--full", is_flag=True, help="Fine-tune the whole UNet instead of a LoRA.")] if full else []),
         click.option("--lora-rank", type=int, default=lora_rank, show_default=True),
         click.option("--lora-alpha", type=float, default=None, help="LoRA alpha (scale = alpha/rank) [= rank]."),
         click.option("--lora-targets", default=", ".join(DEFAULT_LORA_TARGETS), show_default=True,
@@ -89,7 +99,8 @@ def train_config(kwargs: dict, **fields):
     """Split a command's keyword arguments: the engine's into a TrainConfig, the rest stay."""
     from dtk.train.config import TrainConfig
 
-    own = {k: kwargs.pop(k) for k in TRAIN_KEYS}
+    own = {k: kwargs.pop(k) for k in TRAIN_KEYS if k != "full"}
+    own["full"] = kwargs.pop("full", False)   # a LoRA-only command has no --full
     own["lora_targets"] = tuple(t.strip() for t in own["lora_targets"].split(",") if t.strip())
     own["validation_prompts"] = tuple(own["validation_prompts"])
     return TrainConfig(**own, **fields)

@@ -13,14 +13,37 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` → (path, scale); a path may itself contain ':'."""
+    """``PATH[:SCALE]`` → (path, scale); a path may itself contain ':' (then it is taken whole)."""
+    import math
+
     path, sep, scale = spec.rpartition(":")
-    if sep:
+    if sep and path and not Path(spec).exists():
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            if Path(path).exists():
+                raise BadInput(f"--lora {spec}: scale '{scale}' is not a number (PATH[:SCALE])") from None
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise BadInput(f"--lora {spec}: the scale must be a finite number")
+        return path, value
     return spec, 1.0
+
+
+def check_lora_files(loras: list[tuple[str | Path, float]]) -> None:
+    """Each ``--lora`` exists and is a readable safetensors file with tensors in it: checked in a moment,
+    before a model takes tens of seconds to load."""
+    from safetensors import safe_open
+
+    for path, _ in loras:
+        file = lora_file(path)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                empty = not list(f.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a damaged header
+            raise BadInput(f"--lora {path}: not a readable .safetensors file ({' '.join(str(e).split())[:200]})") from None
+        if empty:
+            raise BadInput(f"--lora {path}: holds no tensors")
 
 
 def lora_file(path: str | Path) -> Path:

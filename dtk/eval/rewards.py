@@ -30,6 +30,17 @@ from dtk.errors import BadInput
 from dtk.hub import local_path
 
 REWARDS = ("shapes", "clip", "pickscore", "hpsv2", "aesthetic")
+# The score that ranks a reward's images into preference pairs. The shapes accuracy counts attributes read
+# back, so images that are all read correctly tie (a whole demo pipeline of ties); its confidence is continuous.
+RANK_BY = {"shapes": "shapes/confidence"}
+
+
+def default_rank_key(scores) -> str | None:
+    """The key that ranks images scored with ``scores`` (names in the order `dtk score` wrote them, the first
+    reward first): that reward's continuous score."""
+    first = next(iter(scores), None)
+    key = RANK_BY.get(first)
+    return key if key in scores else first
 DEFAULT_WEIGHTS = {
     "clip": "openai/clip-vit-large-patch14",
     "pickscore": "yuvalkirstain/PickScore_v1",

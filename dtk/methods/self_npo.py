@@ -131,17 +131,15 @@ class PromptList:
     def __init__(self, spec: str):
         from pathlib import Path
 
-        path = Path(spec).expanduser()
-        if not path.is_file():
+        from dtk.prompts import read_prompts
+
+        if not Path(spec).expanduser().is_file():
             raise BadInput(f"--data {spec}: no such file")
         self.name = spec
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise BadInput(f"--data {spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        self.prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not self.prompts:
-            raise BadInput(f"--data {spec}: no prompts in it")
+        try:   # the reader of `dtk sample --prompts`: comments and blank lines skipped
+            self.prompts = [item.prompt for item in read_prompts((), str(Path(spec).expanduser()))]
+        except BadInput as e:
+            raise BadInput(f"--data {e}") from None
 
     def __len__(self) -> int:
         return len(self.prompts)

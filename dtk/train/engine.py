@@ -464,6 +464,15 @@ def _add_trainable(unet, config: TrainConfig) -> list[tuple[str, torch.nn.Parame
 # The loop
 
 
+def _launcher_world_size() -> int:
+    """The number of processes a launcher (torchrun, accelerate launch, srun with torchrun) says it started."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInput(f"WORLD_SIZE={text}: not a whole number (set by the launcher)") from None
+
+
 def train(method: Method, config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -481,7 +490,15 @@ def train(method: Method, config: TrainConfig) -> dict:
     quiet_libraries()
     t_start = time.monotonic()
     AcceleratorState._reset_state()  # a process-wide singleton: let a second run in one process choose again
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+    world = _launcher_world_size()
+    # a launcher's processes on a machine without CUDA join one process group on the CPU (gloo); accelerate
+    # would otherwise start each as a lone process, and N copies would train into one --out
+    cpu = config.device == "cpu" or (world > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+    if world > 1 and accelerator.num_processes != world:
+        raise BadInput(f"WORLD_SIZE={world}, but accelerate joined {accelerator.num_processes} process(es) "
+                       f"({accelerator.distributed_type.name}); refusing to train {world} independent copies into "
+                       "one --out (check the launcher's environment, or run one process)")
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         # checkpoints and export read whole parameters from the main process: that needs DDP
         raise BadInput(f"accelerate is configured for {accelerator.distributed_type.name}; dtk's checkpoints "
@@ -555,6 +572,9 @@ def _train_loop(run, method, config, named, params, optimizer, scheduler, ema, c
     metrics = _Metrics(out, method.name, main, step)
     if main:
         n_train = sum(p.numel() for p in params)
+        from dtk import threads
+
+        threads.report()
         log.info("%s: %s on %s (%d examples), %s %.2fM trainable parameters, global batch %d, %d steps, %d process(es) on %s",
                  method.name, run.model.ref.spec, data.name, len(data),
                  "full UNet" if config.full else f"LoRA rank {config.lora_rank} alpha {config.alpha:g},",

@@ -159,6 +159,7 @@ def _read_arrow(file: Path):
 
 
 def _from_manifest(spec: str, pair_by: str | None, min_margin: float, pairs: list, counts: dict) -> None:
+    from dtk.eval.rewards import default_rank_key
     from dtk.io import read_manifest
 
     by_prompt: dict[str, list[tuple[float, Path, str]]] = {}
@@ -169,9 +170,7 @@ def _from_manifest(spec: str, pair_by: str | None, min_margin: float, pairs: lis
             raise BadInput(f"--data {where}: 'scores' is not an object of reward → value")
         if not scores:
             raise BadInput(f"--data {where}: no scores; run the manifest through `dtk score` first")
-        key = pair_by or (next(iter(scores)) if len(scores) == 1 else None)
-        if key is None:
-            raise BadInput(f"--data {where}: several scores ({', '.join(scores)}); choose one with --pair-by")
+        key = pair_by or default_rank_key(scores)   # the first reward's continuous score, as `dtk score` pairs
         if key not in scores:
             raise BadInput(f"--data {where}: no score '{key}' (it has {', '.join(scores)})")
         try:
@@ -223,5 +222,8 @@ def open_preferences(spec: str, *, resolution: int, strict: bool = False, pair_b
     if counts["ties_dropped"]:
         log.info("data: %d tied pair(s) dropped", counts["ties_dropped"])
     if not pairs:
-        raise BadInput(f"--data {spec}: no usable preference pair ({counts['ties_dropped']} tied)")
+        hint = ("; every pair is a tie: rank by a continuous score (`dtk score --pair-by SCORE`, e.g. "
+                "shapes/confidence, or --pair-by here for a manifest) or lower --min-margin / --tie-margin"
+                if counts["ties_dropped"] else "")
+        raise BadInput(f"--data {spec}: no usable preference pair ({counts['ties_dropped']} tied){hint}")
     return PreferenceDataset("<stdin>" if spec == "-" else spec, pairs, resolution, counts, strict)
