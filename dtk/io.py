@@ -75,6 +75,8 @@ def emit(record: dict) -> None:
 def open_text(path: str) -> Any:
     """Open a text input; ``-`` is stdin."""
     if path == "-":
+        if sys.stdin.isatty():   # a terminal: say what it waits for rather than wait silently
+            log.info("reading from stdin (a file or a pipe is the usual input; Ctrl-D ends, Ctrl-C stops)")
         return contextlib.nullcontext(sys.stdin)
     p = Path(path)
     if not p.exists():

@@ -28,7 +28,9 @@ EXIT_STATUS = [
     ("1", "a failure while running (e.g. a NaN loss, out of memory)"),
     ("2", "bad usage or bad input (a missing file, a malformed line, an unknown option)"),
     ("130", "interrupted (Ctrl-C); finished files are whole, nothing is half-written"),
+    ("141", "stdout was closed by its reader (e.g. piped into head); the files already written stay whole"),
 ]
+EXIT_TERMINATED = ("143", "terminated by SIGTERM; finished files are whole, nothing is half-written")
 
 
 def completions() -> dict[str, str]:
@@ -100,11 +102,14 @@ def man_page(name: str, command: click.Command, parent: str | None) -> str:
             parts.append(f".TP\n.B dtk {sub}\n{_roff(sub_cmd.get_short_help_str(200))}\nSee \\fBdtk-{sub}\\fR(1).")
     parts.append(".SH EXIT STATUS")
     codes = list(EXIT_STATUS)
-    if any("--resume" in p.opts for p in params):
+    trains = any("--resume" in p.opts for p in params)
+    if not parent or trains:
         from dtk.train.config import EXIT_PREEMPTED
 
-        codes.append((str(EXIT_PREEMPTED), "stopped by SIGTERM or SIGUSR1 (Slurm preemption) after saving a "
-                      "checkpoint; requeue and run again with --resume auto"))
+        codes.append((str(EXIT_PREEMPTED), ("training commands: " if not parent else "") + "stopped by SIGTERM or "
+                      "SIGUSR1 (Slurm preemption) after saving a checkpoint; requeue and run again with --resume auto"))
+    if not parent or not trains:
+        codes.append((EXIT_TERMINATED[0], ("other commands: " if not parent else "") + EXIT_TERMINATED[1]))
     for code, meaning in codes:
         parts.append(f".TP\n.B {code}\n{meaning}")
     see = ", ".join(f"\\fBdtk-{s}\\fR(1)" for s in COMMANDS if s != name)

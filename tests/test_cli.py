@@ -230,3 +230,47 @@ def test_threads_are_applied_and_said(run_dtk, tiny_sd, tmp_path):
     r = run_dtk("--threads", "2", "sample", "--model", tiny_sd, "--steps", "1", "--out", tmp_path / "o", "x")
     assert r.exit_code == 0 and "dtk: 2 CPU threads (as asked)" in r.stderr, r.stderr
     assert torch.get_num_threads() == 2   # conftest set 1 before
+
+
+# ------------------------------------------------------------------ shell completion
+
+PATH_OPTIONS = {   # command → options that take a path (TAB must offer file names)
+    "sample": ["--prompts", "--model", "--lora", "--npo", "--guide-with", "--out", "--model-config"],
+    "reflow-pairs": ["--prompts", "--model", "--out"],
+    "train-reflow": ["--data", "--model", "--out", "--resume"],
+    "distill-pcm": ["--data", "--teacher", "--out"],
+    "tune-sct": ["--data", "--model", "--guide-with"],
+    "dpo": ["--data", "--model"],
+    "train-npo": ["--data", "--model"],
+    "track3d": ["--depth", "--out", "--queries", "--eval"],
+    "render-gs": ["--tracks", "--video", "--ply", "--out"],
+    "score": ["--data", "--out", "--pairs-out"],
+    "eval": ["--model", "--teacher", "--baseline", "--prompts", "--real-dir", "--out"],
+}
+
+
+@pytest.mark.parametrize("command", list(PATH_OPTIONS))
+def test_completion_offers_file_names_for_paths(command):
+    from click.shell_completion import BashComplete
+
+    from dtk.cli import cli
+
+    complete = BashComplete(cli, {}, "dtk", "_DTK_COMPLETE")
+    for option in PATH_OPTIONS[command]:
+        items = complete.get_completions([command, option], "")
+        assert [i.type for i in items] in (["file"], ["dir"]), (command, option, items)
+    if command == "track3d":   # the positional VIDEO
+        assert [i.type for i in complete.get_completions([command], "")] == ["file"]
+    if command == "sample":    # a PROMPT is text, not a file
+        assert [i.type for i in complete.get_completions([command], "")] == []
+
+
+def test_fish_descriptions_keep_their_commas():
+    from click.shell_completion import get_completion_class
+
+    from dtk.cli import cli
+
+    fish = get_completion_class("fish")(cli, {}, "dtk", "_DTK_COMPLETE")
+    assert 'string split -m 1 "," $completion' in fish.source()
+    line = fish.format_completion(fish.get_completions(["sample"], "--sched")[0])
+    assert line.split(",", 1)[1] == "--scheduler\tSampler [model's, else dpm++2m]."

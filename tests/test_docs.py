@@ -40,3 +40,32 @@ def test_man_pages_render():
     for page in sorted((ROOT / "man").glob("*.1")):
         r = subprocess.run(["groff", "-k", "-man", "-Tutf8", "-ww", str(page)], capture_output=True, text=True)
         assert r.returncode == 0 and "warning" not in r.stderr.lower(), (page, r.stderr)
+
+
+def test_man_pages_list_the_exit_codes_that_occur():
+    """75 where a command trains (SIGTERM saves a checkpoint), 143 where it does not; 141 everywhere."""
+    from dtk.cli import TRAINING_COMMANDS
+
+    for page in sorted((ROOT / "man").glob("dtk-*.1")):
+        text = page.read_text()
+        name = page.stem[len("dtk-"):]
+        assert ".B 141" in text, page
+        assert (".B 75" in text) == (name in TRAINING_COMMANDS), page
+        assert (".B 143" in text) == (name not in TRAINING_COMMANDS), page
+
+
+def test_packaging_has_a_name_of_its_own_and_its_license():
+    tomllib = pytest.importorskip("tomllib")
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] != "dtk"   # PyPI's "dtk" is an unrelated package that also imports as dtk
+    assert project["scripts"] == {"dtk": "dtk.cli:main"}
+    assert project["license-files"] == ["LICENSE"] and "Apache License" in (ROOT / "LICENSE").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert f"pip install {project['name']}" in readme or "pip install -e ." in readme
+
+
+def test_demo_scripts_name_themselves():
+    for module in ("dtk.demo.tracks", "dtk.demo.shapes", "dtk.demo.build"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: python -m {module}"), r.stdout[:80]

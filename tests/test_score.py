@@ -207,3 +207,22 @@ def test_bad_input(run_dtk, tmp_path, case, expected):
     assert r.exit_code == 2, (r.exit_code, r.stderr)
     assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stdout == "" and not (tmp_path / "p.parquet").exists()
+
+
+def test_waiting_on_a_terminal_says_so(tmp_path):
+    """`dtk score` with no --data reads stdin; on a terminal it says so instead of waiting silently."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dtk", "score"], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    try:
+        os.write(master, b"\x04")   # Ctrl-D: an empty manifest
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert "reading from stdin" in err and "no images in the manifest" in err, err

@@ -22,6 +22,7 @@ import traceback
 import click
 
 from dtk import __version__
+from dtk.cli.completion import with_path_completion
 from dtk.errors import DtkError, StdoutClosed
 
 # name -> module; the module defines ``command``. One line per command.
@@ -59,7 +60,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        return _with_global_options(_with_envvars(importlib.import_module(COMMANDS[name]).command, name), name)
+        command = importlib.import_module(COMMANDS[name]).command
+        return _with_global_options(with_path_completion(_with_envvars(command, name)), name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Run with the error boundary: one line per failure, a documented exit code."""

@@ -82,6 +82,7 @@ def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, 
       dtk distill-pcm --data images/ --method lcm --out runs/lcm
       dtk sample --model runs/pcm --steps 4 "a large red circle on a white background"
     """
+    from dtk.errors import BadInput
     from dtk.methods.pcm import PhasedConsistency
     from dtk.train.engine import train
 
@@ -89,5 +90,10 @@ def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, 
                             empty_prompt_prob=empty_prompt_prob, loss=loss, huber_c=huber_c, adversarial=adversarial,
                             adv_weight=adv_weight, adv_lr=adv_lr, adv_real=adv_real, adv_at=adv_at, adv_span=adv_span,
                             adv_heads=adv_heads, method=method, sample_guidance=sample_guidance)
-    train(pcm, train_config(kwargs, model=teacher, model_config=model_config, data=data,
-                            allow_missing_captions=allow_missing_captions))
+    try:
+        train(pcm, train_config(kwargs, model=teacher, model_config=model_config, data=data,
+                                allow_missing_captions=allow_missing_captions))
+    except BadInput as e:   # the loaders name the engine's --model; this command calls it --teacher
+        if str(e).startswith("--model "):
+            e.args = ("--teacher " + str(e)[len("--model "):],)
+        raise

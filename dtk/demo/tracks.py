@@ -202,7 +202,7 @@ def write_scene(out: Path, seed: int, frames: int = 24, size: int = 256, queries
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m dtk.demo.tracks", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for scene-NNN/ subfolders")
     ap.add_argument("--scenes", type=int, default=5)
     ap.add_argument("--frames", type=int, default=24)

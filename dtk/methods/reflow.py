@@ -142,6 +142,8 @@ class RectifiedDiffusion(Method):
         check_number("--sample-steps", sample_steps, low=1)
         self.phased = phased
         self.data_kinds = ("images", "pairs") if phased else ("pairs",)
+        self.data_hints = {} if phased else {
+            "images": "images train the phased variant (--phased K), or make pairs first with `dtk reflow-pairs`"}
         self.huber_c, self.empty_prompt_prob = huber_c, empty_prompt_prob
         self.beta_schedule, self.teacher_guidance = beta_schedule, teacher_guidance
         self.sample_steps, self.sample_guidance = sample_steps, sample_guidance

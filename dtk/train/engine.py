@@ -179,6 +179,7 @@ class Method:
 
     name = "train"                    # the command, e.g. "train-reflow"
     data_kinds: tuple[str, ...] = ("images",)   # what --data may hold: "images", "pairs"
+    data_hints: dict[str, str] = {}             # kind of data refused → what to do instead
     export_ema = True                 # with --ema-decay, the EMA weights are the result (else the trained ones)
 
     def open_data(self, spec: str, *, resolution: int, allow_missing_captions: bool = False):
@@ -524,8 +525,9 @@ def train(method: Method, config: TrainConfig) -> dict:
     data = method.open_data(config.data, resolution=config.resolution or model.default_size,
                             allow_missing_captions=config.allow_missing_captions or unconditional)
     if data.kind not in method.data_kinds:
+        hint = method.data_hints.get(data.kind, "")
         raise BadInput(f"--data {config.data}: {method.name} needs {' or '.join(method.data_kinds)}, "
-                       f"this is {data.kind}")
+                       f"this is {data.kind}" + (f"; {hint}" if hint else ""))
     run = Run(config=config, model=model, accelerator=accelerator, data=data, weight_dtype=weight_dtype,
               abar=alphas_cumprod(model.pipe.scheduler.config).to(accelerator.device))
     method.check_data(data, run)
