@@ -9,7 +9,9 @@
 2. `dtk track3d` on each, with the exact depth maps (so the scores measure the
    tracking, not a depth model), `--no-refine` (chained flow only) and
    `--refine` (chained, then refined from frame 0 straight to each frame),
-   with `--eval` against the ground truth.
+   with `--eval` against the ground truth (its pixel thresholds at the
+   official evaluator's 256-pixel short side: the scenes' own pixels at the
+   default --size 256).
 
 Prints a markdown table (and with --save writes benchmarks/results/track3d.md):
 3D-AJ, APD, OA, 2D AJ, δ_avg (means over scenes), the tracking time for all
