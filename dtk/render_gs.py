@@ -127,6 +127,9 @@ def run_render(opts: RenderOptions) -> list[dict]:
         device = torch.device("cpu")
     backend = "gsplat" if device.type == "cuda" else "torch"
     dtype = torch.float32
+    from dtk import threads
+
+    threads.report()   # the work starts: say how many CPU threads it has
     with Replacing(out):   # everything is accepted: only now is a replaced result set aside
         out.mkdir(parents=True, exist_ok=True)
         background = torch.tensor(opts.background, dtype=dtype, device=device)

@@ -705,6 +705,9 @@ def run_track(opts: TrackOptions) -> dict:
     starts = {int(t) for q in query_sets for t in q[:, 2]}
     dense_needed = out_q is None or bool(opts.viz)
     steps = {} if len(starts | ({0} if dense_needed else set())) > 1 else None
+    from dtk import threads
+
+    threads.report()   # the work starts: say how many CPU threads it has
     tracker = FlowTracker(opts.preset)
     t0 = time.perf_counter()
     dense = tracker.track(gray, opts.refine, 0, steps) if dense_needed else None

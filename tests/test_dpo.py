@@ -418,3 +418,24 @@ def test_npo_on_sdxl(run_dtk, tiny_sdxl, pairs, tmp_path):
         r = run_dtk("sample", "--npo", tmp_path / npo, "--steps", 2, "--guidance", 3, "--out", tmp_path / f"s-{npo}",
                     "a red circle")
         assert r.exit_code == 0, r.stderr
+
+
+def test_the_readme_dpo_pipeline_runs_as_written(tmp_path, monkeypatch):
+    """`dtk sample ... --num-per-prompt 4 | dtk score --pairs-out pairs.parquet`, then `dtk dpo`: the default
+    reward ranked every pair a tie, and dpo found no usable pair."""
+    import pyarrow.parquet as pq
+
+    from conftest import dtk_subprocess
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("# two demo captions\na large red circle on a white background\n"
+                                          "a small blue star at the top on a black background\n")
+    s = dtk_subprocess("sample", "--prompts", "prompts.txt", "--num-per-prompt", "4", "--steps", "8", "--out", "s")
+    assert s.returncode == 0, s.stderr
+    p = dtk_subprocess("score", "--pairs-out", "pairs.parquet", input=s.stdout)
+    assert p.returncode == 0, p.stderr
+    labels = pq.read_table(tmp_path / "pairs.parquet").column("label_0").to_pylist()
+    assert len(labels) == 12 and labels.count(0.5) < len(labels)
+    d = dtk_subprocess("dpo", "--data", "pairs.parquet", "--out", "runs/dpo", "--max-steps", "1", "--beta", "2500",
+                       "--device", "cpu")
+    assert d.returncode == 0, d.stderr
