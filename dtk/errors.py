@@ -38,3 +38,7 @@ def check_number(option: str, value, *, low: float | None = None, above: float |
         raise BadInput(f"{option} {value:g}: must be at least {low:g}")
     if above is not None and value <= above:
         raise BadInput(f"{option} {value:g}: must be above {above:g}")
+
+
+class Terminated(BaseException):
+    """SIGTERM, acted on at a safe point: the command stops as after Ctrl-C (exit 143), whole files only."""

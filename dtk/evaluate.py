@@ -224,7 +224,10 @@ def run_eval(opts: EvalOptions) -> list[dict]:
     if len(set(labels)) != len(labels):
         raise BadInput(f"--model: two models share the name {labels}; give distinct directories")
     refs = [resolve_model(m) for m in opts.models]  # fail fast on a bad model before any sampling
-    out = None if opts.out is None else prepare_out_dir(opts.out, overwrite=opts.overwrite)
+    inputs = [("--model", d) for r in refs for d in [r.path, *r.dirs]] + \
+        [("--teacher", opts.teacher), ("--baseline", opts.baseline), ("--prompts", opts.prompts),
+         ("--real-dir", opts.real_dir)]
+    out = None if opts.out is None else prepare_out_dir(opts.out, overwrite=opts.overwrite, inputs=inputs)
     teacher = opts.teacher
     if teacher is None and opts.prompts:   # your own prompts, your own models: the first one's base (or itself)
         teacher = refs[0].manifest.get("base_model") or opts.models[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 from dtk.errors import BadInput
 
 MANIFEST = "dtk.json"
+LOCK = ".dtk.lock"   # held by the one run that writes an output folder (lock_out)
 log = logging.getLogger("dtk")
 
 
@@ -37,9 +39,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            from dtk.errors import RunFailure
+
+            # a full disk's error names no file: say which one could not be written
+            failure = RunFailure(f"{path}: cannot write it ({e.strerror}); the previous version, if any, is "
+                                 "unchanged")
+            failure.strerror = e.strerror
+            raise failure from None
         raise
 
 
@@ -72,23 +82,34 @@ def emit(record: dict) -> None:
         raise StdoutClosed() from None
 
 
-def open_text(path: str) -> Any:
-    """Open a text input; ``-`` is stdin."""
+def open_text(path: str, binary: bool = False) -> Any:
+    """Open a text input; ``-`` is stdin. ``binary``: its bytes, for a reader that decodes each line itself
+    (and so can name the line that is not UTF-8)."""
     if path == "-":
         if sys.stdin.isatty():   # a terminal: say what it waits for rather than wait silently
             log.info("reading from stdin (a file or a pipe is the usual input; Ctrl-D ends, Ctrl-C stops)")
-        return contextlib.nullcontext(sys.stdin)
+        return contextlib.nullcontext(getattr(sys.stdin, "buffer", sys.stdin) if binary else sys.stdin)
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{path}: no such file")
     if p.is_dir():
         raise BadInput(f"{path}: is a directory, expected a file")
-    return open(p, encoding="utf-8")
+    try:
+        return open(p, "rb") if binary else open(p, encoding="utf-8")
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def parse_jsonl(lines, name: str) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for non-blank lines; a malformed line is an error naming it."""
+    """Yield ``(line_number, object)`` for non-blank lines; a malformed line is an error naming it. Lines may
+    be bytes (decoded here as UTF-8, so that a line that is not names itself)."""
     for lineno, line in enumerate(lines, 1):
+        if isinstance(line, (bytes, bytearray)):
+            try:
+                line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise BadInput(f"{name}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                               f"{e.start + 1})") from None
         if not line.strip():
             continue
         try:
@@ -102,8 +123,12 @@ def parse_jsonl(lines, name: str) -> Iterator[tuple[int, dict]]:
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     """Read a JSONL file (``-`` = stdin) as ``(line_number, object)`` pairs."""
-    with open_text(path) as f:
-        yield from parse_jsonl(f, "<stdin>" if path == "-" else path)
+    name = "<stdin>" if path == "-" else path
+    with open_text(path, binary=True) as f:
+        try:
+            yield from parse_jsonl(f, name)
+        except UnicodeDecodeError as e:   # a text stdin (no bytes to read) that is not UTF-8
+            raise BadInput(f"{name}: not UTF-8 text ({e.reason})") from None
 
 
 def read_manifest(data: str) -> list[dict]:
@@ -118,6 +143,9 @@ def read_manifest(data: str) -> list[dict]:
         path, prompt = rec.get("path"), rec.get("prompt", rec.get("caption"))
         if not isinstance(path, str) or not isinstance(prompt, str):
             raise BadInput(f"{name}:{lineno}: needs 'path' and 'prompt' strings (a `dtk sample` manifest line)")
+        if "scores" in rec and not isinstance(rec["scores"], dict):   # `dtk score` adds to it, dpo ranks by it
+            raise BadInput(f"{name}:{lineno}: 'scores' is {type(rec['scores']).__name__}, not an object of "
+                           "reward → value (as `dtk score` writes)")
         file = Path(path)
         if not file.exists() and base is not None and not file.is_absolute():
             if (base / file).exists():
@@ -133,28 +161,50 @@ def read_manifest(data: str) -> list[dict]:
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file (a dtk.json, a config.json); anything else is bad input naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
-def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MANIFEST) -> Path:
+def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool, marker: str = MANIFEST,
+                    inputs: list[tuple[str, Any]] = (), lock: str = LOCK) -> Path:
     """Check that ``out`` may be written; nothing is created or removed yet.
 
     A directory whose ``marker`` exists holds a finished result and is only
     replaced with ``overwrite``, through ``Replacing`` once the command has
     accepted all its input (so refused input, or a failed run, loses nothing).
+    An existing folder is locked now (``lock_out``: another run writing there is refused); the command locks
+    a new one when it makes it, and lets go with ``release_out``. ``out`` must keep apart from ``inputs``.
     """
     if not str(out).strip():
         raise BadInput("--out '': empty (an unset shell variable?); name the output directory")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
-    recover_set_aside(out, marker)
+    check_out_apart(out, list(inputs))
+    took = lock_out(out, lock, create=False)   # another run writing there now: refused before any work
+    try:
+        recover_set_aside(out, marker)
+    finally:
+        if took:   # held again from the first write on (Replacing)
+            release_out(out, lock)
     if (out / marker).exists() and not overwrite:
         raise BadInput(f"--out {out}: holds a finished result ({marker}); pass --overwrite or choose another directory")
     return out
@@ -173,26 +223,140 @@ def fresh_out_dir(base: str) -> Path:
             n += 1
 
 
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+_HELD: dict[Path, Any] = {}   # lock file → its open file, while this process writes that output
+
+
+def lock_out(out: str | os.PathLike, name: str = LOCK, create: bool = True, command: str = "") -> bool:
+    """One writer per output: an exclusive lock on ``out/NAME`` for as long as this process writes there
+    (the kernel drops it when the process ends, however it ends). Another process holding it is a one-line
+    refusal naming its PID and host. Re-entrant within a process; ``create=False`` locks only an existing
+    folder (an early check, before anything is written). Where the file system has no locks (some network
+    file systems) it warns and goes on. Returns whether this call took the lock (and so should let it go)."""
+    import fcntl
+
+    folder = Path(out)
+    if not folder.is_dir():
+        if not create:
+            return False
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder.resolve() / name
+    if path in _HELD:
+        return False
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise BadInput(f"--out {out}: in use by {holder}; one run writes an output at a time (wait for it, "
+                           "or choose another directory)") from None
+        except OSError as e:   # no lock support here
+            log.warning("--out %s: cannot lock it (%s); make sure no other run writes there", out, e.strerror)
+            f.close()
+            return False
+        try:   # the holder before us removes the file as it lets go: ours must still be the one at that path
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {_host()}" + (f" (dtk {command})" if command else "") + "\n")
+    f.flush()
+    _HELD[path] = f
+    return True
+
+
+def release_out(out: str | os.PathLike | None = None, name: str = LOCK) -> None:
+    """Let go of the lock on ``out`` (of every output this process holds, without ``out``)."""
+    keys = list(_HELD) if out is None else [k for k in _HELD if Path(out).is_dir() and k == Path(out).resolve() / name]
+    for key in keys:
+        f = _HELD.pop(key)
+        with contextlib.suppress(OSError):
+            key.unlink()   # still locked while it goes: a waiting run re-checks the path (lock_out)
+        f.close()
+
+
+def check_out_apart(out: str | os.PathLike, inputs: list[tuple[str, Any]]) -> None:
+    """``--out`` must not be, lie inside or contain any input (``(option, path)`` pairs; non-paths such as hub
+    ids are skipped): an --overwrite would delete what the run reads, and its outputs would mix with its
+    inputs. Nor may it be a file system root or the home directory."""
+    target = Path(out).expanduser().resolve()
+    if target == Path(target.anchor) or target == Path.home().resolve():
+        raise BadInput(f"--out {out}: is {'the root directory' if target == Path(target.anchor) else 'your home directory'}; "
+                       "name a folder of its own")
+    for option, value in inputs:
+        if value in (None, "", "-"):
+            continue
+        p = Path(value).expanduser()
+        if not p.exists():
+            continue
+        p = p.resolve()
+        if p == target:
+            raise BadInput(f"--out {out}: is the input {option} {value}; choose another directory")
+        if p.is_dir() and target.is_relative_to(p):
+            raise BadInput(f"--out {out}: lies inside the input {option} {value}; choose a directory outside it")
+        if p.is_relative_to(target):
+            raise BadInput(f"--out {out}: contains the input {option} {value}; choose a directory that does not")
+
+
 ASIDE = ".replaced"
 
 
-def recover_set_aside(out: Path, marker: str = MANIFEST) -> None:
+OWNER = ".owner.json"   # in the aside folder: which run set it aside, and how far the folder was then
+TRASH = ".dtk-trash-"
+
+
+def recover_set_aside(out: Path, marker: str = MANIFEST, progressed=None) -> None:
     """A run killed outright (SIGKILL, out of memory, a time limit) while its --overwrite held the old result
-    in ``out/.replaced-MARKER``: that result comes back, unless a new finished one stands (then it goes)."""
+    in ``out/.replaced-MARKER``: that result comes back, unless the new run got far enough that the folder is
+    its own — a new finished result stands, or ``progressed(owner)`` says so (a training run: a checkpoint
+    newer than the folder had when the result was set aside) — and then the old result goes. Half-deleted
+    set-aside folders (a kill during the drop) were renamed to trash first, so they are only ever deleted."""
     import shutil
 
-    aside = Path(out) / f"{ASIDE}-{marker}"
+    out = Path(out)
+    for trash in out.glob(TRASH + "*") if out.is_dir() else []:
+        shutil.rmtree(trash, ignore_errors=True)
+    aside = out / f"{ASIDE}-{marker}"
     if not aside.is_dir():
         return
-    if (Path(out) / marker).exists():
-        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        owner = json.loads((aside / OWNER).read_text())
+    except (OSError, ValueError):
+        owner = {}
+    if (out / marker).exists() or (progressed is not None and progressed(owner)):
+        _trash(aside)
+        log.warning("%s: the run that replaced a result here got far enough; the result it set aside is deleted", out)
         return
-    entries = sorted(aside.iterdir(), key=lambda p: p.name == marker)   # the marker last
+    entries = sorted((e for e in aside.iterdir() if e.name != OWNER), key=lambda p: p.name == marker)   # marker last
     for entry in entries:
-        _put_back(entry, Path(out) / entry.name)
+        _put_back(entry, out / entry.name)
     shutil.rmtree(aside, ignore_errors=True)
     if entries:
         log.warning("%s: put back the result a killed --overwrite run had set aside", out)
+
+
+def _trash(path: Path) -> None:
+    """Delete a folder so that a kill half way leaves no half of it under its own name: renamed, then removed."""
+    import shutil
+    import uuid
+
+    trash = path.parent / f"{TRASH}{uuid.uuid4().hex[:12]}"
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _put_back(entry: Path, path: Path) -> None:
@@ -212,9 +376,12 @@ class Replacing:
     (``drop``, or leaving the ``with`` block normally); an error or interruption before that puts it back.
     The marker goes first and comes back last, so a half-replaced folder is never taken for finished."""
 
-    def __init__(self, out: Path, marker: str = MANIFEST, names: tuple[str, ...] = ()):
+    def __init__(self, out: Path, marker: str = MANIFEST, names: tuple[str, ...] = (), owner: dict | None = None,
+                 lock: str = LOCK):
         # one aside folder per marker: the shards of one `dtk sample` output replace theirs side by side
         self.out, self.marker, self.moved = Path(out), marker, []
+        self.owner = {"pid": os.getpid(), "host": _host(), **(owner or {})}
+        self.lock, self.took_lock = lock, False
         self.aside = self.out / f"{ASIDE}-{marker}"
         self.names = [marker]
         done = self.out / marker
@@ -234,7 +401,9 @@ class Replacing:
             for name in dict.fromkeys(self.names):
                 path = self.out / name
                 if path.exists() or path.is_symlink():
-                    self.aside.mkdir(parents=True, exist_ok=True)
+                    if not self.aside.is_dir():   # the owner record first: a kill from here on is recoverable
+                        self.aside.mkdir(parents=True)
+                        write_json(self.aside / OWNER, self.owner)
                     os.replace(path, self.aside / name)
                     self.moved.append(name)
         except BaseException:   # interrupted half way: what moved goes back
@@ -243,23 +412,35 @@ class Replacing:
         return self
 
     def drop(self) -> None:
-        import shutil
-
-        if self.moved:
-            shutil.rmtree(self.aside, ignore_errors=True)
+        if self.aside.is_dir():
+            _trash(self.aside)
         self.moved = []
 
     def restore(self) -> None:
         for name in reversed(self.moved):
             _put_back(self.aside / name, self.out / name)
-        self.drop()   # the aside folder, now empty
+        self.drop()   # the aside folder, now holding only its owner record
 
     def __enter__(self) -> "Replacing":
-        return self.set_aside()
+        """The command's writing starts: the output is locked (``lock_out``) until it ends."""
+        self.took_lock = lock_out(self.out, self.lock)
+        try:
+            return self.set_aside()
+        except BaseException:
+            self._unlock()
+            raise
 
     def __exit__(self, kind, value, traceback) -> bool:
-        self.restore() if kind is not None else self.drop()
+        try:
+            self.restore() if kind is not None else self.drop()
+        finally:
+            self._unlock()
         return False
+
+    def _unlock(self) -> None:
+        if self.took_lock:
+            release_out(self.out, self.lock)
+            self.took_lock = False
 
 
 def run_record(command: str, args: dict, **extra: Any) -> dict:

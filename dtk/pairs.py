@@ -20,6 +20,7 @@ how the work was split; a re-run with the same arguments skips finished shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,7 +124,7 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
     from dtk.diffusion.loading import check_size, open_model, resolve_model, vae_factor_of
     from dtk.diffusion.sampling import SamplerSettings
-    from dtk.io import emit, run_record, write_json
+    from dtk.io import Replacing, check_out_apart, emit, lock_out, recover_set_aside, release_out, run_record, write_json
     from dtk.logs import progress_enabled
     from dtk.progress import Progress
     from dtk.sample import shard_suffix
@@ -137,8 +138,19 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     ref = resolve_model(opts.model)
     check_size(vae_factor_of(ref), opts.height, opts.width)
     out = Path(opts.out)
+    if not str(opts.out).strip():
+        raise BadInput("--out '': empty (an unset shell variable?); name the output directory")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a directory")
+    check_out_apart(out, [("--model", d) for d in [ref.path, *ref.dirs]])
+    suffix = shard_suffix(opts.shard)
+    lock = f".dtk{suffix}.lock"   # one writer per shard: the tasks of one Slurm array write side by side
+    if lock_out(out, lock, create=False):   # another run writing here now: refused before the model loads
+        try:
+            recover_set_aside(out, f"dtk{suffix}.json")
+        finally:
+            release_out(out, lock)
+    _refuse_other_results(out, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     model = open_model(ref, device, dtype, opts.model_config)
@@ -159,8 +171,8 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     record["probe"] = model_probe(model)
     chunks = math.ceil(num / opts.pairs_per_shard)
     mine = shard_indices(chunks, opts.shard)
-    _check_existing(out, record, opts.overwrite, mine, shard_suffix(opts.shard), chunks)
-    todo = [c for c in mine if not (out / shard_name(c)).exists()]
+    replaced = _check_existing(out, record, opts.overwrite, mine, suffix, chunks)
+    todo = [c for c in mine if not (out / shard_name(c)).exists() or replaced]
     if len(todo) < len(mine):
         log.info("reflow-pairs: %d of %d shard(s) already finished, skipped", len(mine) - len(todo), len(mine))
     total = sum(min(num, (c + 1) * opts.pairs_per_shard) - c * opts.pairs_per_shard for c in todo)
@@ -168,7 +180,9 @@ def run_pairs(opts: PairOptions) -> list[dict]:
              total, len(todo), f" (shard {opts.shard[0]}/{opts.shard[1]})" if opts.shard[1] > 1 else "",
              ref.spec, opts.solver, settings.steps, settings.guidance, settings.width, settings.height, device)
     written = []
-    with Progress(total, "reflow-pairs", unit="pair", enabled=progress_enabled()) as bar:
+    # --overwrite: the old pairs are set aside, and come back if this run stops before it is done
+    with Replacing(out, f"dtk{suffix}.json", names=tuple(replaced), lock=lock) if replaced else \
+            _locked(out, lock), Progress(total, "reflow-pairs", unit="pair", enabled=progress_enabled()) as bar:
         for chunk in mine:
             path = out / shard_name(chunk)
             first, last = chunk * opts.pairs_per_shard, min(num, (chunk + 1) * opts.pairs_per_shard)
@@ -177,34 +191,58 @@ def run_pairs(opts: PairOptions) -> list[dict]:
             line = {"path": str(path), "shard": chunk, "first_index": first, "pairs": last - first}
             emit(line)
             written.append(line)
-    suffix = shard_suffix(opts.shard)
-    args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
-    write_json(out / f"dtk{suffix}.json", run_record(
-        "reflow-pairs", args, kind="pairs", settings=record, shards=chunks, shard=list(opts.shard),
-        files=[Path(w["path"]).name for w in written]))
+        args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
+        write_json(out / f"dtk{suffix}.json", run_record(
+            "reflow-pairs", args, kind="pairs", settings=record, shards=chunks, shard=list(opts.shard),
+            files=[Path(w["path"]).name for w in written]))
     return written
 
 
-def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], suffix: str, chunks: int) -> None:
-    """Shards already in ``out`` must come from the same settings; --overwrite removes this task's own (the
-    other tasks of a Slurm array replace theirs) and, from every task, those beyond the new run's range and
-    the records of another task count: nothing of the old run is left to mix with the new one."""
+@contextlib.contextmanager
+def _locked(out: Path, lock: str):
+    """This run's shards written under the output's lock (``dtk.io.lock_out``)."""
+    from dtk.io import lock_out, release_out
+
+    took = lock_out(out, lock, command="reflow-pairs")
+    try:
+        yield
+    finally:
+        if took:
+            release_out(out, lock)
+
+
+def _refuse_other_results(out: Path, overwrite: bool) -> None:
+    """A finished result of another command (a model, samples) is never written into without --overwrite."""
+    for marker in sorted(out.glob("dtk*.json")) if out.is_dir() else []:
+        try:
+            command = json.loads(marker.read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            command = None
+        if command != "reflow-pairs" and not overwrite:
+            raise BadInput(f"--out {out}: holds a finished {command or 'unknown'} result ({marker.name}); pass "
+                           "--overwrite to replace it or choose another directory")
+
+
+def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], suffix: str, chunks: int) -> list[str]:
+    """Shards already in ``out`` must come from the same settings. With --overwrite, the names of what the new
+    run replaces (to be set aside, not deleted: ``Replacing``): this task's own shards (the other tasks of a
+    Slurm array replace theirs) and, from every task, those beyond the new run's range and the records of
+    another task count or of another command: nothing of the old run is left to mix with the new one."""
+    from dtk.sample import same_shard_layout
+
     existing = sorted(out.glob(SHARD_GLOB)) if out.is_dir() else []
-    if not existing:
-        return
     if overwrite:
-        for c in mine:
-            (out / shard_name(c)).unlink(missing_ok=True)
+        names = [shard_name(c) for c in mine if (out / shard_name(c)).exists()]
         for path in existing:
             number = path.name[len("pairs-"):-len(".safetensors")]
             if not number.isdigit() or int(number) >= chunks:
-                path.unlink(missing_ok=True)
-        from dtk.sample import same_shard_layout
-
-        for marker in out.glob("dtk*.json"):   # ours, and any of a run split another way
+                names.append(path.name)
+        for marker in sorted(out.glob("dtk*.json")) if out.is_dir() else []:   # ours, and any split another way
             if marker.name == f"dtk{suffix}.json" or not same_shard_layout(marker.name, suffix):
-                marker.unlink(missing_ok=True)
-        return
+                names.append(marker.name)
+        return names
+    if not existing:
+        return []
     theirs = read_shard_meta(existing[0])["settings"]
     diff = [k for k in record if k not in ("probe", "model") and theirs.get(k) != record[k]]
     if not probes_match(theirs.get("probe", []), record["probe"]):
@@ -212,6 +250,7 @@ def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], s
     if diff:
         raise BadInput(f"--out {out}: holds pairs made with other settings ({', '.join(diff)}); "
                        "pass --overwrite to replace them or choose another directory")
+    return []
 
 
 def _write_shard(path: Path, model, settings, opts: PairOptions, indices: range, record: dict, bar) -> None:

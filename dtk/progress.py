@@ -66,6 +66,9 @@ class Progress:
         self.close(ok=exc[0] is None)
 
     def update(self, n: int = 1) -> None:
+        from dtk import signals
+
+        signals.check()   # between batches: a safe point to act on SIGTERM
         self.done += n
         if not self.enabled:
             return

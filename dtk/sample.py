@@ -101,8 +101,11 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     if opts.out is None and opts.shard[1] > 1:
         raise BadInput(f"shard {opts.shard[0]}/{opts.shard[1]}: a sharded run needs --out, the one folder that "
                        "every shard writes into")
+    lock = f".dtk{suffix}.lock"   # one writer per shard: the shards of one run write side by side
     if opts.out is not None:
-        out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker)
+        inputs = [("--model", d) for d in [ref.path, *ref.dirs]] + [("--lora", p) for p, _ in opts.loras] + \
+            [("--npo", opts.npo), ("--guide-with", opts.guide_with)]
+        out = prepare_out_dir(opts.out, overwrite=opts.overwrite, marker=marker, inputs=inputs, lock=lock)
         other = [m.name for m in sorted(out.glob("dtk*.json"))
                  if m.name != marker and not same_shard_layout(m.name, suffix)]
         if other:   # images of one numbering, two layouts: shards would overwrite another run's files piecemeal
@@ -150,7 +153,7 @@ def run_sample(opts: SampleOptions) -> list[dict]:
              f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
              ref.spec, settings.scheduler, settings.steps, "" if settings.steps == 1 else "s", settings.guidance,
              settings.width, settings.height, device, out)
-    with Replacing(out, marker):   # everything is accepted: only now is a replaced result set aside
+    with Replacing(out, marker, lock=lock):   # everything is accepted: only now is a replaced result set aside
         records = _generate_and_write(model, settings, mine, opts, out)
         _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
     return records

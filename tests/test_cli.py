@@ -189,7 +189,7 @@ def test_sigusr1_outside_training_says_so(caplog):
     assert "carrying on" in caplog.text and "checkpoint" not in caplog.text
     signals.TRAINING[0] = True
     signals.note(signal.SIGUSR1, None)
-    assert "checkpoints at its first step boundary and exits 75" in caplog.text
+    assert "with a checkpoint once it trains) and exits 75" in caplog.text
     signals.TRAINING[0] = False
 
 

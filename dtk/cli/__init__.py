@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import sys
 import threading
 import traceback
 
-import click
+from dtk import signals
+
+if threading.current_thread() is threading.main_thread():
+    signals.install()   # first of all: a SIGTERM while the imports run is noted, not fatal (dtk.signals)
+
+import click  # noqa: E402
 
 from dtk import __version__
 from dtk.cli.completion import with_path_completion
-from dtk.errors import DtkError, StdoutClosed
+from dtk.errors import DtkError, StdoutClosed, Terminated
 
 # name -> module; the module defines ``command``. One line per command.
 COMMANDS = {
@@ -45,14 +49,6 @@ EXIT_TERMINATED = 143
 EXIT_STDOUT_CLOSED = 141   # 128 + SIGPIPE, as a Unix tool killed by it
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup (temporary files) runs as for Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -71,11 +67,9 @@ class LazyGroup(click.Group):
         if not args and not os.environ.get(complete_var or "_DTK_COMPLETE"):
             args = ["--help"]   # bare `dtk`: the help on stdout, exit 0 (click would squash it into an error)
         debug = os.environ.get("DTK_DEBUG", "") not in ("", "0") or "--debug" in _options_part(args)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _on_sigterm)
-            from dtk import signals
-
-            signals.install()   # SIGUSR1 (Slurm's warning) must not kill a run that is loading or exporting
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            signals.install()   # SIGTERM / SIGUSR1 are noted and acted on at safe points (dtk.signals)
         try:
             rv = super().main(args=args, prog_name=prog_name or "dtk", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -105,6 +99,13 @@ class LazyGroup(click.Group):
             code = 1
         else:
             code = rv if isinstance(rv, int) else 0
+        if code == 1 and signals.terminate_requested():
+            # SIGTERM stopped a command where no safe point was near (blocked, or inside a library): whatever
+            # that raised, this is a termination
+            print(f"{_where(args)}: terminated", file=sys.stderr)
+            code = EXIT_TERMINATED
+        if main_thread:
+            signals.reset()   # the next command in this process (tests) starts with nothing noted
         if not standalone_mode:
             return code
         sys.exit(code)
@@ -171,7 +172,13 @@ def _run_with_globals(name: str, here: dict, callback, args, kwargs):
         setup_logging(verbose=verbose, quiet=quiet)
     signals.TRAINING[0] = name in TRAINING_COMMANDS
     threads.apply(here["threads"] if here["threads"] is not None else STATE["threads"])
-    return callback(*args, **kwargs)
+    signals.check()   # a SIGTERM during start-up, acted on before any work
+    try:
+        return callback(*args, **kwargs)
+    finally:
+        from dtk.io import release_out
+
+        release_out()   # every output lock this command took (the kernel would at exit; tests run many)
 
 
 def _origin(e: click.UsageError) -> str:
@@ -236,4 +243,11 @@ def cli(debug: bool, verbose: int, quiet: bool, threads: int | None) -> None:
 
 
 def main() -> None:
-    cli.main()
+    """The `dtk` program. Its signal handlers stay to the end: Python's shutdown would put back the fatal
+    defaults, and a SIGUSR1 (Slurm's warning) then killed a run whose result was written (exit 138)."""
+    from dtk import signals
+
+    try:
+        cli.main()
+    finally:
+        signals.ignore_from_now()

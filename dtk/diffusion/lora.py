@@ -124,9 +124,30 @@ def save_lora(out_dir: str | Path, unet, family: str, text_encoder=None, adapter
     from dtk.diffusion.loading import pipeline_class
     from dtk.io import save_safetensors
 
+    import shutil
+
     out_dir = Path(out_dir)
     tmp = out_dir / ".lora-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        _save_via_diffusers(tmp, out_dir, unet, family, text_encoder, adapter, metadata)
+    finally:   # a failed export (a full disk) leaves no temporary folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / LORA_FILE
+
+
+def _save_via_diffusers(tmp: Path, out_dir: Path, unet, family: str, text_encoder, adapter: str,
+                        metadata: dict | None) -> None:
+    """diffusers writes its layout (and its adapter metadata) into ``tmp``; dtk adds rank, alpha and the
+    method, and writes the file atomically into ``out_dir``."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dtk.diffusion.loading import pipeline_class
+    from dtk.io import save_safetensors
+
     pipeline_class(family).save_lora_weights(
         str(tmp), unet_lora_layers=lora_layers(unet, adapter),
         text_encoder_lora_layers=lora_layers(text_encoder, adapter) if text_encoder is not None else None,
@@ -134,17 +155,12 @@ def save_lora(out_dir: str | Path, unet, family: str, text_encoder=None, adapter
         text_encoder_lora_adapter_metadata=_adapter_config(text_encoder, adapter) if text_encoder is not None else None,
         safe_serialization=True,
     )
-    from safetensors import safe_open
-
     with safe_open(str(tmp / LORA_FILE), "pt") as f:
         file_meta = dict(f.metadata() or {})
     config = unet.peft_config[adapter]
     file_meta.update({"dtk.lora.rank": str(config.r), "dtk.lora.alpha": str(config.lora_alpha),
                       **{f"dtk.{k}": json.dumps(v) for k, v in (metadata or {}).items()}})
     save_safetensors(out_dir / LORA_FILE, load_file(str(tmp / LORA_FILE)), file_meta)
-    (tmp / LORA_FILE).unlink()
-    tmp.rmdir()
-    return out_dir / LORA_FILE
 
 
 KOHYA_RENAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}

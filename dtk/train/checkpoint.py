@@ -91,7 +91,7 @@ def save_checkpoint(out: Path, step: int, *, trainable: dict, ema: dict | None, 
         _fsync_dir(root)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) or getattr(e, "strerror", None):   # atomic_write's named disk failure too
             previous = complete_checkpoints(out)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             raise RunFailure(f"could not write checkpoint {final} ({e.strerror or e}); {kept}") from None

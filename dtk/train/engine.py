@@ -390,20 +390,29 @@ def _prepare_out(out: Path, config: TrainConfig, main: bool) -> Path | None:
     return resume
 
 
-def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None):
+def _newest_step(out: Path) -> int:
+    from dtk.train.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(out)
+    return int(found[-1].name.split("-")[-1]) if found else -1
+
+
+def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, command: str):
     """The folder made ready; what --overwrite replaces is set aside (``Replacing``), to be dropped once the
     new run has a checkpoint and put back if it stops before. Called once the model, the data, the method's
     settings and the resume state are all accepted."""
-    from dtk.io import Replacing
+    from dtk.io import Replacing, lock_out
     from dtk.train.checkpoint import CHECKPOINTS, remove_stale_temporaries, set_aside_newer
 
     if not main:
         return None
-    out.mkdir(parents=True, exist_ok=True)
+    lock_out(out, command=command)   # made now if new; held until the run ends
     replacing = None
     if config.overwrite:
         started_over = () if resume is not None else (CHECKPOINTS, "metrics.jsonl", "validation", "tensorboard")
-        replacing = Replacing(out, names=started_over).set_aside()
+        # the owner record says how far the folder was: a later checkpoint is this run's own
+        owner = {"command": command, "checkpoint_step": _newest_step(out) if resume is not None else -1}
+        replacing = Replacing(out, names=started_over, owner=owner).set_aside()
     remove_stale_temporaries(out)
     if resume is not None:
         for p in set_aside_newer(out, resume):
@@ -465,6 +474,15 @@ def _add_trainable(unet, config: TrainConfig) -> list[tuple[str, torch.nn.Parame
 # The loop
 
 
+def _stop_if_terminated(when: str) -> None:
+    """A safe point before training starts: SIGTERM (preemption) stops the run here, to be requeued."""
+    from dtk import signals
+
+    if signals.stop_requested():
+        raise Preempted(f"SIGTERM {when}; nothing to save yet: requeue and rerun with --resume auto "
+                        f"(exit {EXIT_PREEMPTED})")
+
+
 def _launcher_world_size() -> int:
     """The number of processes a launcher (torchrun, accelerate launch, srun with torchrun) says it started."""
     text = os.environ.get("WORLD_SIZE", "1")
@@ -475,6 +493,17 @@ def _launcher_world_size() -> int:
 
 
 def train(method: Method, config: TrainConfig) -> dict:
+    """Run ``method`` under ``config``: the whole training command, with its output locked for its life."""
+    from dtk.io import release_out
+
+    try:
+        return _train(method, config)
+    finally:
+        if str(config.out).strip() and Path(config.out).is_dir():
+            release_out(config.out)
+
+
+def _train(method: Method, config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -508,18 +537,25 @@ def train(method: Method, config: TrainConfig) -> dict:
     if config.data == "-" and accelerator.num_processes > 1:
         raise BadInput("--data -: stdin cannot be shared by several processes; give a file")
     out = Path(config.out)
-    if out.resolve() in resolve_model(config.model).dirs:
+    ref = resolve_model(config.model)
+    if out.resolve() in ref.dirs:
         raise BadInput(f"--out {out}: is --model {config.model} or one of the models it is built on; "
                        "a run must not overwrite its own base")
     if main:
-        from dtk.io import recover_set_aside
+        from dtk.io import check_out_apart, lock_out, recover_set_aside
 
-        recover_set_aside(out)   # what a killed --overwrite run had set aside comes back before any check
+        check_out_apart(out, [("--model", d) for d in [ref.path, *ref.dirs]] + [("--data", config.data)])
+        lock_out(out, create=False, command=method.name)   # one writer: another run training here is refused
+        # what a killed --overwrite run had set aside comes back before any check, unless that run had
+        # checkpoints of its own by then (they are newer: the folder is the new run's)
+        recover_set_aside(out, progressed=lambda owner: _newest_step(out) > owner.get("checkpoint_step", -1))
     accelerator.wait_for_everyone()
     resume_from = _prepare_out(out, config, main)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    _stop_if_terminated("before the model loaded")
     model = _load_model(config, accelerator, weight_dtype)
+    _stop_if_terminated("after the model loaded")
     # an unconditional model reads no caption: a plain folder of images is its data
     unconditional = model.family == "pixel" and not model.unet.config.get("num_class_embeds")
     data = method.open_data(config.data, resolution=config.resolution or model.default_size,
@@ -551,7 +587,7 @@ def train(method: Method, config: TrainConfig) -> dict:
         step, seen = _restore(resume_from, run, named, optimizer, scheduler, ema, method)
         run.step = step
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
-    replacing = _clear_out(out, config, main, resume_from)
+    replacing = _clear_out(out, config, main, resume_from, method.name)
     try:
         result = _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen,
                              out, t_start, replacing)
@@ -643,20 +679,32 @@ def _one_step(run, method, order, data, collate, optimizer, params, metrics, ste
     grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf))
     if not math.isfinite(grad_norm) and config.mixed_precision != "fp16":  # fp16: the scaler skips the step
         raise RunFailure(_nan_message("gradient norm", grad_norm, step + 1, run.config))
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:   # the update itself overflowed (e.g. --lr 1e38)
+        if "overflow" not in str(e):
+            raise
+        raise RunFailure(_nan_message(f"the update at --lr {config.lr:g}", "out of float range", step + 1,
+                                      run.config, "stopped before saving the weights")) from None
     optimizer.zero_grad(set_to_none=True)
+    # a finite loss can still leave weights at 1e30 (a huge --lr): no checkpoint may hold them
+    norms = torch._foreach_norm([p.detach() for p in params])
+    if _any_process(accelerator, not bool(torch.isfinite(torch.stack(norms)).all())):
+        raise RunFailure(_nan_message("the trained weights' norm", "not finite", step + 1, run.config,
+                                      "stopped before saving them (a smaller --lr?)"))
     metrics.add(method.after_step(run))
     return grad_norm
 
 
-def _nan_message(what: str, value, step: int, config: TrainConfig) -> str:
+def _nan_message(what: str, value, step: int, config: TrainConfig,
+                 done: str = "stopped before updating the weights") -> str:
     from dtk.train.checkpoint import complete_checkpoints
 
     found = complete_checkpoints(Path(config.out))
     kept = (f"the last good checkpoint is {found[-1]} (continue with --resume auto, e.g. with a lower --lr)"
             if found else "no checkpoint was written yet")
     value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else value
-    return f"{what} is {value} at step {step}; stopped before updating the weights; {kept}"
+    return f"{what} is {value} at step {step}; {done}; {kept}"
 
 
 def _any_process(accelerator, flag: bool) -> bool:
@@ -810,7 +858,11 @@ def _export(run, method, named, ema, out: Path, step: int, seen: int, seconds: f
         if config.full:
             tmp = out / ".unet.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            unet.save_pretrained(str(tmp), safe_serialization=True)
+            try:
+                unet.save_pretrained(str(tmp), safe_serialization=True)
+            except BaseException:   # a failed export (a full disk) leaves no temporary folder behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(out / "unet", ignore_errors=True)
             os.replace(tmp, out / "unet")
             manifest["unet"] = "unet"
