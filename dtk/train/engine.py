@@ -519,6 +519,9 @@ def _train(method: Method, config: TrainConfig) -> dict:
                        "process); choose GPUs with CUDA_VISIBLE_DEVICES")
     quiet_libraries()
     t_start = time.monotonic()
+    if config.mixed_precision == "fp16" and (config.device == "cpu" or not torch.cuda.is_available()):
+        # accelerate runs no fp16 autocast on the CPU, and fp16 frozen weights then meet fp32 activations
+        raise BadInput("--mixed-precision fp16: needs a CUDA GPU; on the CPU use bf16 or no")
     AcceleratorState._reset_state()  # a process-wide singleton: let a second run in one process choose again
     world = _launcher_world_size()
     # a launcher's processes on a machine without CUDA join one process group on the CPU (gloo); accelerate
@@ -734,6 +737,9 @@ def _checkpoint(run, method, named, optimizer, scheduler, ema, step, seen, out) 
         save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
                         optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                          "torch_rng": torch.get_rng_state(),
+                                         # dropout masks on a GPU come from its own generator
+                                         **({"cuda_rng": torch.cuda.get_rng_state(accelerator.device)}
+                                            if accelerator.device.type == "cuda" else {}),
                                          **({"grad_scaler": accelerator.scaler.state_dict()}
                                             if accelerator.scaler is not None else {})},
                         method_state=method.state_dict(), state=state, keep=run.config.keep_checkpoints)
@@ -793,6 +799,8 @@ def _restore(path, run, named, optimizer, scheduler, ema, method) -> tuple[int, 
     for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
         group.update(initial_lr=config.lr, lr=config.lr * factor, weight_decay=config.weight_decay)
     torch.set_rng_state(ckpt["optimizer"]["torch_rng"])
+    if accelerator.device.type == "cuda" and "cuda_rng" in ckpt["optimizer"]:
+        torch.cuda.set_rng_state(ckpt["optimizer"]["cuda_rng"], accelerator.device)
     if accelerator.scaler is not None and "grad_scaler" in ckpt["optimizer"]:
         accelerator.scaler.load_state_dict(ckpt["optimizer"]["grad_scaler"])
     if ema is not None:
