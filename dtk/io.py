@@ -302,9 +302,9 @@ def check_out_apart(out: str | os.PathLike, inputs: list[tuple[str, Any]]) -> No
             continue
         p = p.resolve()
         if p == target:
-            raise BadInput(f"--out {out}: is the input {option} {value}; choose another directory")
+            raise BadInput(f"--out {out}: is the input {option} {value}; choose another path")
         if p.is_dir() and target.is_relative_to(p):
-            raise BadInput(f"--out {out}: lies inside the input {option} {value}; choose a directory outside it")
+            raise BadInput(f"--out {out}: lies inside the input {option} {value}; choose a path outside it")
         if p.is_relative_to(target):
             raise BadInput(f"--out {out}: contains the input {option} {value}; choose a directory that does not")
 

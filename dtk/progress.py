@@ -38,9 +38,6 @@ class Progress:
         self._rich = None
         self.enabled = enabled and total > 0
         self.interval = plain_interval()
-        from dtk import threads
-
-        threads.report()
         if self.enabled and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
@@ -69,6 +66,12 @@ class Progress:
         from dtk import signals
 
         signals.check()   # between batches: a safe point to act on SIGTERM
+        if self.done == 0:   # the first results are in: say how many CPU threads made them (once per run)
+            from dtk import threads
+
+            if self._rich is not None:
+                sys.stderr.write("\r\x1b[2K")   # above the bar, which is drawn again just below
+            threads.report()
         self.done += n
         if not self.enabled:
             return

@@ -23,6 +23,9 @@ import torch
 from dtk.errors import BadInput
 
 log = logging.getLogger("dtk")
+# an encoded camera's frames are held about 4 times over: read back from their PNGs, as PIL images or the
+# bytes piped to ffmpeg, and the encoder's own (measured: 12 bytes per pixel and frame)
+ENCODE_COPIES = 4
 NO_INPUT = "no input: give --tracks NPZ (a 4D field from dtk track3d) or --ply FILE (a static 3DGS scene)"
 
 @dataclass
@@ -94,6 +97,44 @@ def _source(opts: RenderOptions):
                                       color_source=opts.color_source, occluded=opts.occluded), tracks.dropped)
 
 
+def _check_numbers(opts: RenderOptions) -> None:
+    """Finite numbers in range (click's FloatRange lets NaN through, which rendered black images)."""
+    import math
+
+    from dtk.errors import check_number
+
+    check_number("--scale-px", opts.scale_px, above=0)
+    check_number("--opacity", opts.opacity, low=0)
+    if opts.opacity > 1:
+        raise BadInput(f"--opacity {opts.opacity:g}: must be at most 1")
+    check_number("--fps", opts.fps, above=0)
+    bg = list(opts.background)
+    if len(bg) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1 for v in bg):
+        shown = ",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in bg)
+        raise BadInput(f"--background {shown}: want R,G,B, three numbers in 0..1")
+
+
+def _check_memory(opts: RenderOptions, gaussians: int, frames: int, width: int, height: int, device,
+                  backend: str) -> None:
+    """Refuse, before rendering, a run that would not fit in memory (``dtk.resources``): the renderer's peak
+    per frame (``render_memory``; on CUDA in GPU memory, with the frames' host copies in RAM) and the encoding
+    of a camera's frames into its video (ENCODE_COPIES of them), with the last frame's images still held."""
+    from dtk.gs.render import render_memory
+    from dtk.resources import check_fits
+
+    cameras, pixels = len(opts.cameras), width * height
+    source = f"--size {width}x{height}" if opts.size else f"--tracks {opts.tracks}: image_size {width}x{height}"
+    what = f"{source}, {cameras} camera(s), {frames} frame(s)"
+    rendering = render_memory(gaussians, cameras, width, height, backend)
+    held = 60 * cameras * pixels                       # a frame's images (colour, alpha, depth) while encoding
+    encoding = ENCODE_COPIES * 3 * frames * pixels + held
+    if backend == "gsplat":
+        check_fits(what, rendering, device)
+        check_fits(what, encoding, None)
+    else:
+        check_fits(what, max(rendering, encoding), None)
+
+
 def run_render(opts: RenderOptions) -> list[dict]:
     from PIL import Image
 
@@ -106,12 +147,14 @@ def run_render(opts: RenderOptions) -> list[dict]:
 
     from dtk.gs.field import PLY_FORMATS
 
+    _check_numbers(opts)
     if opts.ply_format not in PLY_FORMATS:
         raise BadInput(f"--ply-format {opts.ply_format}: choose {', '.join(PLY_FORMATS)}")
     problem = opts.video_format != "auto" and video_problem("." + opts.video_format)
     if problem:   # refused before any rendering
         raise BadInput(f"--video-format {opts.video_format}: {problem}")
-    out = prepare_out_dir(opts.out, overwrite=opts.overwrite)
+    out = prepare_out_dir(opts.out, overwrite=opts.overwrite,
+                          inputs=[("--tracks", opts.tracks), ("--video", opts.video), ("--ply", opts.ply)])
     for spec in opts.cameras:  # the grammar first, before any data is read
         if not spec.startswith("json:"):
             camera_path(spec, 2, [1.0, 1.0, 0.0, 0.0], 1.0)
@@ -126,6 +169,7 @@ def run_render(opts: RenderOptions) -> list[dict]:
         log.warning("render-gs: no gsplat for %s (pip install gsplat); rendering on the CPU", device)
         device = torch.device("cpu")
     backend = "gsplat" if device.type == "cuda" else "torch"
+    _check_memory(opts, len(gaussians_at(0).means), frames, width, height, device, backend)
     dtype = torch.float32
     from dtk import threads
 
@@ -185,13 +229,16 @@ def _save_png(path: Path, image) -> str:
 
 def _encode(out: Path, k: int, frames: int, fps: float, fmt: str) -> str:
     """camK.mp4 through ffmpeg when it is there (or asked for), else an animated WebP (or GIF)."""
-    from PIL import Image
+    from PIL import PngImagePlugin
 
     from dtk.video import write_video
 
     if fmt == "auto":
         fmt = "mp4" if shutil.which("ffmpeg") else "webp"
     name = f"cam{k}.{fmt}"
-    images = [np.asarray(Image.open(out / f"cam{k}-{t:05d}.png").convert("RGB")) for t in range(frames)]
+    images = []
+    for t in range(frames):   # its own PNGs: read without Image.open's decompression-bomb check (not input)
+        with PngImagePlugin.PngImageFile(out / f"cam{k}-{t:05d}.png") as im:
+            images.append(np.asarray(im.convert("RGB")))
     write_video(out / name, images, fps)
     return name

@@ -27,14 +27,19 @@ class ScoreOptions:
     overwrite: bool = False
 
 
-def _open_image(row: dict, name: str):
-    from PIL import Image, UnidentifiedImageError
+def _open_image(row: dict, name: str, load: bool = True):
+    """The manifest line's image in RGB; ``load`` false: only its header is read (what is checked for every
+    image before any reward loads: not an image, or too large for PIL's decompression-bomb limit)."""
+    from PIL import UnidentifiedImageError
 
+    from dtk.video import open_image
+
+    where = f"{name}:{row['_line']}: image {row['path']}"
     try:
-        with Image.open(row["_file"]) as im:
-            return im.convert("RGB")
+        with open_image(row["_file"], where, warn=not load) as im:
+            return im.convert("RGB") if load else None
     except (UnidentifiedImageError, OSError) as e:
-        raise BadInput(f"{name}:{row['_line']}: image {row['path']}: not a readable image ({e})") from None
+        raise BadInput(f"{where}: not a readable image ({' '.join(str(e).split())})") from None
 
 
 def run_score(opts: ScoreOptions) -> list[dict]:
@@ -51,11 +56,15 @@ def run_score(opts: ScoreOptions) -> list[dict]:
     pair_by = opts.pair_by or RANK_BY.get(names[0], names[0])
     if opts.pairs_out and not pair_by.split("/")[0] in names:
         raise BadInput(f"--pair-by {pair_by}: not among the rewards computed ({', '.join(names)})")
-    for target in (opts.out, opts.pairs_out):
+    for option, target in (("--out", opts.out), ("--pairs-out", opts.pairs_out)):
+        if target and opts.data != "-" and Path(target).resolve() == Path(opts.data).resolve():
+            raise BadInput(f"{option} {target}: is the input --data; choose another file")
         if target and Path(target).exists() and not opts.overwrite:
             raise BadInput(f"{target}: exists; pass --overwrite or choose another file")
     rows = read_manifest(opts.data)
     name = "<stdin>" if opts.data == "-" else opts.data
+    for row in rows:   # every image's header before any work: a bad one is bad input, not a failure mid-run
+        _open_image(row, name, load=False)
     device = resolve_device(opts.device)
     rewards = [load_reward(spec, device, opts.clip_model) for spec in opts.rewards]
     jpegs: list[bytes] = []

@@ -48,12 +48,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dtk.errors import BadInput, RunFailure
+from dtk.errors import BadInput, RunFailure, check_number
 
 log = logging.getLogger("dtk")
 
 THRESHOLDS = (1, 2, 4, 8, 16)
 PHOTO_TOLERANCE = 24.0   # grey levels (of 255) a visible point's blurred intensity may change by
+# bytes per pixel and frame (after --max-side) of a run: positions, visibility, blurred frames, depth, 3D
+# tracks and their lifting, the shared flows (measured: 80–95 on dense runs); checked before tracking
+TRACK_BYTES = 100
 
 
 def _cv2():
@@ -223,9 +226,9 @@ def intrinsics_from_fov(fov_deg: float, width: int, height: int) -> list[float]:
 
 def _png_depth(path: Path, spec: str) -> np.ndarray:
     """A 16-bit single-channel PNG in millimetres → metres; 8-bit or colour PNGs are not depth maps."""
-    from PIL import Image
+    from dtk.video import open_image
 
-    with Image.open(path) as im:
+    with open_image(path, f"--depth {spec}: {path.name}") as im:
         if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
             raise BadInput(f"--depth {spec}: {path.name} is a {im.mode} PNG; depth PNGs are 16-bit single-channel "
                            "(millimetres)")
@@ -424,14 +427,14 @@ def _jpeg_size(data, path: str) -> tuple[int, int] | None:
         return None
     import io
 
-    from PIL import Image
+    from dtk.video import open_image
 
     try:
         first = _jpegs(data, path)[0]
     except BadInput as e:   # the size only guards against another video: the tracks are still scored
         log.info("track3d: %s", e)
         return None
-    with Image.open(io.BytesIO(bytes(first))) as im:
+    with open_image(io.BytesIO(bytes(first)), f"{path}: images_jpeg_bytes[0]", warn=False) as im:
         return im.size
 
 
@@ -609,7 +612,7 @@ def tapvid3d_frames(spec: str, stride: int = 1, max_frames: int | None = None) -
     """The frames [T, H, W, 3] of a TAPVid-3D npz: its ``images_jpeg_bytes``, one JPEG per frame."""
     import io
 
-    from PIL import Image
+    from dtk.video import check_decode, open_image
 
     try:
         data = np.load(spec, allow_pickle=False)
@@ -617,7 +620,12 @@ def tapvid3d_frames(spec: str, stride: int = 1, max_frames: int | None = None) -
             raise BadInput(f"VIDEO {spec}: an npz without images_jpeg_bytes (a TAPVid-3D file holds the video "
                            "as one JPEG per frame)")
         jpegs = _jpegs(data, f"VIDEO {spec}")[::stride][:max_frames]
-        frames = [np.asarray(Image.open(io.BytesIO(bytes(b))).convert("RGB")) for b in jpegs]
+        frames = []
+        for i, b in enumerate(jpegs):
+            with open_image(io.BytesIO(bytes(b)), f"VIDEO {spec}: images_jpeg_bytes[{i * stride}]") as im:
+                if i == 0:   # the whole clip's memory, from the first frame's size, before decoding
+                    check_decode(f"VIDEO {spec}", len(jpegs), *im.size)
+                frames.append(np.asarray(im.convert("RGB")))
     except BadInput:
         raise
     except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
@@ -655,6 +663,9 @@ def run_track(opts: TrackOptions) -> dict:
 
     from dtk.io import atomic_write, emit
 
+    check_number("--fps", opts.fps, above=0)   # click's FloatRange lets NaN through
+    if opts.fov is not None and not (math.isfinite(opts.fov) and 0 < opts.fov < 180):
+        raise BadInput(f"--fov {opts.fov}: must be between 0 and 180 degrees")
     out = Path(opts.out)
     if out.suffix != ".npz":
         raise BadInput(f"--out {out}: the tracks are written as an .npz file")
@@ -668,6 +679,16 @@ def run_track(opts: TrackOptions) -> dict:
             raise BadInput(f"--viz {opts.viz}: {problem}")
     if opts.viz and Path(opts.viz).exists() and not opts.overwrite:
         raise BadInput(f"--viz {opts.viz}: exists; pass --overwrite or choose another file")
+    from dtk.io import check_out_apart
+
+    # an --overwrite would replace an input, and a --viz inside the frames folder would become a frame
+    inputs = [("VIDEO", opts.video), ("--depth", opts.depth), ("--queries", opts.queries), ("--eval", opts.eval)]
+    check_out_apart(out, inputs)
+    if opts.viz:
+        try:
+            check_out_apart(opts.viz, inputs + [("--out", opts.out)])
+        except BadInput as e:
+            raise BadInput(str(e).replace("--out ", "--viz ", 1)) from None
     if opts.intrinsics and opts.fov is not None:
         raise BadInput("give --intrinsics or --fov, not both (--fov would be ignored)")
     if (opts.depth is None) == (opts.depth_model is None):
@@ -677,6 +698,10 @@ def run_track(opts: TrackOptions) -> dict:
         raise BadInput(f"--intrinsics {opts.intrinsics}: focal lengths must be positive and every value finite")
     frames, (sx, sy) = load_clip(opts)
     T, H, W = frames.shape[:3]
+    from dtk.resources import check_fits
+
+    check_fits(f"VIDEO {opts.video}: {T} frames of {W}x{H} to track (fewer with --max-side, --max-frames or "
+               "--stride)", TRACK_BYTES * T * H * W)
     own = (round(W / sx), round(H / sy))   # the video's own size (W, H), before --max-side
     to_grid = np.array([sx, sy, 1.0])      # queries (x, y, t) in the video's pixels → on the tracking grid
     # before any work: the queries and the ground truth must fit these frames

@@ -277,3 +277,34 @@ def test_a_failed_export_leaves_no_temporary_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         lora.save_lora(tmp_path, object(), "sd")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_outputs_never_replace_their_inputs(run_dtk, tmp_path):
+    """track3d --out over its --depth (or --viz into the frames folder, where it would become a frame), and
+    score --out over its --data: refused, the input kept."""
+    import numpy as np
+    from PIL import Image
+
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(frames / f"{i:03d}.png")
+    depth = tmp_path / "depth.npz"
+    np.savez(depth, depth=np.ones((2, 16, 16), np.float32))
+    before = depth.read_bytes()
+    for args, message in ((["--out", depth, "--overwrite"], "--out"),
+                          (["--out", tmp_path / "t.npz", "--viz", frames / "viz.webp"], "--viz")):
+        r = run_dtk("track3d", frames, "--depth", depth, "--fov", "60", *args)
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
+        assert "is the input --depth" in r.stderr or "lies inside the input VIDEO" in r.stderr, r.stderr
+    assert depth.read_bytes() == before and sorted(p.name for p in frames.iterdir()) == ["000.png", "001.png"]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "x.png", "prompt": "a"}\n')
+    r = run_dtk("score", "--data", manifest, "--out", manifest, "--overwrite")
+    assert r.exit_code == 2 and "is the input --data" in r.stderr
+
+
+def test_fp16_training_on_the_cpu_is_refused(run_dtk, tiny_sd, sd_pairs, tmp_path):
+    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r", "--device", "cpu",
+                "--mixed-precision", "fp16")
+    assert r.exit_code == 2 and "--mixed-precision fp16: needs a CUDA GPU" in r.stderr, r.stderr

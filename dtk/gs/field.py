@@ -109,9 +109,7 @@ def load_tracks(path: str) -> Tracks:
 def colors_from_frames(tracks: Tracks, frames) -> torch.Tensor:
     """Per-frame colours [T, N, 3] in 0..1, sampled (nearest pixel) where each track projects in its frame;
     ``frames`` [T, H, W, 3]: uint8, or floats in 0..1."""
-    frames = torch.as_tensor(np.asarray(frames))
-    if frames.dtype == torch.uint8:
-        frames = frames.double() / 255.0
+    frames = torch.as_tensor(np.asarray(frames))   # uint8 until sampled: a float64 copy of the clip is 8× its size
     T, H, W, _ = frames.shape
     if T != tracks.frames:
         raise BadInput(f"--video: {T} frames, the tracks have {tracks.frames}")
@@ -123,7 +121,8 @@ def colors_from_frames(tracks: Tracks, frames) -> torch.Tensor:
     u = (fx * xyz[..., 0] / z + cx).floor().long().clamp(0, W - 1)   # pixel u spans [u, u + 1)
     v = (fy * xyz[..., 1] / z + cy).floor().long().clamp(0, H - 1)
     t = torch.arange(T)[:, None].expand_as(u)
-    return frames[t, v, u].double()
+    sampled = frames[t, v, u]
+    return sampled.double() / 255.0 if sampled.dtype == torch.uint8 else sampled.double()
 
 
 @dataclass
@@ -241,12 +240,15 @@ def read_ply(path: str) -> Gaussians:
     lines = raw[:end].decode("ascii", "replace").splitlines()
     if "format binary_little_endian 1.0" not in lines:
         raise BadInput(f"--ply {path}: only binary little-endian PLY is read (as 3DGS writes it)")
-    count, names, types, element = 0, [], [], None
+    count, names, types, element, vertex_lines = 0, [], [], None, 0
     for line in lines:
         parts = line.split()
         if parts[:1] == ["element"]:
             element = parts[1] if len(parts) > 1 else None
             if element == "vertex":
+                if vertex_lines:
+                    raise BadInput(f"--ply {path}: two vertex elements; a 3DGS file has one")
+                vertex_lines += 1
                 if len(parts) != 3 or not parts[2].isdigit():
                     raise BadInput(f"--ply {path}: bad vertex count line {line!r}")
                 count = int(parts[2])

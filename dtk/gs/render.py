@@ -339,6 +339,28 @@ def render(means, quats, scales, opacities, colors, viewmats, Ks, width: int, he
     return rasterize(proj, colors, opacities, width, height, background)
 
 
+# bytes per output pixel a CPU render allocates (measured at 1–16 Mpixels, 1–8 threads: 105–150 for one camera,
+# 200–210 for two): ~80 per camera (each band's sums of colour, depth and alpha, the concatenated frame, the
+# images, their stacking), ~70 shared (the band transients, the threads' malloc arenas); per Gaussian and
+# camera, ~1 KB (projection, conics, depth order, SH colours); per thread, a band's dense grid
+# (_BAND_ELEMENTS elements, ~20 bytes each)
+_PIXEL_BYTES, _PIXEL_BYTES_SHARED, _GAUSSIAN_BYTES = 80, 70, 1024
+
+
+def render_memory(gaussians: int, cameras: int, width: int, height: int, backend: str = "torch",
+                  threads: int | None = None) -> int:
+    """About the peak bytes one ``render`` call allocates (what ``dtk render-gs`` checks against the free
+    memory before it renders): on the CPU ("torch"), the terms above; with gsplat (CUDA memory), its float32
+    outputs (RGB + depth, alpha: 20 bytes per pixel and camera, twice over with its intermediates) and its
+    per-Gaussian arrays."""
+    pixels = width * height
+    if backend == "gsplat":
+        return cameras * (40 * pixels + 256 * gaussians)
+    threads = threads or torch.get_num_threads()
+    return (pixels * (_PIXEL_BYTES * cameras + _PIXEL_BYTES_SHARED) + gaussians * cameras * _GAUSSIAN_BYTES
+            + threads * _BAND_ELEMENTS * 20)
+
+
 def _has_gsplat() -> bool:
     """gsplat importable with its CUDA kernels (built, or buildable: it compiles them on first use)."""
     import importlib.util
