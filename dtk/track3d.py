@@ -41,6 +41,7 @@ With ``queries``: one track per query, in the query file's pixel units.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -449,11 +450,24 @@ def _jpegs(data, path: str) -> np.ndarray:
     return jpegs
 
 
+@contextlib.contextmanager
+def _npz_input(where: str, what: str = "npz"):
+    """Reading a user's npz: a missing or corrupt file is bad input naming it (``where``: option and path)."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except FileNotFoundError:
+        raise BadInput(f"{where}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
+        raise BadInput(f"{where}: not a readable {what} ({type(e).__name__})") from None
+
+
 def load_ground_truth(path: str) -> dict:
     """Ground truth in the TAPVid-3D layout (``tracks_XYZ``/``tracks_xyz``, ``visibility``,
     ``fx_fy_cx_cy``/``intrinsics``, optional ``queries_xyt``, ``tracks_uv`` and ``images_jpeg_bytes``, whose
     first frame's size is kept as ``image_size``)."""
-    try:
+    with _npz_input(f"--eval {path}"):
         data = np.load(path, allow_pickle=False)
         gt = {}
         for name, spellings in GT_KEYS.items():
@@ -468,12 +482,6 @@ def load_ground_truth(path: str) -> dict:
         size = _jpeg_size(data, f"--eval {path}")
         if size is not None:
             gt["image_size"] = size
-    except BadInput:
-        raise
-    except FileNotFoundError:
-        raise BadInput(f"--eval {path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
-        raise BadInput(f"--eval {path}: not a readable npz ({type(e).__name__})") from None
     xyz, vis = gt["tracks_xyz"], gt["visibility"]
     if xyz.ndim != 3 or xyz.shape[2] != 3 or vis.shape != xyz.shape[:2]:
         raise BadInput(f"--eval {path}: tracks {xyz.shape} and visibility {vis.shape} (want [T, N, 3] and [T, N])")
@@ -527,17 +535,11 @@ def gt_queries(gt: dict, video_size: tuple[int, int], frames: int, path: str) ->
 
 def read_queries(path: str, frames: int) -> np.ndarray:
     """``queries_xyt`` [N, 3] of an npz (a TAPVid-3D file, e.g. the ground truth itself)."""
-    try:
+    with _npz_input(f"--queries {path}"):
         data = np.load(path, allow_pickle=False)
         if "queries_xyt" not in data.files:
             raise BadInput(f"--queries {path}: no queries_xyt [N, 3] (x, y, t) in it")
         queries = np.asarray(data["queries_xyt"])
-    except BadInput:
-        raise
-    except FileNotFoundError:
-        raise BadInput(f"--queries {path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
-        raise BadInput(f"--queries {path}: not a readable npz ({type(e).__name__})") from None
     return checked_queries(queries, frames, f"--queries {path}")
 
 
@@ -614,7 +616,7 @@ def tapvid3d_frames(spec: str, stride: int = 1, max_frames: int | None = None) -
 
     from dtk.video import check_decode, open_image
 
-    try:
+    with _npz_input(f"VIDEO {spec}", "TAPVid-3D npz"):
         data = np.load(spec, allow_pickle=False)
         if "images_jpeg_bytes" not in data.files:
             raise BadInput(f"VIDEO {spec}: an npz without images_jpeg_bytes (a TAPVid-3D file holds the video "
@@ -626,10 +628,6 @@ def tapvid3d_frames(spec: str, stride: int = 1, max_frames: int | None = None) -
                 if i == 0:   # the whole clip's memory, from the first frame's size, before decoding
                     check_decode(f"VIDEO {spec}", len(jpegs), *im.size)
                 frames.append(np.asarray(im.convert("RGB")))
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file is bad input
-        raise BadInput(f"VIDEO {spec}: not a readable TAPVid-3D npz ({type(e).__name__})") from None
     if len({f.shape for f in frames}) != 1:
         raise BadInput(f"VIDEO {spec}: frames of different sizes")
     return np.stack(frames)
