@@ -209,6 +209,34 @@ def _sample_set(model, bench: Benchmark, steps: int, scheduler, guidance, batch_
     return images, settings
 
 
+def _check_memory(opts: EvalOptions, steps: list[int], refs: list, device, dtype) -> None:
+    """Refuse, before any model loads, an evaluation whose images cannot fit in memory: a model's images at
+    every step count are kept until its row is measured (beside the teacher's), and one --batch-size batch of
+    them is generated at once (estimates as ``dtk.sample``'s, from the models' configs)."""
+    from dtk.resources import check_fits
+    from dtk.sample import _configs, _default_size, image_bytes
+
+    sizes = []
+    for ref in refs:
+        configs = _configs(ref)
+        if configs is not None:
+            sizes.append((_default_size(configs[0], configs[1]), configs))
+    if not sizes:
+        return
+    side, (unet, vae, _) = max(sizes, key=lambda s: s[0])
+    held = opts.num_images * (len(steps) + 1) * (side * side * 3 + 1024)   # PIL images: pixels and object
+    check_fits(f"--num-images {opts.num_images}: {opts.num_images * (len(steps) + 1)} {side}x{side} images kept at "
+               f"once ({len(steps)} step count(s) of a model, and the teacher's)", held)
+    batch = min(opts.batch_size, opts.num_images)
+    image, host = image_bytes(unet, vae, side, side, dtype)
+    what = f"--batch-size {opts.batch_size}: a batch of {batch} {side}x{side} images"
+    if device.type == "cuda":
+        check_fits(what, batch * image, device)
+        check_fits(what, held + batch * host)
+    else:
+        check_fits(what, held + batch * (image + host))
+
+
 def run_eval(opts: EvalOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
     from dtk.diffusion.loading import guide_for, open_model, resolve_model
@@ -240,6 +268,7 @@ def run_eval(opts: EvalOptions) -> list[dict]:
     baseline_ref = resolve_model(opts.baseline) if opts.baseline else None
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    _check_memory(opts, steps, [teacher_ref, *refs, *([baseline_ref] if baseline_ref else [])], device, dtype)
     if opts.prompts:
         from dtk.prompts import read_prompts
 

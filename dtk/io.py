@@ -88,7 +88,23 @@ def open_text(path: str, binary: bool = False) -> Any:
     if path == "-":
         if sys.stdin.isatty():   # a terminal: say what it waits for rather than wait silently
             log.info("reading from stdin (a file or a pipe is the usual input; Ctrl-D ends, Ctrl-C stops)")
-        return contextlib.nullcontext(getattr(sys.stdin, "buffer", sys.stdin) if binary else sys.stdin)
+        buffer = getattr(sys.stdin, "buffer", None)
+        if binary or buffer is None:
+            return contextlib.nullcontext(buffer or sys.stdin)
+
+        @contextlib.contextmanager
+        def utf8_stdin():
+            # UTF-8, strictly, as every file is read: not the locale's (a C locale lets other bytes through
+            # as surrogates, to fail only when the text is written out, after the model ran)
+            import io
+
+            text = io.TextIOWrapper(buffer, encoding="utf-8", errors="strict")
+            try:
+                yield text
+            finally:
+                text.detach()   # stdin stays open
+
+        return utf8_stdin()
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{path}: no such file")

@@ -153,6 +153,7 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     _refuse_other_results(out, opts.overwrite)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    _check_memory(opts, ref, device, dtype, num)   # before the model loads
     model = open_model(ref, device, dtype, opts.model_config)
     for m in (model.unet, model.vae, model.pipe.text_encoder):
         m.eval()
@@ -196,6 +197,48 @@ def run_pairs(opts: PairOptions) -> list[dict]:
             "reflow-pairs", args, kind="pairs", settings=record, shards=chunks, shard=list(opts.shard),
             files=[Path(w["path"]).name for w in written]))
     return written
+
+
+def _check_memory(opts: PairOptions, ref, device, dtype, num: int) -> None:
+    """Refuse, in one line naming the option, a run whose list of shards, or one shard's tensors (held until
+    the shard is written), or one UNet batch cannot fit in the memory available (``dtk.resources.check_fits``;
+    estimates as ``dtk.sample.check_memory``'s, from the model's configs: nothing for a single file)."""
+    import torch
+
+    from dtk.resources import check_fits
+    from dtk.sample import _configs, _default_size
+
+    chunks = -(-num // opts.pairs_per_shard)
+    i, n = opts.shard
+    mine = max(0, -(-(chunks - i) // n))
+    check_fits(f"--num {num}: {mine} shard(s) of --pairs-per-shard {opts.pairs_per_shard} in this process, their "
+               "records", mine * 1024)
+    configs = _configs(ref)
+    if configs is None:
+        return
+    unet, vae, weights = configs
+    size = _default_size(unet, vae)
+    height, width = opts.height or size, opts.width or size
+    factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1
+    latent = (height // factor) * (width // factor)
+    per = torch.finfo(dtype).bits // 8
+    pairs = min(opts.pairs_per_shard, num)
+    # noise and latent per pair, in batches, joined, then serialised: three copies at the end
+    held = pairs * 2 * unet.get("in_channels", 4) * latent * per * 3
+    layers = unet.get("layers_per_block", 2)
+    layers = max(layers) if isinstance(layers, (list, tuple)) else int(layers)
+    batch = min(opts.batch_size, pairs)
+    unet_bytes = batch * 2 * (unet.get("block_out_channels") or [320])[0] * latent * per * (3 + layers)
+    loading = weights * per // 4
+    what = f"--pairs-per-shard {opts.pairs_per_shard}: a shard of {pairs} {width}x{height} pairs, held until written"
+    if device.type == "cuda":
+        check_fits(what, held)
+        check_fits(f"--batch-size {opts.batch_size} --height {height} --width {width}: a batch of {batch}",
+                   unet_bytes + loading, device)
+    else:
+        check_fits(what, held + loading)
+        check_fits(f"--batch-size {opts.batch_size} --height {height} --width {width}: a batch of {batch}",
+                   held + unet_bytes + loading)
 
 
 @contextlib.contextmanager

@@ -42,21 +42,130 @@ class SampleOptions:
     overwrite: bool = False
 
 
-def plan_requests(opts: SampleOptions):
-    """Every image of the whole run, by global index; seeds independent of sharding."""
-    from dtk.diffusion.sampling import Request
-    from dtk.seeds import derive_seed
+class RequestPlan:
+    """Every image of the whole run by global index, each made when it is asked for: a shard of a run of a
+    billion images holds its own few, never the whole list (which every shard would build, to pick from)."""
 
-    requests = []
-    for p, item in enumerate(opts.prompts):
-        for k in range(opts.num_per_prompt):
-            index = p * opts.num_per_prompt + k
-            # A seed given with the prompt is used as is (k-th image: seed + k), so a
-            # manifest line fed back in reproduces its image.
-            seed = item.seed + k if item.seed is not None else derive_seed(opts.seed, index)
-            neg = item.negative_prompt if item.negative_prompt is not None else opts.negative_prompt
-            requests.append(Request(prompt=item.prompt, seed=seed, negative_prompt=neg, meta={"index": index}))
-    return requests
+    def __init__(self, opts: SampleOptions, indices: range | None = None):
+        self.opts = opts
+        self.indices = range(len(opts.prompts) * opts.num_per_prompt) if indices is None else indices
+
+    def shard(self, shard: tuple[int, int]) -> "RequestPlan":
+        """The images shard ``I/N`` makes: every N-th, from I (as ``dtk.seeds.shard_indices``)."""
+        i, n = shard
+        return RequestPlan(self.opts, self.indices[i::n])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return (self.request(index) for index in self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.request(index) for index in self.indices[i]]
+        return self.request(self.indices[i])
+
+    def request(self, index: int):
+        from dtk.diffusion.sampling import Request
+        from dtk.seeds import derive_seed
+
+        opts = self.opts
+        p, k = divmod(index, opts.num_per_prompt)
+        item = opts.prompts[p]
+        # A seed given with the prompt is used as is (k-th image: seed + k), so a
+        # manifest line fed back in reproduces its image.
+        seed = item.seed + k if item.seed is not None else derive_seed(opts.seed, index)
+        neg = item.negative_prompt if item.negative_prompt is not None else opts.negative_prompt
+        return Request(prompt=item.prompt, seed=seed, negative_prompt=neg, meta={"index": index})
+
+
+def plan_requests(opts: SampleOptions) -> RequestPlan:
+    """Every image of the whole run, by global index; seeds independent of sharding."""
+    return RequestPlan(opts)
+
+
+# What a run holds at once, roughly (an estimate from below: a run it refuses would not have fitted). Measured
+# on the demo model (fp32, CPU): about 750 bytes per output pixel of one image; the VAE decoder's top stage
+# (its first block_out_channels, several tensors of them alive) is most of it.
+RECORD_BYTES = 1024      # one image's manifest record (about 600 measured), kept until samples.jsonl is written
+VAE_TENSORS = 6          # tensors of the VAE decoder's full-resolution width alive at its peak
+HOST_IMAGE_BYTES = 36    # per pixel, the float images and their uint8 copy on the CPU (3 channels)
+
+
+def image_bytes(unet: dict, vae: dict | None, height: int, width: int, dtype) -> tuple[int, int]:
+    """What generating one image takes at its peak, roughly, on the model's device and on the host: the UNet's
+    top stage (twice, with CFG) or the VAE decoder's full-resolution stage, whichever is larger, and the
+    images' copies on the CPU. ``unet``/``vae``: the models' configs (no VAE: a pixel-space model)."""
+    import torch
+
+    per = torch.finfo(dtype).bits // 8
+    factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1
+    latent = (height // factor) * (width // factor)
+    layers = unet.get("layers_per_block", 2)
+    layers = max(layers) if isinstance(layers, (list, tuple)) else int(layers)
+    # the UNet's top stage, twice the batch with CFG: its input, hidden and skip tensors
+    unet_bytes = 2 * (unet.get("block_out_channels") or [320])[0] * latent * per * (3 + layers)
+    vae_bytes = 0
+    if vae:
+        vae_per = 4 if per == 2 and vae.get("force_upcast", True) else per
+        vae_bytes = (vae.get("block_out_channels") or [128])[0] * height * width * vae_per * VAE_TENSORS
+    device = max(unet_bytes, vae_bytes) + (unet.get("in_channels", 4) * latent + 3 * height * width) * 4
+    return device, HOST_IMAGE_BYTES * height * width
+
+
+def check_memory(opts: SampleOptions, unet: dict, vae: dict | None, height: int, width: int, device, dtype,
+                 images: int, weights: int = 0) -> None:
+    """Refuse, in one line naming the option to change and before any work, a run whose manifest, or one
+    image, or one batch cannot fit in the memory available (``dtk.resources.check_fits``): ``unet``/``vae``
+    are the models' configs, ``images`` this process's count, ``weights`` the bytes on disk of weights not
+    loaded yet (fp32, or already this dtype: then fewer are needed)."""
+    import torch
+
+    from dtk.resources import check_fits
+
+    per = torch.finfo(dtype).bits // 8
+    image, host = image_bytes(unet, vae, height, width, dtype)
+    prompt = max((len(p.prompt) + len(p.negative_prompt or opts.negative_prompt) for p in opts.prompts), default=0)
+    records = images * (RECORD_BYTES + prompt)
+    loading = weights * per // 4
+    gpu = device.type == "cuda"
+    check_fits(f"--num-per-prompt {opts.num_per_prompt}: {images} images in this process, their manifest records "
+               "(split the run with --shard I/N)", records)
+    batch = max(1, min(opts.batch_size, images))
+    for n, what in ((1, f"--height {height} --width {width}: one {width}x{height} image"),
+                    (batch, f"--batch-size {opts.batch_size}: a batch of {batch} {width}x{height} images")):
+        if n == 1 or batch > 1:
+            if gpu:
+                check_fits(what, n * image + loading, device)
+            check_fits(what, records + n * host + (0 if gpu else n * image + loading))
+    if opts.grid and images:   # the contact sheet, made whole at the end (as _finish lays it out)
+        cols = opts.num_per_prompt if opts.num_per_prompt > 1 else math.ceil(math.sqrt(images))
+        sheet = cols * -(-images // cols) * height * width * 3
+        check_fits(f"--grid: a contact sheet of {images} {width}x{height} images", records + sheet)
+
+
+def _default_size(unet: dict, vae: dict | None) -> int:
+    """A model's native image size from its configs (as ``LoadedModel.default_size``)."""
+    size = unet.get("sample_size") or 64
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    return size * (2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1)
+
+
+def _configs(ref) -> tuple[dict, dict | None, int] | None:
+    """The UNet and VAE configs and the weights' bytes on disk of a model, read without loading it (None for
+    a single-file checkpoint, whose configs come with its weights)."""
+    from dtk.io import read_json
+
+    if ref.single_file:
+        return None
+    unet_dir = ref.unet_dir or ref.path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        return None
+    vae = ref.path / "vae" / "config.json"
+    weights = sum(f.stat().st_size for d in ("unet", "vae", "text_encoder", "text_encoder_2")
+                  for f in ((ref.unet_dir if d == "unet" and ref.unet_dir else ref.path / d).glob("*.safetensors")))
+    return read_json(unet_dir / "config.json"), read_json(vae) if vae.is_file() else None, weights
 
 
 def shard_suffix(shard: tuple[int, int]) -> str:
@@ -115,6 +224,14 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
+    i, n = opts.shard   # this process's images, counted (never listed: a typo'd count must not fill memory)
+    images = max(0, (max(1, len(opts.prompts)) * opts.num_per_prompt - i + n - 1) // n)
+    configs = _configs(ref)
+    if configs is not None:   # what one batch will take, from the configs: before loading any weights
+        unet_config, vae_config, weights = configs
+        size = _default_size(unet_config, vae_config)
+        check_memory(opts, unet_config, vae_config, opts.height or size, opts.width or size, device, dtype, images,
+                     weights)
     model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras,
                        guide=guide_for(opts.scheduler, opts.guide_with), npo=opts.npo, npo_scale=opts.npo_scale)
     if not opts.prompts:
@@ -129,6 +246,9 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         class_labels(model, sorted({p.prompt for p in opts.prompts}))
         factor = 2 ** (len(model.unet.config.get("block_out_channels", [0])) - 1)
         check_size(factor, settings.height, settings.width)
+    if configs is None:   # a single-file checkpoint: its configs came with its weights
+        check_memory(opts, dict(model.unet.config), dict(model.vae.config) if model.vae is not None else None,
+                     settings.height, settings.width, device, dtype, images)
     if opts.npo and settings.scheduler == "consistency":
         raise BadInput(f"--npo {opts.npo}: the consistency sampler has no CFG branch for NPO to replace "
                        "(it guides with --guide-with); use a diffusion scheduler")
@@ -139,10 +259,8 @@ def run_sample(opts: SampleOptions) -> list[dict]:
         log.warning("sample: guidance %.2f ≤ 1 runs the conditional branch only; negative prompts have no effect",
                     settings.guidance)
 
-    from dtk.seeds import shard_indices
-
     all_requests = plan_requests(opts)
-    mine = [all_requests[i] for i in shard_indices(len(all_requests), opts.shard)]
+    mine = all_requests.shard(opts.shard)
     if out is None:   # no --out: a new folder, never the previous run's
         from dtk.io import fresh_out_dir
 

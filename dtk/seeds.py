@@ -30,20 +30,49 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _env_int(env, name: str, default: int | None = None) -> int:
+    """A launcher's variable as an integer (unset or empty: ``default``); anything else names the variable."""
+    text = str(env.get(name, "")).strip()
+    if not text and default is not None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInput(f"{name}={env.get(name, '')!r}: not an integer (dtk reads its shard from it; pass "
+                       "--shard I/N to choose one)") from None
+
+
 def default_shard(env: dict | None = None) -> tuple[int, int]:
-    """The shard implied by the launcher: a Slurm array, srun tasks, or torchrun/accelerate ranks."""
+    """The shard implied by the launcher: a Slurm array, srun tasks, or torchrun/accelerate ranks. Values
+    that make no shard (not integers, a rank outside its world) are refused naming the variable: a wrong
+    shard would write another shard's files, or leave some undone, without a word."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         # --array=MIN-MAX:STEP numbers its tasks MIN, MIN+STEP, ...: shard = (ID - MIN) / STEP
-        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
-        i, n = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"])
+        task, n = _env_int(env, "SLURM_ARRAY_TASK_ID"), _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        first, step = _env_int(env, "SLURM_ARRAY_TASK_MIN", 0), _env_int(env, "SLURM_ARRAY_TASK_STEP", 1)
+        if n < 1:
+            raise BadInput(f"SLURM_ARRAY_TASK_COUNT={n}: must be at least 1 (pass --shard I/N to choose a shard)")
+        if step < 1:
+            raise BadInput(f"SLURM_ARRAY_TASK_STEP={step}: must be at least 1 (pass --shard I/N to choose a shard)")
+        i = (task - first) // step
+        if (task - first) % step:   # off the grid: it would share a shard with the task below it
+            raise BadInput(f"SLURM_ARRAY_TASK_ID {task}: not MIN + k*STEP (SLURM_ARRAY_TASK_MIN {first}, "
+                           f"SLURM_ARRAY_TASK_STEP {step}); pass --shard I/N")
         if not 0 <= i < n:
-            raise BadInput(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']}: shard {i} of {n}; dtk takes arrays "
+            raise BadInput(f"SLURM_ARRAY_TASK_ID {task}: shard {i} of {n}; dtk takes arrays "
                            "with one step (--array=0-N or MIN-MAX:STEP) and no gaps; pass --shard I/N")
         return i, n
     for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank in env and world in env and int(env[world]) > 1:
-            return int(env[rank]), int(env[world])
+        if rank in env and world in env:
+            r, w = _env_int(env, rank), _env_int(env, world)
+            if w < 1:
+                raise BadInput(f"{world}={w}: must be at least 1 (pass --shard I/N to choose a shard)")
+            if not 0 <= r < w:
+                raise BadInput(f"{rank}={r} with {world}={w}: ranks run from 0 to {w - 1} (pass --shard I/N to "
+                               "choose a shard)")
+            if w > 1:
+                return r, w
     return 0, 1
 
 

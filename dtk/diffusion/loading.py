@@ -89,24 +89,36 @@ def _from_dir(spec: str, path: Path, within: tuple[Path, ...] = ()) -> ModelRef:
     has_pipeline = (path / "model_index.json").exists()
     if manifest and manifest.get("kind") != "model" and not has_pipeline:
         raise BadInput(f"--model {spec}: {manifest_path} describes a '{manifest.get('command', '?')}' output, not a model")
+    if manifest:
+        _check_manifest(manifest, manifest_path, spec)
+    if manifest.get("base_model"):   # from any directory: a relative one is read from the model dir
+        manifest["base_model"] = base_model_spec(manifest["base_model"], path, manifest_path, spec,
+                                                 must_exist=not has_pipeline)   # else only a record
+    consistency = (manifest.get("sampler") or {}).get("consistency") or {}
+    if consistency.get("guide"):   # the guide a consistency model names, the same way (loaded when sampled)
+        consistency["guide"] = base_model_spec(consistency["guide"], path, manifest_path, spec,
+                                               "sampler.consistency.guide", must_exist=False)
     if has_pipeline:
         ref = ModelRef(spec=spec, path=path, family=_pipeline_family(path))
     elif manifest.get("base_model"):
-        ref = resolve_model(manifest["base_model"], (*within, path.resolve()))
+        base = manifest["base_model"]
+        try:
+            ref = resolve_model(base, (*within, path.resolve()))
+        except BadInput as e:   # named from the dtk.json that names it (a chain of models names each link)
+            raise BadInput(f"--model {spec}: {manifest_path}: base_model {base}: "
+                           f"{str(e).removeprefix(f'--model {base}: ')}") from None
         ref.spec = spec
     else:
         raise BadInput(f"--model {spec}: not a diffusers pipeline (no model_index.json) nor a dtk model dir (no dtk.json)")
     ref.dirs = [path.resolve(), *ref.dirs]
     inherited = {k: ref.manifest[k] for k in ("classes",) if k in ref.manifest}  # a tuned model keeps its labels
     ref.manifest = {**inherited, **manifest}
-    ref.sampler = {**ref.sampler, **manifest.get("sampler", {})}
+    ref.sampler = {**ref.sampler, **{k: v for k, v in (manifest.get("sampler") or {}).items() if v is not None}}
     if manifest.get("unet"):
         # a saved full UNet already holds its base model's LoRAs (fused before training); their text-encoder
         # parts were not saved with it, so they still apply there
         ref.text_encoder_loras, ref.loras = ref.text_encoder_loras + ref.loras, []
-    for entry in manifest.get("loras", []):
-        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
-            raise BadInput(f"--model {spec}: {manifest_path}: a 'loras' entry without a 'path' ({entry!r})")
+    for entry in manifest.get("loras") or []:
         lora_path = path / entry["path"]
         if not lora_path.exists():
             raise BadInput(f"--model {spec}: dtk.json names {lora_path}, which is missing")
@@ -116,6 +128,109 @@ def _from_dir(spec: str, path: Path, within: tuple[Path, ...] = ()) -> ModelRef:
         if not ref.unet_dir.is_dir():
             raise BadInput(f"--model {spec}: dtk.json names UNet weights in {ref.unet_dir}, which is missing")
     return ref
+
+
+def _is_number(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _is_consistency(value) -> bool:
+    """σ_max, σ_min, σ_data, t_mid: numbers; boundaries: a list of numbers; guide: a model (a string)."""
+    if not isinstance(value, dict):
+        return False
+    for key, x in value.items():
+        if x is None:
+            continue
+        if key == "guide":
+            ok = isinstance(x, str)
+        elif key == "boundaries":
+            ok = isinstance(x, list) and all(map(_is_number, x))
+        else:
+            ok = _is_number(x)
+        if not ok:
+            return False
+    return True
+
+
+# sampler fields a model dir may recommend: a check of each value (None: not given)
+SAMPLER_FIELDS = {
+    "scheduler": (lambda v: isinstance(v, str), "a scheduler name"),
+    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "guidance": (_is_number, "a number"),
+    "timesteps": (_is_int_list, "a list of whole numbers"),
+    "timesteps_for_steps": (lambda v: isinstance(v, dict) and all(_is_int_list(t) for t in v.values()),
+                            "an object of step count → list of timesteps"),
+    "consistency": (_is_consistency, "an object of numbers (sigma_max, t_mid, ...), boundaries and guide"),
+    "schedule": (lambda v: isinstance(v, dict), "an object of scheduler config values"),
+}
+
+
+def _check_manifest(manifest: dict, manifest_path: Path, spec: str) -> None:
+    """The fields of a model dir's dtk.json that loading reads, each of the type it must be: refused here, in
+    one line naming the file and the field, rather than as a TypeError (or a wrong model) later."""
+    def bad(field: str, value, want: str) -> BadInput:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "…"
+        return BadInput(f"--model {spec}: {manifest_path}: '{field}' is {shown}, expected {want}")
+
+    for key in ("base_model", "unet"):
+        value = manifest.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise bad(key, value, "a path" + (" or hub id" if key == "base_model" else "") + " (a string)")
+    loras = manifest.get("loras")
+    if loras is not None:
+        if not isinstance(loras, list):
+            raise bad("loras", loras, 'a list of {"path": ..., "scale": ...} objects')
+        for i, entry in enumerate(loras):
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]):
+                raise bad(f"loras[{i}]", entry, 'an object with a "path" string')
+            if "scale" in entry and not _is_number(entry["scale"]):
+                raise bad(f"loras[{i}].scale", entry["scale"], "a finite number")
+    sampler = manifest.get("sampler")
+    if sampler is not None:
+        if not isinstance(sampler, dict):
+            raise bad("sampler", sampler, "an object of sampler settings (scheduler, steps, guidance, ...)")
+        for key, (ok, want) in SAMPLER_FIELDS.items():
+            if sampler.get(key) is not None and not ok(sampler[key]):
+                raise bad(f"sampler.{key}", sampler[key], want)
+    classes = manifest.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise bad("classes", classes, "a list of class names")
+
+
+def base_model_spec(base: str, model_dir: Path, manifest_path: Path | None = None, spec: str | None = None,
+                    field: str = "base_model", must_exist: bool = True) -> str:
+    """A model dir's ``base_model`` as a spec that works from any directory. An absolute path, a hub id or a
+    bundled name (``demo``) stays as written; a relative path is read from the model dir (so a folder of
+    models can move as a whole). dtk wrote absolute paths before, so older dirs are unchanged; a relative one
+    that exists only from the current directory (how earlier versions read it) still works, with a warning.
+    One found nowhere is refused naming the file, unless not ``must_exist`` (then it stays as written)."""
+    import logging
+    import os
+
+    if base in ("demo", "demo-pixel"):
+        return base
+    path = Path(base).expanduser()
+    if path.is_absolute():
+        return base
+    beside = model_dir / path
+    if beside.exists():
+        return os.path.abspath(beside)
+    where = f"--model {spec}: {manifest_path}" if manifest_path is not None else str(model_dir)
+    if path.exists():
+        logging.getLogger("dtk").warning("%s: %s %s is not in %s; read from the current directory, as earlier "
+                                         "dtk did (write it relative to the model dir, or absolute)",
+                                         where, field, base, model_dir)
+        return os.path.abspath(path)
+    if looks_like_hub_id(base) or not must_exist:
+        return base
+    raise BadInput(f"{where}: {field} {base}: no such directory (looked in {model_dir}, where a relative "
+                   "path is read from)")
 
 
 def _pipeline_family(path: Path) -> str:

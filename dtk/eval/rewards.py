@@ -182,8 +182,9 @@ class AestheticReward:
             raise BadInput("--reward aesthetic: needs the LAION aesthetic MLP weights: --reward aesthetic=PATH "
                            "(.safetensors, or the original .pth state dict)")
         path = local_path(weights, "--reward aesthetic=")
+        state = _load_state_dict(path)   # a few KB: a broken file is refused before CLIP loads
         self.clip = _load_clip("--clip-model", clip_model, device)
-        self.mlp = _aesthetic_mlp(_load_state_dict(path), path, self.clip.model.config.projection_dim).to(device)
+        self.mlp = _aesthetic_mlp(state, path, self.clip.model.config.projection_dim).to(device)
 
     @torch.no_grad()
     def __call__(self, images, prompts):
@@ -225,13 +226,18 @@ def _load_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - truncated, or not safetensors at all: the user's file
+            raise BadInput(f"--reward aesthetic={path}: not a readable safetensors file "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     try:  # weights_only: tensors and plain containers, never arbitrary pickled code
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise BadInput(f"{path}: not a state dict of tensors ({type(e).__name__}); convert it to .safetensors") from None
+        raise BadInput(f"--reward aesthetic={path}: not a state dict of tensors ({type(e).__name__}); convert it "
+                       "to .safetensors") from None
     if not isinstance(state, dict):
-        raise BadInput(f"{path}: not a state dict of tensors ({type(state).__name__})")
+        raise BadInput(f"--reward aesthetic={path}: not a state dict of tensors ({type(state).__name__})")
     return state
 
 
