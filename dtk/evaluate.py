@@ -214,13 +214,14 @@ def _check_memory(opts: EvalOptions, steps: list[int], refs: list, device, dtype
     every step count are kept until its row is measured (beside the teacher's), and one --batch-size batch of
     them is generated at once (estimates as ``dtk.sample``'s, from the models' configs)."""
     from dtk.resources import check_fits
-    from dtk.sample import _configs, _default_size, image_bytes
+    from dtk.diffusion.loading import model_configs, native_size
+    from dtk.sample import image_bytes
 
     sizes = []
     for ref in refs:
-        configs = _configs(ref)
+        configs = model_configs(ref)
         if configs is not None:
-            sizes.append((_default_size(configs[0], configs[1]), configs))
+            sizes.append((native_size(configs[0], configs[1]), configs))
     if not sizes:
         return
     side, (unet, vae, _) = max(sizes, key=lambda s: s[0])

@@ -206,18 +206,18 @@ def _check_memory(opts: PairOptions, ref, device, dtype, num: int) -> None:
     import torch
 
     from dtk.resources import check_fits
-    from dtk.sample import _configs, _default_size
+    from dtk.diffusion.loading import model_configs, native_size
 
     chunks = -(-num // opts.pairs_per_shard)
     i, n = opts.shard
     mine = max(0, -(-(chunks - i) // n))
     check_fits(f"--num {num}: {mine} shard(s) of --pairs-per-shard {opts.pairs_per_shard} in this process, their "
                "records", mine * 1024)
-    configs = _configs(ref)
+    configs = model_configs(ref)
     if configs is None:
         return
     unet, vae, weights = configs
-    size = _default_size(unet, vae)
+    size = native_size(unet, vae)
     height, width = opts.height or size, opts.width or size
     factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1
     latent = (height // factor) * (width // factor)

@@ -145,29 +145,6 @@ def check_memory(opts: SampleOptions, unet: dict, vae: dict | None, height: int,
         check_fits(f"--grid: a contact sheet of {images} {width}x{height} images", records + sheet)
 
 
-def _default_size(unet: dict, vae: dict | None) -> int:
-    """A model's native image size from its configs (as ``LoadedModel.default_size``)."""
-    size = unet.get("sample_size") or 64
-    size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    return size * (2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1)
-
-
-def _configs(ref) -> tuple[dict, dict | None, int] | None:
-    """The UNet and VAE configs and the weights' bytes on disk of a model, read without loading it (None for
-    a single-file checkpoint, whose configs come with its weights)."""
-    from dtk.io import read_json
-
-    if ref.single_file:
-        return None
-    unet_dir = ref.unet_dir or ref.path / "unet"
-    if not (unet_dir / "config.json").is_file():
-        return None
-    vae = ref.path / "vae" / "config.json"
-    weights = sum(f.stat().st_size for d in ("unet", "vae", "text_encoder", "text_encoder_2")
-                  for f in ((ref.unet_dir if d == "unet" and ref.unet_dir else ref.path / d).glob("*.safetensors")))
-    return read_json(unet_dir / "config.json"), read_json(vae) if vae.is_file() else None, weights
-
-
 def shard_suffix(shard: tuple[int, int]) -> str:
     i, n = shard
     return "" if n == 1 else f".shard-{i:05d}-of-{n:05d}"
@@ -181,7 +158,8 @@ def same_shard_layout(marker: str, suffix: str) -> bool:
 
 def run_sample(opts: SampleOptions) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import check_size, guide_for, open_model, resolve_model, vae_factor_of
+    from dtk.diffusion.loading import (check_size, guide_for, model_configs, native_size, open_model, resolve_model,
+                                       vae_factor_of)
     from dtk.diffusion.sampling import settings_for
     from dtk.io import Replacing, prepare_out_dir
 
@@ -226,10 +204,10 @@ def run_sample(opts: SampleOptions) -> list[dict]:
     check_size(vae_factor_of(ref), opts.height, opts.width)  # before loading any weights
     i, n = opts.shard   # this process's images, counted (never listed: a typo'd count must not fill memory)
     images = max(0, (max(1, len(opts.prompts)) * opts.num_per_prompt - i + n - 1) // n)
-    configs = _configs(ref)
+    configs = model_configs(ref)
     if configs is not None:   # what one batch will take, from the configs: before loading any weights
         unet_config, vae_config, weights = configs
-        size = _default_size(unet_config, vae_config)
+        size = native_size(unet_config, vae_config)
         check_memory(opts, unet_config, vae_config, opts.height or size, opts.width or size, device, dtype, images,
                      weights)
     model = open_model(ref, device, dtype, opts.model_config, extra_loras=opts.loras,

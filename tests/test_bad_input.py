@@ -510,3 +510,24 @@ def test_unreadable_preference_images_keep_their_policy(tmp_path, caplog):
     with pytest.raises(BadInput, match=r"data\.arrow row 1 \(preferred image\)"):
         open_preferences(str(ds), resolution=16, strict=True)
     assert open_preferences(str(ds), resolution=16).counts["unreadable_pairs"] == 1
+
+
+def test_a_corrupt_training_image_is_found_before_the_model_loads(tiny_sd, tmp_path, monkeypatch):
+    import dtk.train.engine as engine
+    from dtk.methods.reflow import RectifiedDiffusion
+    from dtk.train.config import TrainConfig
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    png = image_bytes()
+    for name, data in (("a", png), ("b", png[: len(png) // 2])):
+        (folder / f"{name}.png").write_bytes(data)
+        (folder / f"{name}.txt").write_text(f"caption {name}")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(engine, "_load_model", no_load)
+    config = TrainConfig(out=str(tmp_path / "run"), model=str(tiny_sd), data=str(folder), max_steps=1, device="cpu")
+    with pytest.raises(BadInput, match=r"b\.png: not a readable image"):
+        engine.train(RectifiedDiffusion(phased=2), config)

@@ -440,3 +440,26 @@ def _load_files(cls, ref: ModelRef, dtype, model_config: str | None, extra: dict
 def _short(e: Exception, limit: int = 300) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def native_size(unet: dict, vae: dict | None) -> int:
+    """A model's native image size from its configs (as ``LoadedModel.default_size``)."""
+    size = unet.get("sample_size") or 64
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    return size * (2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1)
+
+
+def model_configs(ref) -> tuple[dict, dict | None, int] | None:
+    """The UNet and VAE configs and the weights' bytes on disk of a model, read without loading it (None for
+    a single-file checkpoint, whose configs come with its weights)."""
+    from dtk.io import read_json
+
+    if ref.single_file:
+        return None
+    unet_dir = ref.unet_dir or ref.path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        return None
+    vae = ref.path / "vae" / "config.json"
+    weights = sum(f.stat().st_size for d in ("unet", "vae", "text_encoder", "text_encoder_2")
+                  for f in ((ref.unet_dir if d == "unet" and ref.unet_dir else ref.path / d).glob("*.safetensors")))
+    return read_json(unet_dir / "config.json"), read_json(vae) if vae.is_file() else None, weights

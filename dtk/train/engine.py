@@ -474,6 +474,13 @@ def _add_trainable(unet, config: TrainConfig) -> list[tuple[str, torch.nn.Parame
 # The loop
 
 
+def _open_data(method: Method, config: TrainConfig, family: str, unet_config: dict, native: int):
+    # an unconditional model reads no caption: a plain folder of images is its data
+    unconditional = family == "pixel" and not unet_config.get("num_class_embeds")
+    return method.open_data(config.data, resolution=config.resolution or native,
+                            allow_missing_captions=config.allow_missing_captions or unconditional)
+
+
 def _stop_if_terminated(when: str) -> None:
     """A safe point before training starts: SIGTERM (preemption) stops the run here, to be requeued."""
     from dtk import signals
@@ -507,7 +514,7 @@ def _train(method: Method, config: TrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from dtk.diffusion.loading import resolve_model
+    from dtk.diffusion.loading import model_configs, native_size, resolve_model
     from dtk.diffusion.schedule import alphas_cumprod
     from dtk.logs import quiet_libraries
     from dtk.seeds import derive_seed
@@ -556,13 +563,14 @@ def _train(method: Method, config: TrainConfig) -> dict:
     resume_from = _prepare_out(out, config, main)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    # the data first where the model's configs tell its size: a corrupt image is found before a 30-50 s load
+    configs = model_configs(ref)
+    data = _open_data(method, config, ref.family, configs[0], native_size(configs[0], configs[1])) if configs else None
     _stop_if_terminated("before the model loaded")
     model = _load_model(config, accelerator, weight_dtype)
     _stop_if_terminated("after the model loaded")
-    # an unconditional model reads no caption: a plain folder of images is its data
-    unconditional = model.family == "pixel" and not model.unet.config.get("num_class_embeds")
-    data = method.open_data(config.data, resolution=config.resolution or model.default_size,
-                            allow_missing_captions=config.allow_missing_captions or unconditional)
+    if data is None:   # a single-file checkpoint: its configs came with its weights
+        data = _open_data(method, config, model.family, dict(model.unet.config), model.default_size)
     if data.kind not in method.data_kinds:
         hint = method.data_hints.get(data.kind, "")
         raise BadInput(f"--data {config.data}: {method.name} needs {' or '.join(method.data_kinds)}, "
