@@ -1,3 +1,4 @@
+import pytest
 """Tests of the bundled demo (dtk.demo): shapes data, classifier, tiny pipeline, build script."""
 
 import json
@@ -151,6 +152,7 @@ def test_pipeline_loads_offline_and_generates():
 
 
 # ------------------------------------------------------------------ build
+@pytest.mark.slow
 def test_build_quick(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     res = subprocess.run([sys.executable, "-m", "dtk.demo.build", "--quick", "--out", str(tmp_path)],
@@ -163,6 +165,7 @@ def test_build_quick(tmp_path):
     assert DEMO_DIR.is_dir()
 
 
+@pytest.mark.slow
 def test_build_pixel_quick(tmp_path):
     """The pixel demo build writes a loadable class-conditional DDPM pipeline whose dtk.json names its classes."""
     from dtk.demo.pixel import CLASSES, class_split

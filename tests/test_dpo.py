@@ -186,6 +186,7 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     assert "no such file" in bad(tmp_path / "missing.parquet")
 
 
+@pytest.mark.slow
 def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path):
     import numpy as np
 
@@ -352,6 +353,7 @@ def test_self_npo_prompt_list_is_read_like_sample_prompts(tmp_path):
         PromptList(str(f))
 
 
+@pytest.mark.slow
 def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     from safetensors.torch import load_file
 
@@ -420,6 +422,7 @@ def test_npo_on_sdxl(run_dtk, tiny_sdxl, pairs, tmp_path):
         assert r.exit_code == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_the_readme_dpo_pipeline_runs_as_written(tmp_path, monkeypatch):
     """`dtk sample ... --num-per-prompt 4 | dtk score --pairs-out pairs.parquet`, then `dtk dpo`: the default
     reward ranked every pair a tie, and dpo found no usable pair."""

@@ -189,6 +189,7 @@ def _signal_after(args, delay, sig=signal.SIGTERM, cwd=None):
     return proc.returncode, out, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])   # imports, model loading, sampling
 def test_sigterm_during_start_up_of_sample_is_143(tiny_sd, tmp_path, delay):
     code, _, err = _signal_after(["sample", "--model", tiny_sd, "--steps", "2", "--out", tmp_path / "o", "x"], delay)
@@ -198,6 +199,7 @@ def test_sigterm_during_start_up_of_sample_is_143(tiny_sd, tmp_path, delay):
         assert "terminated" in err and not (tmp_path / "o" / "dtk.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])   # imports, model loading, the first steps
 def test_sigterm_during_start_up_of_training_is_75(tiny_sd, sd_pairs, tmp_path, delay):
     code, _, err = _signal_after(["train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r",

@@ -235,6 +235,7 @@ def distill(run_dtk, model, data, out, *extra):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, images, tmp_path):
     """Student, EMA and the discriminator (state in the checkpoint) continue as if never stopped."""

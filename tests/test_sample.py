@@ -272,6 +272,7 @@ def test_no_out_gives_each_run_a_new_folder(run_dtk, tiny_sd, tmp_path, monkeypa
         assert r.exit_code == 2 and message in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_json_lines_stand_alone_above_the_bar(tiny_sd, tmp_path):
     """stdout and stderr on one terminal: each JSON line starts a line of its own, not the bar's line."""
     import pty
@@ -318,6 +319,7 @@ def test_finished_output_is_kept_without_overwrite(run_dtk, tiny_sd, tmp_path):
         assert r.exit_code == 2 and "another --shard layout (dtk.json)" in r.stderr and png_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_real_process_default_shard_from_slurm_and_ctrl_c(tiny_sd, tmp_path):
     # Slurm array task 1 of 2 (ids 4..5) → shard 1/2, chosen without any flag.
     p = dtk_subprocess("sample", "--model", tiny_sd, "--out", tmp_path / "s", "--steps", "2", "a", "b", "c",
@@ -381,6 +383,7 @@ def test_single_file_errors(run_dtk, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_keeps_stdout_for_json(tiny_sd, tmp_path):
     """With stderr on a terminal, rich draws a bar there; stdout must still carry every JSON line."""
     import pty
@@ -403,6 +406,7 @@ def test_progress_bar_on_a_terminal_keeps_stdout_for_json(tiny_sd, tmp_path):
     assert "3/3".encode() in drawn  # the bar was drawn on the terminal
 
 
+@pytest.mark.slow
 def test_demo_model_is_the_default_and_draws_the_caption(run_dtk, tmp_path):
     """`dtk sample "a large red circle on a white background"` with no --model: the bundled demo.
 
@@ -451,6 +455,7 @@ def test_sample_loop_equals_the_diffusers_pipeline():
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_stops_quietly_with_141(tiny_sd, tmp_path):
     """`dtk sample ... | head -1`: the reader goes away; dtk stops as a Unix tool killed by SIGPIPE."""
     proc = subprocess.Popen([sys.executable, "-m", "dtk", "sample", "--model", str(tiny_sd), "--steps", "2",
@@ -464,6 +469,7 @@ def test_a_closed_stdout_stops_quietly_with_141(tiny_sd, tmp_path):
     assert not (tmp_path / "s" / "dtk.json").exists()   # unfinished: no manifest, as after Ctrl-C
 
 
+@pytest.mark.slow
 def test_a_mismatched_lora_is_one_line_under_quiet(tiny_sd, tmp_path):
     """diffusers' own error lines about the LoRA do not come before dtk's one-line error."""
     import torch

@@ -313,6 +313,7 @@ def test_a_tuned_model_keeps_its_class_names(run_dtk, tiny_pixel_classes, labell
     assert r.exit_code == 2 and "guides consistency sampling only" in r.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_reference_set_and_bank(tiny_pixel, labelled_images, tmp_path):
     """SCT's stable target under DDP: the references are the global batch (gathered), so 2 processes × 2 equal
     1 × 4, and the bank is the same on every rank, so a resume is exact."""

@@ -315,6 +315,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_sd, sd_pairs, tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]  # no temp dir left
 
 
+@pytest.mark.slow
 def test_real_sigterm_saves_a_checkpoint_and_exits_75(tiny_sd, sd_pairs, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "dtk", "train-reflow", "--model", str(tiny_sd), "--data",
@@ -332,6 +333,7 @@ def test_real_sigterm_saves_a_checkpoint_and_exits_75(tiny_sd, sd_pairs, tmp_pat
     assert (ckpt / "state.json").exists() and stdout == ""
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_sd, sd_pairs, tmp_path):
     """torchrun with 2 CPU processes (gloo) and batch 1 each = 1 process with batch 2."""
     common = ["train-reflow", "--model", str(tiny_sd), "--data", str(sd_pairs), "--max-steps", "3", "--lr", "1e-3",
@@ -386,6 +388,7 @@ def test_exported_lora_loads_in_diffusers_and_matches_dtk(tiny_sd, sd_pairs, tmp
     assert (ours - base).abs().max() > 1e-3  # the LoRA does something
 
 
+@pytest.mark.slow
 def test_kohya_export_and_full_export(tiny_sd, sd_pairs, tmp_path):
     from safetensors import safe_open
 
