@@ -119,10 +119,13 @@ def data_lost(s: Sweep, model: Path, pairs: Path) -> None:
         p.communicate(timeout=300)
         r = s.dtk(*common, "--max-steps", "6", "--seed", "2", "--overwrite", "--resume", "auto")
         meta = json.loads((run / "dtk.json").read_text()) if (run / "dtk.json").exists() else {}
-        # the requeued run finishes as the new run (its seed, its 6 steps), never the old one's weights
-        ok = r.returncode == 0 and meta.get("args", {}).get("seed") == 2 and meta.get("training", {}).get("steps") == 6
-        s.record(cat, "train --overwrite, SIGKILL at random, requeued", ok, lost=not (run / "dtk.json").exists(),
-                 note=f"exit {r.returncode}")
+        # the requeued run finishes as the new run (its seed, its 6 steps) when the killed one had a checkpoint
+        # of its own; before that, the old model is back whole and its checkpoint is no resume for other
+        # settings (refused in one line: rerun without --resume) — never old weights under new settings
+        new = r.returncode == 0 and meta.get("args", {}).get("seed") == 2 and meta.get("training", {}).get("steps") == 6
+        old = r.returncode == 2 and "saved with other seed" in r.stderr and meta.get("args", {}).get("seed") == 1
+        s.record(cat, "train --overwrite, SIGKILL at random, requeued", new or old, lost=not meta,
+                 note=f"exit {r.returncode}: {'the new run' if new else 'the old model back' if old else r.stderr[-200:]}")
     # two writers into one --out at once
     out = s.work / "two-writers"
     shutil.rmtree(out, ignore_errors=True)

@@ -310,3 +310,27 @@ def test_fp16_training_on_the_cpu_is_refused(run_dtk, tiny_sd, sd_pairs, tmp_pat
     r = run_dtk("train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r", "--device", "cpu",
                 "--mixed-precision", "fp16")
     assert r.exit_code == 2 and "--mixed-precision fp16: needs a CUDA GPU" in r.stderr, r.stderr
+
+
+def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_sd, sd_pairs, tmp_path, monkeypatch):
+    """Two trainings started into a new --out: the first finishes while the second loads its model; the
+    second must not then train and export over the first's finished model."""
+    import dtk.train.engine as engine
+    from dtk.errors import BadInput
+    from dtk.methods.reflow import RectifiedDiffusion
+    from dtk.train.config import TrainConfig
+
+    out = tmp_path / "r"
+    real = engine._load_model
+
+    def load_while_another_run_finishes(*a, **k):
+        out.mkdir()
+        (out / "dtk.json").write_text('{"kind": "model", "command": "train-reflow"}')
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "_load_model", load_while_another_run_finishes)
+    config = TrainConfig(out=str(out), model=str(tiny_sd), data=str(sd_pairs), max_steps=2, device="cpu",
+                         lora_rank=2, batch_size=2)
+    with pytest.raises(BadInput, match="holds a finished model"):
+        engine.train(RectifiedDiffusion(), config)
+    assert json.loads((out / "dtk.json").read_text())["command"] == "train-reflow" and not (out / "checkpoints").exists()

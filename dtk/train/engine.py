@@ -397,7 +397,7 @@ def _newest_step(out: Path) -> int:
     return int(found[-1].name.split("-")[-1]) if found else -1
 
 
-def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, command: str):
+def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, command: str, found: Path | None):
     """The folder made ready; what --overwrite replaces is set aside (``Replacing``), to be dropped once the
     new run has a checkpoint and put back if it stops before. Called once the model, the data, the method's
     settings and the resume state are all accepted."""
@@ -407,6 +407,9 @@ def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, 
     if not main:
         return None
     lock_out(out, command=command)   # made now if new; held until the run ends
+    if _prepare_out(out, config, main) != found:   # another run finished or checkpointed here meanwhile
+        raise BadInput(f"--out {out}: another run wrote into it while this one was loading; run again to see what "
+                       "it holds")
     replacing = None
     if config.overwrite:
         started_over = () if resume is not None else (CHECKPOINTS, "metrics.jsonl", "validation", "tensorboard")
@@ -594,11 +597,12 @@ def _train(method: Method, config: TrainConfig) -> dict:
     run.ema = ema
 
     step, seen = 0, 0
+    found = resume_from   # what --out held when it was checked, to see whether another run wrote there since
     if resume_from is not None:
         step, seen = _restore(resume_from, run, named, optimizer, scheduler, ema, method)
         run.step = step
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
-    replacing = _clear_out(out, config, main, resume_from, method.name)
+    replacing = _clear_out(out, config, main, resume_from, method.name, found)
     try:
         result = _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen,
                              out, t_start, replacing)
