@@ -360,7 +360,7 @@ def _write_outputs(out: Path, opts: EvalOptions, bench: Benchmark, rows, grids, 
 
     from dtk.io import Replacing, atomic_write, run_record, write_json
 
-    with Replacing(out):   # everything is measured: only now is a replaced result set aside
+    with Replacing(out, overwrite=opts.overwrite):   # everything is measured: only now is a replaced result set aside
         table = markdown_table(rows, bench)
         if opts.format != "md":   # with --format md the table is on stdout already
             _print_rich_table(rows, bench)

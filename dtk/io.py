@@ -393,11 +393,11 @@ class Replacing:
     The marker goes first and comes back last, so a half-replaced folder is never taken for finished."""
 
     def __init__(self, out: Path, marker: str = MANIFEST, names: tuple[str, ...] = (), owner: dict | None = None,
-                 lock: str = LOCK):
+                 lock: str = LOCK, overwrite: bool = True):
         # one aside folder per marker: the shards of one `dtk sample` output replace theirs side by side
         self.out, self.marker, self.moved = Path(out), marker, []
         self.owner = {"pid": os.getpid(), "host": _host(), **(owner or {})}
-        self.lock, self.took_lock = lock, False
+        self.lock, self.took_lock, self.overwrite = lock, False, overwrite
         self.aside = self.out / f"{ASIDE}-{marker}"
         self.names = [marker]
         done = self.out / marker
@@ -441,6 +441,9 @@ class Replacing:
         """The command's writing starts: the output is locked (``lock_out``) until it ends."""
         self.took_lock = lock_out(self.out, self.lock)
         try:
+            if not self.overwrite and (self.out / self.marker).exists():   # another run finished here meanwhile
+                raise BadInput(f"--out {self.out}: another run finished a result here ({self.marker}) while this one "
+                               "was starting; pass --overwrite to replace it or choose another directory")
             return self.set_aside()
         except BaseException:
             self._unlock()

@@ -183,7 +183,7 @@ def run_pairs(opts: PairOptions) -> list[dict]:
     written = []
     # --overwrite: the old pairs are set aside, and come back if this run stops before it is done
     with Replacing(out, f"dtk{suffix}.json", names=tuple(replaced), lock=lock) if replaced else \
-            _locked(out, lock), Progress(total, "reflow-pairs", unit="pair", enabled=progress_enabled()) as bar:
+            _locked(out, lock, opts.overwrite), Progress(total, "reflow-pairs", unit="pair", enabled=progress_enabled()) as bar:
         for chunk in mine:
             path = out / shard_name(chunk)
             first, last = chunk * opts.pairs_per_shard, min(num, (chunk + 1) * opts.pairs_per_shard)
@@ -242,12 +242,13 @@ def _check_memory(opts: PairOptions, ref, device, dtype, num: int) -> None:
 
 
 @contextlib.contextmanager
-def _locked(out: Path, lock: str):
+def _locked(out: Path, lock: str, overwrite: bool):
     """This run's shards written under the output's lock (``dtk.io.lock_out``)."""
     from dtk.io import lock_out, release_out
 
     took = lock_out(out, lock, command="reflow-pairs")
     try:
+        _refuse_other_results(out, overwrite)   # again: another command may have finished here meanwhile
         yield
     finally:
         if took:

@@ -174,7 +174,7 @@ def run_render(opts: RenderOptions) -> list[dict]:
     from dtk import threads
 
     threads.report()   # the work starts: say how many CPU threads it has
-    with Replacing(out):   # everything is accepted: only now is a replaced result set aside
+    with Replacing(out, overwrite=opts.overwrite):   # everything is accepted: only now is a replaced result set aside
         out.mkdir(parents=True, exist_ok=True)
         background = torch.tensor(opts.background, dtype=dtype, device=device)
         files: list[str] = []

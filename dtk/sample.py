@@ -249,7 +249,7 @@ def run_sample(opts: SampleOptions) -> list[dict]:
              f" (shard {opts.shard[0]}/{opts.shard[1]} of {len(all_requests)})" if opts.shard[1] > 1 else "",
              ref.spec, settings.scheduler, settings.steps, "" if settings.steps == 1 else "s", settings.guidance,
              settings.width, settings.height, device, out)
-    with Replacing(out, marker, lock=lock):   # everything is accepted: only now is a replaced result set aside
+    with Replacing(out, marker, lock=lock, overwrite=opts.overwrite):   # everything is accepted: only now is a replaced result set aside
         records = _generate_and_write(model, settings, mine, opts, out)
         _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
     return records

@@ -334,3 +334,22 @@ def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_
     with pytest.raises(BadInput, match="holds a finished model"):
         engine.train(RectifiedDiffusion(), config)
     assert json.loads((out / "dtk.json").read_text())["command"] == "train-reflow" and not (out / "checkpoints").exists()
+
+
+def test_a_sample_that_finished_here_meanwhile_is_not_replaced(run_dtk, tiny_sd, tmp_path, monkeypatch):
+    """Two `dtk sample` runs into one new --out: the first finishes while the second loads its model."""
+    import dtk.diffusion.loading as loading
+
+    out = tmp_path / "o"
+    real = loading.open_model
+
+    def open_while_another_run_finishes(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "dtk.json").write_text('{"command": "sample", "files": ["000000.png"]}')
+        (out / "000000.png").write_bytes(b"the other run's image")
+        return real(*a, **k)
+
+    monkeypatch.setattr(loading, "open_model", open_while_another_run_finishes)
+    r = run_dtk("sample", "--model", tiny_sd, "--steps", "2", "--out", out, "x")
+    assert r.exit_code == 2 and "another run finished a result here" in r.stderr, r.stderr
+    assert (out / "000000.png").read_bytes() == b"the other run's image"
