@@ -135,8 +135,10 @@ def data_lost(s: Sweep, model: Path, pairs: Path) -> None:
     time.sleep(4.0)
     second = s.dtk(*common)
     first.communicate(timeout=300)
+    # the second is refused (in use; or, had the first finished meanwhile, a finished model is there)
     s.record(cat, "two trainings into one --out", first.returncode == 0 and second.returncode == 2
-             and "in use by pid" in second.stderr, note=f"exits {first.returncode}/{second.returncode}")
+             and one_error_line(second.stderr), lost=not (out / "dtk.json").exists(),
+             note=f"exits {first.returncode}/{second.returncode}: {second.stderr.strip().splitlines()[-1][:120]}")
     out = s.work / "two-samplers"
     shutil.rmtree(out, ignore_errors=True)
     first = s.start("sample", "--model", model, "--steps", "20", "--num-per-prompt", "8", "--batch-size", "1",
