@@ -116,6 +116,14 @@ def open_text(path: str, binary: bool = False) -> Any:
         raise BadInput(f"{path}: cannot read it ({e.strerror})") from None
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    """A user file's bytes as text (a byte-order mark allowed); not UTF-8 is bad input naming the byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def parse_jsonl(lines, name: str) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for non-blank lines; a malformed line is an error naming it. Lines may
     be bytes (decoded here as UTF-8, so that a line that is not names itself)."""

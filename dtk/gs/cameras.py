@@ -115,17 +115,16 @@ def camera_path(spec: str, frames: int, intrinsics: list[float], median_depth: f
 
 
 def _from_json(spec: str, path: str, frames: int):
+    from dtk.io import decode_utf8
+
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        data = json.loads(decode_utf8(Path(path).read_bytes(), f"--camera {spec}"))
         views = torch.tensor(data["viewmats"], dtype=torch.float64)
         intr = torch.tensor(data["intrinsics"], dtype=torch.float64)
     except FileNotFoundError:
         raise BadInput(f"--camera {spec}: no such file") from None
     except OSError as e:
         raise BadInput(f"--camera {spec}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError as e:   # before ValueError, of which it is one
-        raise BadInput(f"--camera {spec}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                       "cameras are JSON") from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:   # RecursionError: JSON nested too deep
         raise BadInput(f"--camera {spec}: needs viewmats [T][4][4] and intrinsics [T][3][3] or [T][4] "
                        f"({type(e).__name__}: {e})") from None

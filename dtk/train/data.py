@@ -356,10 +356,9 @@ def webdataset(tars: list[Path], resolution: int) -> ImageCaptionDataset:
 
 def _text(data: bytes, where: str) -> str:
     """A caption's bytes as text: UTF-8, else bad input naming the file and the byte."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"--data {where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    from dtk.io import decode_utf8
+
+    return decode_utf8(data, f"--data {where}")
 
 
 def _tar_caption(tf: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> str:
