@@ -215,7 +215,7 @@ def _check_memory(opts: EvalOptions, steps: list[int], refs: list, device, dtype
     them is generated at once (estimates as ``dtk.sample``'s, from the models' configs)."""
     from dtk.resources import check_fits
     from dtk.diffusion.loading import model_configs, native_size
-    from dtk.sample import image_bytes
+    from dtk.resources import image_bytes
 
     sizes = []
     for ref in refs:

@@ -85,33 +85,8 @@ def plan_requests(opts: SampleOptions) -> RequestPlan:
     return RequestPlan(opts)
 
 
-# What a run holds at once, roughly (an estimate from below: a run it refuses would not have fitted). Measured
-# on the demo model (fp32, CPU): about 750 bytes per output pixel of one image; the VAE decoder's top stage
-# (its first block_out_channels, several tensors of them alive) is most of it.
-RECORD_BYTES = 1024      # one image's manifest record (about 600 measured), kept until samples.jsonl is written
-VAE_TENSORS = 6          # tensors of the VAE decoder's full-resolution width alive at its peak
-HOST_IMAGE_BYTES = 36    # per pixel, the float images and their uint8 copy on the CPU (3 channels)
-
-
-def image_bytes(unet: dict, vae: dict | None, height: int, width: int, dtype) -> tuple[int, int]:
-    """What generating one image takes at its peak, roughly, on the model's device and on the host: the UNet's
-    top stage (twice, with CFG) or the VAE decoder's full-resolution stage, whichever is larger, and the
-    images' copies on the CPU. ``unet``/``vae``: the models' configs (no VAE: a pixel-space model)."""
-    import torch
-
-    per = torch.finfo(dtype).bits // 8
-    factor = 2 ** (len(vae.get("block_out_channels") or [0]) - 1) if vae else 1
-    latent = (height // factor) * (width // factor)
-    layers = unet.get("layers_per_block", 2)
-    layers = max(layers) if isinstance(layers, (list, tuple)) else int(layers)
-    # the UNet's top stage, twice the batch with CFG: its input, hidden and skip tensors
-    unet_bytes = 2 * (unet.get("block_out_channels") or [320])[0] * latent * per * (3 + layers)
-    vae_bytes = 0
-    if vae:
-        vae_per = 4 if per == 2 and vae.get("force_upcast", True) else per
-        vae_bytes = (vae.get("block_out_channels") or [128])[0] * height * width * vae_per * VAE_TENSORS
-    device = max(unet_bytes, vae_bytes) + (unet.get("in_channels", 4) * latent + 3 * height * width) * 4
-    return device, HOST_IMAGE_BYTES * height * width
+# One image's manifest record (about 600 bytes measured), kept until samples.jsonl is written.
+RECORD_BYTES = 1024
 
 
 def check_memory(opts: SampleOptions, unet: dict, vae: dict | None, height: int, width: int, device, dtype,
@@ -122,7 +97,7 @@ def check_memory(opts: SampleOptions, unet: dict, vae: dict | None, height: int,
     loaded yet (fp32, or already this dtype: then fewer are needed)."""
     import torch
 
-    from dtk.resources import check_fits
+    from dtk.resources import check_fits, image_bytes
 
     per = torch.finfo(dtype).bits // 8
     image, host = image_bytes(unet, vae, height, width, dtype)
