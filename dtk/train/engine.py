@@ -397,7 +397,7 @@ def _newest_step(out: Path) -> int:
     return int(found[-1].name.split("-")[-1]) if found else -1
 
 
-def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, command: str, found: Path | None):
+def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, command: str):
     """The folder made ready; what --overwrite replaces is set aside (``Replacing``), to be dropped once the
     new run has a checkpoint and put back if it stops before. Called once the model, the data, the method's
     settings and the resume state are all accepted."""
@@ -407,7 +407,7 @@ def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, 
     if not main:
         return None
     lock_out(out, command=command)   # made now if new; held until the run ends
-    if _prepare_out(out, config, main) != found:   # another run finished or checkpointed here meanwhile
+    if _prepare_out(out, config, main) != resume:   # another run finished or checkpointed here meanwhile
         raise BadInput(f"--out {out}: another run wrote into it while this one was loading; run again to see what "
                        "it holds")
     replacing = None
@@ -423,11 +423,10 @@ def _clear_out(out: Path, config: TrainConfig, main: bool, resume: Path | None, 
     return replacing
 
 
-def _load_model(config: TrainConfig, accelerator, weight_dtype):
-    """The pipeline with its LoRAs fused (they become part of the base), frozen, on the device."""
-    from dtk.diffusion.loading import open_model, resolve_model
+def _load_model(config: TrainConfig, ref, accelerator, weight_dtype):
+    """The pipeline of ``ref`` with its LoRAs fused (they become part of the base), frozen, on the device."""
+    from dtk.diffusion.loading import open_model
 
-    ref = resolve_model(config.model)
     model = open_model(ref, accelerator.device, torch.float32, config.model_config, guide=False)   # LoRAs fused
     pipe = model.pipe
     unet_config = pipe.unet.config
@@ -570,7 +569,7 @@ def _train(method: Method, config: TrainConfig) -> dict:
     configs = model_configs(ref)
     data = _open_data(method, config, ref.family, configs[0], native_size(configs[0], configs[1])) if configs else None
     _stop_if_terminated("before the model loaded")
-    model = _load_model(config, accelerator, weight_dtype)
+    model = _load_model(config, ref, accelerator, weight_dtype)
     _stop_if_terminated("after the model loaded")
     if data is None:   # a single-file checkpoint: its configs came with its weights
         data = _open_data(method, config, model.family, dict(model.unet.config), model.default_size)
@@ -597,12 +596,11 @@ def _train(method: Method, config: TrainConfig) -> dict:
     run.ema = ema
 
     step, seen = 0, 0
-    found = resume_from   # what --out held when it was checked, to see whether another run wrote there since
     if resume_from is not None:
         step, seen = _restore(resume_from, run, named, optimizer, scheduler, ema, method)
         run.step = step
         log.info("%s: resumed from %s (step %d)", method.name, resume_from, step)
-    replacing = _clear_out(out, config, main, resume_from, method.name, found)
+    replacing = _clear_out(out, config, main, resume_from, method.name)
     try:
         result = _train_loop(run, method, config, named, params, optimizer, scheduler, ema, collate, step, seen,
                              out, t_start, replacing)
