@@ -28,7 +28,7 @@ from common import machine, report  # noqa: E402
 def make_pairs(model_spec, out: Path, n: int) -> None:
     from dtk.demo.shapes import make_split
     from dtk.pairs import PairOptions, run_pairs
-    from dtk.prompts import PromptItem
+    from dtk.data.prompts import PromptItem
 
     _, captions, _ = make_split(n, seed=3)
     run_pairs(PairOptions(prompts=[PromptItem(c) for c in captions], model=model_spec, out=str(out), steps=4,
@@ -65,7 +65,7 @@ def bare_times(model_spec, pairs: Path, args) -> list[float]:
     from safetensors.torch import load_file
 
     from dtk.diffusion.loading import resolve_model
-    from dtk.pairs import read_shard_meta
+    from dtk.data.pairs import read_shard_meta
 
     pipe = StableDiffusionPipeline.from_pretrained(str(resolve_model(model_spec).path), safety_checker=None,
                                                    torch_dtype=torch.float32)  # the demo ships fp16 weights

@@ -165,7 +165,7 @@ def job_dtk(spec: dict) -> dict:
     step_signature = inspect.signature(one_step)
 
     def timed_step(*args, **kwargs):
-        step = step_signature.bind(*args, **kwargs).arguments["step"]
+        step = step_signature.bind(*args, **kwargs).arguments["state"].step
         if stop_at and step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)   # what Slurm sends before preempting: handled at the step's end
         _sync()
@@ -323,7 +323,7 @@ PRELOAD = ["torch", "numpy", "PIL.Image", "safetensors.torch", "accelerate", "pe
            "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
            "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
            "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-           "transformers.models.clip.modeling_clip", "peft.tuners.lora", "dtk.cli", "dtk.train.engine",
+           "transformers.models.clip.modeling_clip", "peft.tuners.lora", "dtk.cli", "dtk.train.engine", "dtk.train.setup",
            "dtk.diffusion.loading", "dtk.diffusion.sampling", "dtk.gs.render", "tiny_models"]
 
 

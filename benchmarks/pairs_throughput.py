@@ -48,7 +48,7 @@ def main() -> None:
     from dtk.diffusion.sampling import SamplerSettings
     from dtk.pairs import _write_shard
     from dtk.progress import Progress
-    from dtk.prompts import PromptItem
+    from dtk.data.prompts import PromptItem
 
     torch.set_num_threads(2)
     _, captions, _ = make_split(args.num, seed=5)

@@ -238,11 +238,12 @@ def _check_memory(opts: EvalOptions, steps: list[int], refs: list, device, dtype
         check_fits(what, held + batch * (image + host))
 
 
-def run_eval(opts: EvalOptions) -> list[dict]:
+def run_eval(opts: EvalOptions, on_record=None) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import guide_for, open_model, resolve_model
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import guide_for, resolve_model
     from dtk.eval.metrics import fd, mean_cosine
-    from dtk.io import emit, prepare_out_dir
+    from dtk.io import prepare_out_dir
     from dtk.logs import progress_enabled
     from dtk.progress import Progress
 
@@ -271,7 +272,7 @@ def run_eval(opts: EvalOptions) -> list[dict]:
     dtype = resolve_dtype(opts.dtype, device)
     _check_memory(opts, steps, [teacher_ref, *refs, *([baseline_ref] if baseline_ref else [])], device, dtype)
     if opts.prompts:
-        from dtk.prompts import read_prompts
+        from dtk.data.prompts import read_prompts
 
         bench = prompts_benchmark([p.prompt for p in read_prompts((), opts.prompts)], opts.num_images,
                                   opts.clip_model, opts.real_dir, device)
@@ -331,7 +332,8 @@ def run_eval(opts: EvalOptions) -> list[dict]:
         print(markdown_table(rows, bench))
     else:
         for row in rows:
-            emit(row)
+            if on_record is not None:
+                on_record(row)
     return rows
 
 

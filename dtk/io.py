@@ -65,23 +65,6 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
             f.write(json.dumps(r, default=str) + "\n")
 
 
-def emit(record: dict) -> None:
-    """One JSON object per line on stdout: the machine-readable result."""
-    from dtk.errors import StdoutClosed
-    from dtk.progress import write_above_bar
-
-    line = json.dumps(record, default=str) + "\n"
-
-    def write() -> None:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-
-    try:
-        write_above_bar(write)
-    except BrokenPipeError:
-        raise StdoutClosed() from None
-
-
 def open_text(path: str, binary: bool = False) -> Any:
     """Open a text input; ``-`` is stdin. ``binary``: its bytes, for a reader that decodes each line itself
     (and so can name the line that is not UTF-8)."""
@@ -489,3 +472,18 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_write(path, "wb") as f:
         f.write(data)
+
+
+def write_grid(path: Path, images: list, cols: int) -> None:
+    """A contact sheet of equal-size PIL images, ``cols`` per row, written atomically as PNG."""
+    import math
+
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    with atomic_write(path, "wb") as f:
+        sheet.save(f, format="PNG")

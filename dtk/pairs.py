@@ -28,58 +28,17 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dtk.data.pairs import SHARD_GLOB, read_shard_meta, shard_name
+from dtk.diffusion.probe import model_probe, probes_match
 from dtk.errors import BadInput
 
 log = logging.getLogger("dtk")
 
-SHARD_GLOB = "pairs-*.safetensors"
 # --solver → dtk sampler, always with trailing timestep spacing (whatever the
 # model's scheduler config says): the ODE starts at t = T − 1, so the stored
 # noise is the x_T that training puts at the top of the schedule.
 SOLVERS = {"dpm-solver": "dpm-solver", "ddim": "ddim-trailing", "euler": "euler"}
 SPACING = {"timestep_spacing": "trailing"}
-
-
-def shard_name(chunk: int) -> str:
-    return f"pairs-{chunk:06d}.safetensors"
-
-
-def is_pair_dir(path: Path) -> bool:
-    return any(path.glob(SHARD_GLOB))
-
-
-# ---------------------------------------------------------------------------
-# Model probe: "were these pairs made by this model?" without trusting paths.
-
-
-def model_probe(model) -> list[float]:
-    """The UNet's ε̂ on a fixed input (8×8 latent, t = 500, empty prompt), pooled to 4×4 per channel.
-
-    Equal models (whatever their path, dtype or device) give close values;
-    different weights give clearly different ones.
-    """
-    import torch
-
-    from dtk.diffusion.conditioning import encode_prompts
-
-    f = model.vae_scale_factor
-    g = torch.Generator("cpu").manual_seed(0)
-    dtype = model.unet.dtype  # may differ from model.dtype (full fine-tuning keeps the UNet in fp32)
-    x = torch.randn(1, model.unet.config.in_channels, 8, 8, generator=g).to(model.device, dtype)
-    cond = encode_prompts(model, [""], 8 * f, 8 * f)
-    kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) else {n: t.to(dtype) for n, t in v.items()}
-              for k, v in cond.unet_kwargs().items()}
-    with torch.no_grad():
-        out = model.unet(x, torch.tensor([500], device=model.device), return_dict=False, **kwargs)[0]
-    return [round(v, 4) for v in torch.nn.functional.avg_pool2d(out.float(), 2).flatten().tolist()]
-
-
-def probes_match(a: list[float], b: list[float]) -> bool:
-    import torch
-
-    a_t, b_t = torch.tensor(a), torch.tensor(b)
-    # loose enough for fp16 vs bf16 vs fp32; different weights differ by O(1)
-    return a_t.shape == b_t.shape and bool(((a_t - b_t).abs() <= 0.05 * a_t.abs().max() + 1e-2).all())
 
 
 # ---------------------------------------------------------------------------
@@ -88,7 +47,7 @@ def probes_match(a: list[float], b: list[float]) -> bool:
 
 @dataclass
 class PairOptions:
-    prompts: list                       # dtk.prompts.PromptItem
+    prompts: list                       # dtk.data.prompts.PromptItem
     model: str | None = None
     model_config: str | None = None
     out: str = "pairs"
@@ -120,15 +79,15 @@ def _settings_record(opts: PairOptions, model, settings, num: int, prompts_hash:
             "prompts_sha256": prompts_hash}
 
 
-def run_pairs(opts: PairOptions) -> list[dict]:
+def run_pairs(opts: PairOptions, on_record=None) -> list[dict]:
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import check_size, open_model, resolve_model, vae_factor_of
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import check_size, resolve_model, vae_factor_of
     from dtk.diffusion.sampling import SamplerSettings
-    from dtk.io import Replacing, check_out_apart, emit, lock_out, recover_set_aside, release_out, run_record, write_json
+    from dtk.io import Replacing, check_out_apart, lock_out, recover_set_aside, release_out, run_record, write_json
     from dtk.logs import progress_enabled
     from dtk.progress import Progress
-    from dtk.sample import shard_suffix
-    from dtk.seeds import shard_indices
+    from dtk.seeds import shard_indices, shard_suffix
 
     if opts.solver not in SOLVERS:
         raise BadInput(f"--solver {opts.solver}: unknown (choose from {', '.join(SOLVERS)})")
@@ -190,7 +149,8 @@ def run_pairs(opts: PairOptions) -> list[dict]:
             if chunk in todo:
                 _write_shard(path, model, settings, opts, range(first, last), record, bar)
             line = {"path": str(path), "shard": chunk, "first_index": first, "pairs": last - first}
-            emit(line)
+            if on_record is not None:
+                on_record(line)
             written.append(line)
         args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
         write_json(out / f"dtk{suffix}.json", run_record(
@@ -272,7 +232,7 @@ def _check_existing(out: Path, record: dict, overwrite: bool, mine: list[int], s
     run replaces (to be set aside, not deleted: ``Replacing``): this task's own shards (the other tasks of a
     Slurm array replace theirs) and, from every task, those beyond the new run's range and the records of
     another task count or of another command: nothing of the old run is left to mix with the new one."""
-    from dtk.sample import same_shard_layout
+    from dtk.seeds import same_shard_layout
 
     existing = sorted(out.glob(SHARD_GLOB)) if out.is_dir() else []
     if overwrite:
@@ -337,74 +297,3 @@ def _write_shard(path: Path, model, settings, opts: PairOptions, indices: range,
 
 # ---------------------------------------------------------------------------
 # Reading
-
-
-def read_shard_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-            n = f.get_slice("index").get_shape()[0] if "index" in keys else 0
-        info = json.loads(meta["dtk.pairs"])
-        settings, prompts = info["settings"], info["prompts"]
-    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, or not ours
-        raise BadInput(f"{path}: not a readable pair shard ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    missing = {"noise", "latent", "index"} - keys
-    if missing:
-        raise BadInput(f"{path}: not a pair shard (no {', '.join(sorted(missing))} tensor)")
-    if n == 0 or len(prompts) != n:
-        raise BadInput(f"{path}: empty pair shard" if n == 0 else f"{path}: {n} pairs but {len(prompts)} prompts")
-    return {"settings": settings, "prompts": prompts, "pairs": n, "keys": keys}
-
-
-class PairDataset:
-    """All pair shards of a directory (a Slurm array's shards included) as one dataset."""
-
-    kind = "pairs"
-
-    def __init__(self, path: Path):
-        self.name = str(path)
-        files = sorted(path.glob(SHARD_GLOB))
-        metas = [read_shard_meta(f) for f in files]
-        self.settings = metas[0]["settings"]
-        for f, m in zip(files, metas):
-            diff = [k for k in self.settings if k != "probe" and m["settings"].get(k) != self.settings.get(k)]
-            if diff:
-                raise BadInput(f"--data {path}: {f.name} was made with other settings than {files[0].name} "
-                               f"({', '.join(diff)})")
-        expected = math.ceil(self.settings["num"] / self.settings["pairs_per_shard"])
-        present = {int(f.stem.split("-")[1]) for f in files}
-        missing = sorted(set(range(expected)) - present)
-        if missing:
-            raise BadInput(f"--data {path}: {len(missing)} of {expected} pair shards missing (e.g. "
-                           f"{shard_name(missing[0])}); the generation is unfinished: rerun dtk reflow-pairs "
-                           "with the same arguments to complete it")
-        self.rows: list[tuple[Path, int, str]] = []
-        for f, m in zip(files, metas):
-            self.rows.extend((f, j, p) for j, p in enumerate(m["prompts"]))
-        self._handles: dict[Path, object] = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _open(self, f: Path):
-        from safetensors import safe_open
-
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), "pt")
-        return self._handles[f]
-
-    def __getitem__(self, i: int) -> dict:
-        f, j, prompt = self.rows[i]
-        h = self._open(f)
-        ex = {"noise": h.get_slice("noise")[j].float(), "latent": h.get_slice("latent")[j].float(), "caption": prompt}
-        if self.settings.get("family") == "sdxl":
-            ex["time_ids"] = h.get_slice("time_ids")[j].float()
-        return ex
-
-    def describe(self) -> dict:
-        return {"data": self.name, "format": "reflow-pairs", "examples": len(self),
-                "teacher": self.settings.get("model"), "solver": self.settings.get("solver"),
-                "steps": self.settings.get("steps"), "guidance": self.settings.get("guidance")}

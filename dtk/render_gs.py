@@ -135,14 +135,14 @@ def _check_memory(opts: RenderOptions, gaussians: int, frames: int, width: int, 
         check_fits(what, max(rendering, encoding), None)
 
 
-def run_render(opts: RenderOptions) -> list[dict]:
+def run_render(opts: RenderOptions, on_record=None) -> list[dict]:
     from PIL import Image
 
     from dtk.device import resolve_device
     from dtk.gs.cameras import camera_path
     from dtk.gs.field import write_ply
     from dtk.gs.render import render
-    from dtk.io import Replacing, atomic_write, emit, prepare_out_dir, run_record, write_json
+    from dtk.io import Replacing, atomic_write, prepare_out_dir, run_record, write_json
     from dtk.video import video_problem
 
     from dtk.gs.field import PLY_FORMATS
@@ -212,7 +212,8 @@ def run_render(opts: RenderOptions) -> list[dict]:
             record = {"camera": spec, "index": k, "video": str(out / video), "frames": frames,
                       "first_frame": str(out / f"cam{k}-00000.png"), "width": width, "height": height}
             records.append(record)
-            emit(record)
+            if on_record is not None:
+                on_record(record)
         write_json(out / "dtk.json", run_record("render-gs", asdict(opts), kind="render", files=files,
                                                 cameras=records, dropped_points=dropped, backend=backend,
                                                 sh_degree=sh_degree))

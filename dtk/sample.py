@@ -8,9 +8,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dtk.data.prompts import NO_PROMPTS, PromptItem
 from dtk.errors import BadInput
-from dtk.io import emit
-from dtk.prompts import NO_PROMPTS, PromptItem
+from dtk.io import write_grid
+from dtk.seeds import same_shard_layout, shard_suffix
 
 log = logging.getLogger("dtk")
 
@@ -120,20 +121,12 @@ def check_memory(opts: SampleOptions, unet: dict, vae: dict | None, height: int,
         check_fits(f"--grid: a contact sheet of {images} {width}x{height} images", records + sheet)
 
 
-def shard_suffix(shard: tuple[int, int]) -> str:
-    i, n = shard
-    return "" if n == 1 else f".shard-{i:05d}-of-{n:05d}"
-
-
-def same_shard_layout(marker: str, suffix: str) -> bool:
-    """Whether the output marker ``marker`` (``dtk*.json``) is one of the same ``--shard I/N`` layout as
-    ``suffix``'s (another I of the same N); never for an unsharded run."""
-    return bool(suffix) and marker.startswith("dtk.shard-") and marker.endswith(suffix[suffix.index("-of-"):] + ".json")
-
-
-def run_sample(opts: SampleOptions) -> list[dict]:
+def run_sample(opts: SampleOptions, on_record=None) -> list[dict]:
+    """Generate the images ``opts`` asks for; returns their records, each also passed to ``on_record`` as soon as
+    its image is written (the CLI prints it: one JSON line per image)."""
     from dtk.device import resolve_device, resolve_dtype
-    from dtk.diffusion.loading import (check_size, guide_for, model_configs, native_size, open_model, resolve_model,
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import (check_size, guide_for, model_configs, native_size, resolve_model,
                                        vae_factor_of)
     from dtk.diffusion.sampling import settings_for
     from dtk.io import Replacing, prepare_out_dir
@@ -225,12 +218,12 @@ def run_sample(opts: SampleOptions) -> list[dict]:
              ref.spec, settings.scheduler, settings.steps, "" if settings.steps == 1 else "s", settings.guidance,
              settings.width, settings.height, device, out)
     with Replacing(out, marker, lock=lock, overwrite=opts.overwrite):   # everything is accepted: only now is a replaced result set aside
-        records = _generate_and_write(model, settings, mine, opts, out)
+        records = _generate_and_write(model, settings, mine, opts, out, on_record)
         _finish(out, marker, suffix, opts, ref, settings, records, len(all_requests))
     return records
 
 
-def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Path) -> list[dict]:
+def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Path, on_record=None) -> list[dict]:
     from PIL import Image
 
     from dtk.diffusion.sampling import generate, to_uint8
@@ -261,7 +254,8 @@ def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Pat
                     **({"npo": opts.npo, "npo_scale": opts.npo_scale} if model.npo is not None else {}),
                 }
                 write_png(Path(record["path"]), Image.fromarray(arr), record)
-                emit(record)
+                if on_record is not None:
+                    on_record(record)
                 records.append(record)
             bar.update(len(batch))
     return records
@@ -301,17 +295,3 @@ def _finish(out: Path, marker: str, suffix: str, opts, ref, settings, records, t
         "sample", args, model=ref.spec, sampler=asdict(settings), total_images=total,
         shard=list(opts.shard), files=files, manifest=f"samples{suffix}.jsonl",
     ))
-
-
-def write_grid(path: Path, images: list, cols: int) -> None:
-    from PIL import Image
-
-    from dtk.io import atomic_write
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    with atomic_write(path, "wb") as f:
-        sheet.save(f, format="PNG")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtk.errors import BadInput
-from dtk.io import emit, read_manifest
+from dtk.io import read_manifest
 
 log = logging.getLogger("dtk")
 
@@ -42,7 +42,7 @@ def _open_image(row: dict, name: str, load: bool = True):
         raise BadInput(f"{where}: not a readable image ({' '.join(str(e).split())})") from None
 
 
-def run_score(opts: ScoreOptions) -> list[dict]:
+def run_score(opts: ScoreOptions, on_record=None) -> list[dict]:
     from dtk.device import resolve_device
     from dtk.eval.rewards import load_reward, parse_reward_spec
     from dtk.logs import progress_enabled
@@ -103,7 +103,8 @@ def run_score(opts: ScoreOptions) -> list[dict]:
         n = write_pairs(opts.pairs_out, results, jpegs, pair_by, opts.tie_margin)
         log.info("score: %d preference pairs by %s → %s", n, pair_by, opts.pairs_out)
     for rec in results:
-        emit(rec)
+        if on_record is not None:
+            on_record(rec)
     return results
 
 

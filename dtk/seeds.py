@@ -80,3 +80,14 @@ def shard_indices(total: int, shard: tuple[int, int]) -> list[int]:
     """The global indices shard ``I/N`` owns: every N-th, starting at I (balanced)."""
     i, n = shard
     return list(range(i, total, n))
+
+
+def shard_suffix(shard: tuple[int, int]) -> str:
+    i, n = shard
+    return "" if n == 1 else f".shard-{i:05d}-of-{n:05d}"
+
+
+def same_shard_layout(marker: str, suffix: str) -> bool:
+    """Whether the output marker ``marker`` (``dtk*.json``) is one of the same ``--shard I/N`` layout as
+    ``suffix``'s (another I of the same N); never for an unsharded run."""
+    return bool(suffix) and marker.startswith("dtk.shard-") and marker.endswith(suffix[suffix.index("-of-"):] + ".json")

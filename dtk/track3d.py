@@ -656,10 +656,10 @@ def load_clip(opts: TrackOptions) -> tuple[np.ndarray, tuple[float, float]]:
     return frames, (frames.shape[2] / w, frames.shape[1] / h)
 
 
-def run_track(opts: TrackOptions) -> dict:
+def run_track(opts: TrackOptions, on_record=None) -> dict:
     import time
 
-    from dtk.io import atomic_write, emit
+    from dtk.io import atomic_write
 
     check_number("--fps", opts.fps, above=0)   # click's FloatRange lets NaN through
     if opts.fov is not None and not (math.isfinite(opts.fov) and 0 < opts.fov < 180):
@@ -778,5 +778,6 @@ def run_track(opts: TrackOptions) -> dict:
         scores = evaluate(lifted(q_uv), q_vis, gt["tracks_xyz"], gt["visibility"], gt["intrinsics"],
                           q_uv / to_grid[:2], gt.get("tracks_uv"), eval_q[:, 2].astype(int), pixel_scale)
         record["scores"] = {name: v for name, v in scores.__dict__.items() if v is not None}
-    emit(record)
+    if on_record is not None:
+        on_record(record)
     return record

@@ -46,7 +46,7 @@ def memory(monkeypatch):
 
 
 def test_a_caption_sidecar_that_is_not_utf8_names_the_file(tmp_path):
-    from dtk.train.data import open_dataset
+    from dtk.data.images import open_dataset
 
     (tmp_path / "a.png").write_bytes(image_bytes())
     (tmp_path / "a.txt").write_bytes(b"caf\xe9 circle\n")
@@ -114,8 +114,8 @@ def test_webdataset_and_parquet_captions_that_are_not_utf8(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dtk.train.data import open_dataset
-    from dtk.train.preferences import open_preferences
+    from dtk.data.images import open_dataset
+    from dtk.data.preferences import open_preferences
 
     png = image_bytes()
     for ext, caption in (("txt", b"caf\xe9"), ("json", b'{"caption": "caf\xe9"}')):
@@ -194,7 +194,7 @@ def test_a_malformed_sampler_is_refused_before_the_model_loads(run_dtk, tmp_path
 
 def test_scores_that_are_not_an_object(run_dtk, tmp_path):
     from dtk.io import read_manifest
-    from dtk.train.preferences import open_preferences
+    from dtk.data.preferences import open_preferences
 
     (tmp_path / "a.png").write_bytes(image_bytes())
     (tmp_path / "s.jsonl").write_text(json.dumps({"path": str(tmp_path / "a.png"), "prompt": "a", "scores": "x"}) + "\n")
@@ -293,7 +293,7 @@ def test_a_large_batch_of_few_images_is_only_as_large_as_the_images(run_dtk, tmp
 def test_a_sharded_run_is_checked_for_its_own_share(memory):
     import torch
 
-    from dtk.prompts import PromptItem
+    from dtk.data.prompts import PromptItem
     from dtk.sample import SampleOptions, check_memory
 
     unet = {"block_out_channels": [32], "in_channels": 4, "layers_per_block": 1}
@@ -307,7 +307,7 @@ def test_a_sharded_run_is_checked_for_its_own_share(memory):
 def test_requests_are_made_lazily_and_as_before():
     """The plan is every image by global index, its seed a function of (seed, index) alone, made when asked for:
     the same requests as the list built before, for every shard."""
-    from dtk.prompts import PromptItem
+    from dtk.data.prompts import PromptItem
     from dtk.sample import SampleOptions, plan_requests
     from dtk.seeds import derive_seed, shard_indices
 
@@ -418,7 +418,7 @@ def test_base_models_as_earlier_dtk_read_them(models, tmp_path, monkeypatch, cap
 def test_image_problem_reads_headers_and_ends_only():
     from PIL import ImageFile
 
-    from dtk.train.data import image_problem
+    from dtk.data.images import image_problem
 
     png, jpg, webp, bmp = (image_bytes(f) for f in ("PNG", "JPEG", "WEBP", "BMP"))
     for whole in (png, jpg, webp, bmp, png + b"appended", jpg + b"\0" * 64, bmp + b"xx"):
@@ -437,7 +437,7 @@ def test_image_problem_reads_headers_and_ends_only():
     finally:
         ImageFile.ImageFile.load = original
     # in order, one thread or (where images come slowly: a network file system) several
-    from dtk.train.data import check_images
+    from dtk.data.images import check_images
 
     sources = [png, b"x", jpg] * 300
     for slow in (1.0, 0.0):
@@ -450,7 +450,7 @@ def test_an_unreadable_training_image_is_refused_when_the_data_opens(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dtk.train.data import open_dataset
+    from dtk.data.images import open_dataset
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -488,7 +488,7 @@ def test_unreadable_preference_images_keep_their_policy(tmp_path, caplog):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dtk.train.preferences import open_preferences
+    from dtk.data.preferences import open_preferences
 
     png = image_bytes()
     rows = {"caption": ["a", "b", "c"], "jpg_0": [png, png, png], "jpg_1": [png, png[:200], png],
@@ -514,6 +514,7 @@ def test_unreadable_preference_images_keep_their_policy(tmp_path, caplog):
 
 def test_a_corrupt_training_image_is_found_before_the_model_loads(tiny_sd, tmp_path, monkeypatch):
     import dtk.train.engine as engine
+    import dtk.train.setup as setup
     from dtk.methods.reflow import RectifiedDiffusion
     from dtk.train.config import TrainConfig
 
@@ -527,7 +528,7 @@ def test_a_corrupt_training_image_is_found_before_the_model_loads(tiny_sd, tmp_p
     def no_load(*a, **k):
         raise AssertionError("the model loaded before the data was checked")
 
-    monkeypatch.setattr(engine, "_load_model", no_load)
+    monkeypatch.setattr(setup, "load_model", no_load)
     config = TrainConfig(out=str(tmp_path / "run"), model=str(tiny_sd), data=str(folder), max_steps=1, device="cpu")
     with pytest.raises(BadInput, match=r"b\.png: not a readable image"):
         engine.train(RectifiedDiffusion(phased=2), config)

@@ -52,7 +52,7 @@ def test_dpo_loss_by_hand():
 
 
 def test_preference_formats(pairs, tmp_path):
-    from dtk.train.preferences import open_preferences
+    from dtk.data.preferences import open_preferences
 
     data = open_preferences(str(pairs), resolution=16)
     assert len(data) == 5 and data.counts == {"ties_dropped": 1}
@@ -155,7 +155,7 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     corrupt = write_pairs(tmp_path / "corrupt.parquet", rows)
     err = bad(corrupt, "--strict", "--batch-size", 2)
     assert "corrupt.parquet row 0 (preferred image): not a readable image" in err and "(--strict)" in err
-    from dtk.train.preferences import open_preferences
+    from dtk.data.preferences import open_preferences
 
     lazy = open_preferences(str(corrupt), resolution=16)  # without --strict: masked out of the loss, counted
     assert len(lazy) == 2 and lazy[0]["valid"] is False and lazy[1]["valid"] is True
@@ -285,13 +285,13 @@ def test_npo_weights_go_to_the_negative_branch_only(run_dtk, tiny_sd, pairs, tmp
     assert all(np.array_equal(a, b) for a, b in zip(sample("dpo"), sample("zero", "--npo", tmp_path / "npo")))
 
 
-def fake_run():
+def sd_denoiser(net, prediction_type="epsilon", **schedule):
+    from dtk.diffusion.denoiser import Denoiser, VPSchedule
     from dtk.diffusion.schedule import alphas_cumprod
-    from dtk.train.engine import Run
 
     abar = alphas_cumprod({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                           "beta_end": 0.012})
-    return Run(config=None, model=None, accelerator=None, data=None, abar=abar)
+                           "beta_end": 0.012, **schedule})
+    return Denoiser(net, VPSchedule(abar), prediction_type)
 
 
 class FakeUNet:
@@ -303,24 +303,26 @@ class FakeUNet:
 
 def test_self_npo_teacher_target():
     from dtk.diffusion.conditioning import Conditioning
-    from dtk.methods.self_npo import ddim_grid, teacher_target
+    from dtk.diffusion.denoiser import Guided
+    from dtk.diffusion.schedule import timestep_grid
+    from dtk.methods.self_npo import teacher_target
 
-    run, unet = fake_run(), FakeUNet()
-    run.model = type("M", (), {"pipe": type("P", (), {"scheduler": type("S", (), {"config": {}})()})()})()
+    unet = FakeUNet()
+    run = sd_denoiser(unet)
     g = torch.Generator().manual_seed(0)
     x_t = torch.randn(2, 4, 8, 8, generator=g)
     cond = Conditioning(torch.full((2, 3, 5), 0.5))
     uncond = Conditioning(torch.full((2, 3, 5), -0.2))
     t_index = torch.tensor([3, 10])
-    grid = torch.tensor(ddim_grid())
+    grid = torch.tensor(timestep_grid(25))
     assert grid[:3].tolist() == [999, 959, 919] and len(grid) == 25
     # zero steps, w = 0: the teacher's plain conditional denoising of x_t
-    x, t_p, x0 = teacher_target(run, unet, x_t, t_index, cond, uncond, 0.0, 0)
+    x, t_p, x0 = teacher_target(Guided(run, 0.0, "lcm"), x_t, t_index, cond, uncond, 0)
     a, s = run.alpha_sigma(grid[t_index])
     assert torch.equal(x, x_t) and torch.equal(t_p, grid[t_index])
     assert torch.allclose(x0, (x_t - s * unet(x_t, None, encoder_hidden_states=cond.embeds)[0]) / a, atol=1e-6)
     # w = −1: the unconditional prediction alone; two steps = two guided DDIM jumps down the grid
-    x, t_p, x0 = teacher_target(run, unet, x_t, t_index, cond, uncond, -1.0, 2)
+    x, t_p, x0 = teacher_target(Guided(run, -1.0, "lcm"), x_t, t_index, cond, uncond, 2)
     ref = x_t
     for k in range(2):
         eps = unet(ref, None, encoder_hidden_states=uncond.embeds)[0]
@@ -329,16 +331,9 @@ def test_self_npo_teacher_target():
     assert torch.allclose(x, ref, atol=1e-5) and torch.equal(t_p, grid[t_index + 2])
 
     # a zero-terminal-SNR v-prediction teacher from t = 999 (ᾱ = 0): finite, nothing divides by α_999
-    from dtk.diffusion.schedule import alphas_cumprod
-    from dtk.train.engine import Run
-
-    run = Run(config=None, model=None, accelerator=None, data=None, abar=alphas_cumprod(
-        {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-         "rescale_betas_zero_snr": True}))
-    run.model = type("M", (), {"pipe": type("P", (), {"scheduler": type("S", (), {
-        "config": {"prediction_type": "v_prediction"}})()})()})()
-    assert float(run.abar[999]) == 0.0
-    x, _, x0 = teacher_target(run, unet, x_t, torch.tensor([0, 0]), cond, uncond, -1.0, 2)
+    run = sd_denoiser(unet, "v_prediction", rescale_betas_zero_snr=True)
+    assert float(run.schedule.abar[999]) == 0.0
+    x, _, x0 = teacher_target(Guided(run, -1.0, "lcm"), x_t, torch.tensor([0, 0]), cond, uncond, 2)
     assert torch.isfinite(x).all() and torch.isfinite(x0).all()
 
 

@@ -209,15 +209,15 @@ def test_sigterm_during_start_up_of_training_is_75(tiny_sd, sd_pairs, tmp_path, 
 
 
 def test_sigterm_during_export_finishes_it(run_dtk, tiny_sd, sd_pairs, tmp_path, monkeypatch):
-    import dtk.train.engine as engine
+    import dtk.train.export as export
 
-    real = engine._export
+    real = export.export_model
 
     def export_while_terminated(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)   # Slurm's preemption, just as the export starts
         return real(*a, **k)
 
-    monkeypatch.setattr(engine, "_export", export_while_terminated)
+    monkeypatch.setattr(export, "export_model", export_while_terminated)
     r = run_dtk("train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r", "--max-steps", "2",
                 "--device", "cpu", "--lora-rank", "2")
     assert r.exit_code == 0, r.stderr
@@ -316,19 +316,20 @@ def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_
     """Two trainings started into a new --out: the first finishes while the second loads its model; the
     second must not then train and export over the first's finished model."""
     import dtk.train.engine as engine
+    import dtk.train.setup as setup
     from dtk.errors import BadInput
     from dtk.methods.reflow import RectifiedDiffusion
     from dtk.train.config import TrainConfig
 
     out = tmp_path / "r"
-    real = engine._load_model
+    real = setup.load_model
 
     def load_while_another_run_finishes(*a, **k):
         out.mkdir()
         (out / "dtk.json").write_text('{"kind": "model", "command": "train-reflow"}')
         return real(*a, **k)
 
-    monkeypatch.setattr(engine, "_load_model", load_while_another_run_finishes)
+    monkeypatch.setattr(setup, "load_model", load_while_another_run_finishes)
     config = TrainConfig(out=str(out), model=str(tiny_sd), data=str(sd_pairs), max_steps=2, device="cpu",
                          lora_rank=2, batch_size=2)
     with pytest.raises(BadInput, match="holds a finished model"):
@@ -338,10 +339,10 @@ def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_
 
 def test_a_sample_that_finished_here_meanwhile_is_not_replaced(run_dtk, tiny_sd, tmp_path, monkeypatch):
     """Two `dtk sample` runs into one new --out: the first finishes while the second loads its model."""
-    import dtk.diffusion.loading as loading
+    import dtk.diffusion.compose as compose
 
     out = tmp_path / "o"
-    real = loading.open_model
+    real = compose.open_model
 
     def open_while_another_run_finishes(*a, **k):
         out.mkdir(exist_ok=True)
@@ -349,7 +350,7 @@ def test_a_sample_that_finished_here_meanwhile_is_not_replaced(run_dtk, tiny_sd,
         (out / "000000.png").write_bytes(b"the other run's image")
         return real(*a, **k)
 
-    monkeypatch.setattr(loading, "open_model", open_while_another_run_finishes)
+    monkeypatch.setattr(compose, "open_model", open_while_another_run_finishes)
     r = run_dtk("sample", "--model", tiny_sd, "--steps", "2", "--out", out, "x")
     assert r.exit_code == 2 and "another run finished a result here" in r.stderr, r.stderr
     assert (out / "000000.png").read_bytes() == b"the other run's image"

@@ -9,23 +9,30 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dtk.diffusion.denoiser import Denoiser, VPSchedule
 from dtk.diffusion.schedule import alphas_cumprod
 from dtk.methods.lcm import boundary_scalings
-from dtk.methods.pcm import (DiscriminatorHeads, ddim_grid, edge_jump, edge_of, hinge_d_loss, hinge_g_loss,
-                             phase_edges, phase_top_indices, sampling_timesteps, teacher_step)
-from dtk.train.engine import Run
+from dtk.methods.pcm import (ddim_grid, edge_jump, edge_of, lcm_guided, phase_edges, phase_top_indices,
+                             sampling_timesteps)
+from dtk.methods.pcm_adversarial import DiscriminatorHeads, hinge_d_loss, hinge_g_loss
 
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 
 
-def schedule_run(prediction_type="epsilon", schedule=SD_SCHEDULE):
-    """Just enough of a Run for the schedule maths."""
-    ns = SimpleNamespace(abar=alphas_cumprod(schedule))
-    ns.alpha_sigma = lambda t: Run.alpha_sigma(ns, t)
-    ns.to_x0_eps = lambda out, x, t: Run.to_x0_eps(SimpleNamespace(alpha_sigma=ns.alpha_sigma,
-                                                                   prediction_type=prediction_type), out, x, t)
-    ns.predict = lambda unet, x, t, cond: unet(x, t, cond)
-    return ns
+def schedule_run(prediction_type="epsilon", schedule=SD_SCHEDULE, net=None):
+    """A denoiser of the SD schedule over ``net``, for the schedule maths."""
+    return Denoiser(net, VPSchedule(alphas_cumprod(schedule)), prediction_type)
+
+
+class NoCond:
+    """Conditioning for networks that read none."""
+
+    @staticmethod
+    def cat(parts):
+        return NoCond()
+
+    def unet_kwargs(self):
+        return {}
 
 
 def test_phase_edges_and_sampling_timesteps():
@@ -50,19 +57,19 @@ def test_phase_tops_are_the_sampling_timesteps():
     """--adv-at phase-tops judges the student where K-step sampling starts each phase."""
     grid = ddim_grid(50)
     for k in (1, 2, 4):
-        run = SimpleNamespace(device="cpu", rng=SimpleNamespace(randint=lambda lo, hi: torch.arange(lo, hi)))
-        tops = phase_top_indices(run, 50, k)   # the fake rng draws every phase once, in order
+        rng = SimpleNamespace(randint=lambda lo, hi: torch.arange(lo, hi))
+        tops = phase_top_indices(rng, 50, k)   # the fake rng draws every phase once, in order
         assert sorted((grid[i] for i in tops.tolist()), reverse=True) == sampling_timesteps(50, k, k)
         assert edge_of(tops, 50, k).tolist() == phase_edges(50, k)
 
 
 def test_judging_timesteps_stay_within_the_span():
-    from dtk.methods.pcm import judging_timesteps
+    from dtk.methods.pcm_adversarial import judging_timesteps
 
-    run = SimpleNamespace(rng=SimpleNamespace(rand=lambda: torch.tensor([0.0, 0.5, 0.9999, 0.9999])))
+    rng = SimpleNamespace(rand=lambda: torch.tensor([0.0, 0.5, 0.9999, 0.9999]))
     s = torch.tensor([0, 0, 0, 739])
-    assert judging_timesteps(run, s, 250).tolist() == [0, 125, 249, 988]
-    assert judging_timesteps(run, s, 1000).tolist() == [0, 500, 999, 999]   # K = 1, the paper: the whole ODE
+    assert judging_timesteps(rng, s, 250).tolist() == [0, 125, 249, 988]
+    assert judging_timesteps(rng, s, 1000).tolist() == [0, 500, 999, 999]   # K = 1, the paper: the whole ODE
 
 
 def test_sdxl_pairs_keep_their_size_conditioning():
@@ -70,16 +77,19 @@ def test_sdxl_pairs_keep_their_size_conditioning():
     are all conditioned on them (both CFG branches)."""
     from dtk.diffusion.conditioning import Conditioning
     from dtk.methods.pcm import draw_on_grid
-    from dtk.train.engine import PerExample
+    from dtk.train.state import PerExample
 
-    run = schedule_run()
-    run.device, run.rng = "cpu", PerExample([1, 2], "cpu")
-    run.latents = lambda batch: batch["latent"]
-    run.encode_prompts = lambda captions: Conditioning(torch.zeros(len(captions), 3, 8), torch.zeros(len(captions), 8),
-                                                       torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * len(captions)))
+    from dtk.methods.common import with_pair_sizes
+
+    def encode_prompts(captions):
+        return Conditioning(torch.zeros(len(captions), 3, 8), torch.zeros(len(captions), 8),
+                            torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * len(captions)))
+
     sizes = torch.tensor([[512.0, 768, 0, 0, 512, 768]] * 2)
     batch = {"latent": torch.randn(2, 4, 8, 8), "caption": ["a", "b"], "time_ids": sizes}
-    d = draw_on_grid(run, batch, 50, (1.0, 1.0), True, 0.0)
+    d = draw_on_grid(schedule_run().schedule, batch["latent"], batch["caption"],
+                     lambda c: with_pair_sizes(batch, encode_prompts(c)), PerExample([1, 2], "cpu"), 50, (1.0, 1.0),
+                     True, 0.0)
     assert torch.equal(d.cond.time_ids, sizes) and torch.equal(d.uncond.time_ids, sizes)
 
 
@@ -88,28 +98,23 @@ def test_judging_phase_tops_leaves_the_consistency_loss_alone():
     target are those of the plain step for the same random state; the judged half sits at the phase tops."""
     from dtk.diffusion.conditioning import Conditioning
     from dtk.methods.pcm import pcm_loss
-    from dtk.train.engine import PerExample
+    from dtk.train.state import PerExample
 
-    def unet(x, t, cond):   # any per-example function of (x, t)
-        return 0.3 * x + torch.sin(t.float() / 100).view(-1, 1, 1, 1)
+    def unet(x, t, return_dict=False):   # any per-example function of (x, t)
+        return (0.3 * x + torch.sin(t.float() / 100).view(-1, 1, 1, 1),)
 
-    def fake_run():
-        run = schedule_run()
+    def loss(**more):
+        net = schedule_run(net=unet)
         x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-        run.unet = run.raw_unet = unet
-        run.device, run.rng = "cpu", PerExample([7, 8, 9], "cpu")
-        run.latents = lambda batch: x0
-        run.encode_prompts = lambda captions: Conditioning(None)
-        return run
+        return pcm_loss(net, net, net, x0, ["a", "b", "c"], lambda captions: Conditioning(None),
+                        PerExample([7, 8, 9], "cpu"), **kw, **more)
 
     kw = dict(n=50, k=4, w_range=(1.0, 1.0), cfg_solver=True, empty_prompt_prob=0.0, loss="huber", huber_c=0.001)
-    batch = {"caption": ["a", "b", "c"]}
-    plain, _, (student, target, s, _, _) = pcm_loss(fake_run(), batch, unet, **kw)
-    both, _, (top_student, top_target, top_s, _, _) = pcm_loss(fake_run(), batch, unet, judge_phase_tops=True,
-                                                                judged_target=False, **kw)
+    plain, (student, target, s, _, _) = loss()
+    both, (top_student, top_target, top_s, _, _) = loss(judge_phase_tops=True, judged_target=False)
     assert torch.allclose(plain, both, rtol=1e-6) and top_target is None
     assert set(top_s.tolist()) <= set(phase_edges(50, 4)) and top_student.shape == student.shape
-    _, _, (_, with_target, _, _, _) = pcm_loss(fake_run(), batch, unet, judge_phase_tops=True, **kw)
+    _, (_, with_target, _, _, _) = loss(judge_phase_tops=True)
     assert with_target is not None and with_target.shape == top_student.shape
 
 
@@ -121,28 +126,22 @@ def test_edge_jump_boundary_and_teacher_step_against_diffusers():
     x, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     s = torch.tensor([0, 239, 739])
     for kind in ("epsilon", "v_prediction", "sample"):   # F(x_s, s, s) = x_s, whatever the model predicts
-        assert torch.allclose(edge_jump(*schedule_run(kind).to_x0_eps(eps, x, s), run, s), x, atol=1e-5), kind
+        assert torch.allclose(edge_jump(*schedule_run(kind).to_x0_eps(eps, x, s), run.schedule, s), x, atol=1e-5), kind
     # a jump to the edge is the DDIM step there: α_s x̂₀ + σ_s ε̂ with x̂₀ = (x_t − σ_t ε̂)/α_t
     t = torch.tensor([999, 499, 759])
     (a_t, s_t), (a_s, s_s) = run.alpha_sigma(t), run.alpha_sigma(s)
-    assert torch.allclose(edge_jump(*run.to_x0_eps(eps, x, t), run, s), a_s * (x - s_t * eps) / a_t + s_s * eps,
+    assert torch.allclose(edge_jump(*run.to_x0_eps(eps, x, t), run.schedule, s), a_s * (x - s_t * eps) / a_t + s_s * eps,
                           atol=1e-5)
 
     # the teacher's step t → t − 20 equals diffusers' DDIM step (η = 0) on the guided ε
     eps_c, eps_u = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
 
-    class Teacher:
-        def __call__(self, x_in, t_in, cond):
-            return torch.cat([eps_u, eps_c])  # rows: unconditional, then conditional
-
-    class Cond:
-        @staticmethod
-        def cat(parts):
-            return None
+    def teacher(x_in, t_in, return_dict=False):
+        return (torch.cat([eps_u, eps_c]),)  # rows: unconditional, then conditional
 
     w = torch.tensor([4.0, 4.5, 0.0])
     t = torch.tensor([999, 999, 999])
-    ours = teacher_step(run, Teacher(), x, t, t - 20, Cond(), Cond(), w)
+    ours = lcm_guided(run.using(teacher), w).ddim_step(x, t, t - 20, NoCond(), NoCond())
     sched = DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False, clip_sample=False, timestep_spacing="trailing")
     sched.set_timesteps(50)
     for i in range(3):
@@ -154,32 +153,27 @@ def test_edge_jump_boundary_and_teacher_step_against_diffusers():
 def test_zero_terminal_snr_v_prediction_stays_finite():
     """With rescaled zero-terminal-SNR betas ᾱ_999 = 0: x̂₀ = −v there, and nothing divides by α_999."""
     run = schedule_run("v_prediction", {**SD_SCHEDULE, "rescale_betas_zero_snr": True})
-    assert float(run.abar[999]) == 0.0
+    assert float(run.schedule.abar[999]) == 0.0
     g = torch.Generator().manual_seed(0)
     x, v_c, v_u = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
     t, s = torch.tensor([999, 999]), torch.tensor([0, 499])
     x0, eps = run.to_x0_eps(v_c, x, t)
-    assert torch.equal(x0, -v_c) and torch.allclose(edge_jump(x0, eps, run, s), x0 * run.alpha_sigma(s)[0] +
+    assert torch.equal(x0, -v_c) and torch.allclose(edge_jump(x0, eps, run.schedule, s), x0 * run.alpha_sigma(s)[0] +
                                                     x * run.alpha_sigma(s)[1], atol=1e-6)
 
-    class Teacher:
-        def __call__(self, x_in, t_in, cond):
-            return torch.cat([v_u, v_c])
+    def teacher(x_in, t_in, return_dict=False):
+        return (torch.cat([v_u, v_c]),)
 
-    class Cond:
-        @staticmethod
-        def cat(parts):
-            return None
-
-    stepped = teacher_step(run, Teacher(), x, t, t - 20, Cond(), Cond(), torch.tensor([1.0, 0.0]))
+    stepped = lcm_guided(run.using(teacher), torch.tensor([1.0, 0.0])).ddim_step(x, t, t - 20, NoCond(), NoCond())
     assert torch.isfinite(stepped).all()
 
 
 def test_lcm_recommends_four_steps_where_its_grid_has_them():
-    from dtk.methods.pcm import PhasedConsistency
+
+    from dtk.methods.lcm import LatentConsistency
 
     for n, steps, timesteps in ((50, 4, [999, 759, 499, 259]), (2, 2, [999, 499])):
-        sampler = PhasedConsistency(method="lcm", ddim_steps=n).sampler(None)
+        sampler = LatentConsistency(ddim_steps=n).sampler(None)
         assert (sampler["steps"], sampler["timesteps"]) == (steps, timesteps)
 
 
@@ -309,7 +303,8 @@ def test_discriminator_sees_every_micro_batch(run_dtk, tiny_sd, images, tmp_path
 def test_pcm_sampling_uses_the_phase_tops_and_kohya_export_matches_diffusers(run_dtk, tiny_sd, images, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import resolve_model
     from dtk.diffusion.sampling import Request, denoise, settings_for
 
     out = tmp_path / "pcm"

@@ -71,7 +71,7 @@ def test_rerun_skips_finished_shards_and_rejects_other_settings(run_dtk, tiny_sd
     r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", out, "--steps", 4, "--num", 3, "--pairs-per-shard", 3,
                 "--overwrite", "a red circle", "a blue square", "a green star")
     assert r.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["dtk.json", "pairs-000000.safetensors"]
-    from dtk.pairs import PairDataset
+    from dtk.data.pairs import PairDataset
 
     assert len(PairDataset(out)) == 3
 
@@ -159,25 +159,24 @@ class Oracle(torch.nn.Module):
 
 
 def test_pair_loss_is_zero_when_the_model_fits_the_pairs(tiny_sd, tmp_path):
-    from accelerate import Accelerator
 
+    from dtk.diffusion.conditioning import encode_prompts
+    from dtk.diffusion.denoiser import Denoiser, VPSchedule
     from dtk.diffusion.loading import load_model, resolve_model
     from dtk.diffusion.schedule import alphas_cumprod
     from dtk.methods.reflow import pair_loss
-    from dtk.train.config import TrainConfig
-    from dtk.train.engine import PerExample, Run
+    from dtk.train.state import PerExample
 
     model = load_model(resolve_model(str(tiny_sd)), torch.device("cpu"), torch.float32)
     abar = alphas_cumprod(model.pipe.scheduler.config)
     c = torch.randn(4, 2, 2)
     batch = {"latent": c.expand(6, 4, 2, 2), "noise": torch.randn(6, 4, 2, 2), "caption": ["a"] * 6}
-    run = Run(config=TrainConfig(out=str(tmp_path)), model=model, accelerator=Accelerator(cpu=True), data=None,
-              abar=abar, rng=PerExample(range(6), "cpu"))
     losses = []
     for bias in (0.0, 0.01):
-        run.unet = Oracle(c, abar, model.unet.config, bias)
-        run.rng = PerExample(range(6), "cpu")
-        losses.append(float(pair_loss(run, batch, 0.001, 0.1)[0]))
+        student = Denoiser(Oracle(c, abar, model.unet.config, bias), VPSchedule(abar), "epsilon")
+        losses.append(float(pair_loss(student, batch["latent"], batch["noise"], batch["caption"],
+                                      lambda captions: encode_prompts(model, captions, 16, 16),
+                                      PerExample(range(6), "cpu"), huber_c=0.001, empty_prompt_prob=0.1)))
     assert losses[0] < 1e-5 < 1e-3 < losses[1]
 
 
@@ -228,23 +227,21 @@ def test_phased_variant_on_images(run_dtk, family, full, tiny_sd, tiny_sdxl, tmp
 
 def test_phased_teacher_is_the_frozen_base_model(tiny_sd, tmp_path):
     """With LoRA the teacher is the UNet with its adapter off: after training it still equals the base model."""
-    from accelerate import Accelerator
 
+    from dtk.diffusion.denoiser import AdapterOff
     from dtk.diffusion.loading import load_model, resolve_model
-    from dtk.methods.reflow import _AdapterOff
     from dtk.train.config import TrainConfig
-    from dtk.train.engine import Run, _add_trainable
+    from dtk.train.setup import add_trainable
 
     cfg = TrainConfig(out=str(tmp_path), lora_rank=4)
     model = load_model(resolve_model(str(tiny_sd)), torch.device("cpu"), torch.float32)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     cond = torch.randn(1, 77, 32)
     base = model.unet(x, t, cond).sample
-    named = _add_trainable(model.unet, cfg)
+    named = add_trainable(model.unet, cfg)
     with torch.no_grad():
         for _, p in named:
             p.add_(0.1)
-    run = Run(config=cfg, model=model, accelerator=Accelerator(cpu=True), data=None, raw_unet=model.unet)
     assert not torch.allclose(model.unet(x, t, cond).sample, base, atol=1e-4)
-    assert torch.allclose(_AdapterOff(run)(x, t, cond).sample, base, atol=1e-6)
+    assert torch.allclose(AdapterOff(model.unet)(x, t, cond).sample, base, atol=1e-6)
     assert not torch.allclose(model.unet(x, t, cond).sample, base, atol=1e-4)  # the adapter is back on

@@ -180,7 +180,8 @@ def test_sct_with_a_bank_resumes_exactly(run_dtk, tiny_pixel_classes, labelled_i
 
 def test_consistency_sampling(run_dtk, tiny_pixel_classes, labelled_images, tmp_path):
     from dtk.diffusion.edm import VPDenoiser, consistency_output
-    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import resolve_model
     from dtk.diffusion.sampling import Request, denoise, settings_for
 
     out = tmp_path / "sct"
@@ -205,7 +206,8 @@ def test_consistency_sampling(run_dtk, tiny_pixel_classes, labelled_images, tmp_
 def test_guidance_by_an_earlier_snapshot(run_dtk, tiny_pixel_classes, labelled_images, tmp_path):
     """SCT's guidance by a worse model: each denoiser output is D_guide + w(D − D_guide), recorded in dtk.json."""
     from dtk.diffusion.edm import VPDenoiser, consistency_output
-    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import resolve_model
     from dtk.diffusion.sampling import Request, denoise, settings_for
 
     common = ("--full", "--target", "ect")

@@ -15,9 +15,10 @@ import torch
 
 from conftest import dtk_subprocess
 from dtk.errors import BadInput, RunFailure
+from dtk.data.images import open_dataset
 from dtk.methods.reflow import RectifiedDiffusion
 from dtk.train.config import EXIT_PREEMPTED, TrainConfig
-from dtk.train.data import BatchOrder, open_dataset
+from dtk.train.data import BatchOrder
 from dtk.train.engine import Preempted, train
 
 
@@ -365,7 +366,8 @@ def test_two_processes_match_one(tiny_sd, sd_pairs, tmp_path):
 def test_exported_lora_loads_in_diffusers_and_matches_dtk(tiny_sd, sd_pairs, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import resolve_model
     from dtk.diffusion.sampling import Request, denoise, settings_for
 
     out = tmp_path / "lora"
@@ -416,7 +418,8 @@ def test_full_training_on_a_model_with_a_text_encoder_lora_keeps_that_part(tiny_
     """A full UNet saved from a base with LoRAs holds their UNet part; their text-encoder part still applies."""
     from tiny_models import make_tiny_lora
 
-    from dtk.diffusion.loading import open_model, resolve_model
+    from dtk.diffusion.compose import open_model
+    from dtk.diffusion.loading import resolve_model
 
     lora = make_tiny_lora(tiny_sd, tmp_path / "lora", text_encoder=True, seed=4)
     based = tmp_path / "with-lora"

@@ -148,3 +148,44 @@ def size_options(f: Callable) -> Callable:
     f = click.option("--width", type=click.IntRange(min=1), default=None, help="Image width [model's native size].")(f)
     return click.option("--height", type=click.IntRange(min=1), default=None,
                         help="Image height [model's native size].")(f)
+
+
+def emit(record: dict) -> None:
+    """One JSON object per line on stdout: the machine-readable result (only the CLI writes to stdout; the
+    library passes records to the ``on_record`` a command gives it, or returns them)."""
+    import json
+    import sys
+
+    from dtk.errors import StdoutClosed
+    from dtk.progress import write_above_bar
+
+    line = json.dumps(record, default=str) + "\n"
+
+    def write() -> None:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+    try:
+        write_above_bar(write)
+    except BrokenPipeError:
+        raise StdoutClosed() from None
+
+
+def comma_option(kind: Callable = float, *, count: int | None = None, expect: str, low=None) -> Callable:
+    """A click callback reading a comma list (``comma_values``): ``count`` values when given, each at least
+    ``low`` when given; a bad value is "VALUE: expected EXPECT" (exit 2)."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        from dtk.parsing import comma_values
+
+        try:
+            values = comma_values(value, kind)
+        except ValueError:
+            values = None
+        if not values or (count is not None and len(values) != count):
+            raise click.BadParameter(f"{value!r}: expected {expect}")
+        if low is not None and min(values) < low:
+            raise click.BadParameter(f"{value!r}: each value must be ≥ {low}")
+        return values
+    return callback

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import config_option, model_option
-from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
-
-
-def _cfg_range(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        lo, hi = (float(x) for x in str(value).split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected W_MIN,W_MAX, e.g. 4,5") from None
-    return lo, hi
+from dtk.cli.common import comma_option, config_option, model_option
+from dtk.methods.defaults import TRAINING
+from dtk.cli.training import TRAIN_EPILOG, run_training, train_config, training_options
 
 
 @click.command("distill-pcm", short_help="Phased Consistency Model distillation (or LCM) of a teacher.",
@@ -30,7 +21,7 @@ def _cfg_range(ctx, param, value):
 @click.option("--phases", type=int, default=4, show_default=True, help="K phases of the ODE (PCM).")
 @click.option("--ddim-steps", type=int, default=None,
               help="N: the teacher's DDIM grid [50; 40 for PCM on SDXL, as PCM's SDXL script].")
-@click.option("--cfg-range", callback=_cfg_range, default=None, metavar="W_MIN,W_MAX",
+@click.option("--cfg-range", callback=comma_option(float, count=2, expect="W_MIN,W_MAX, e.g. 4,5"), default=None, metavar="W_MIN,W_MAX",
               help="Teacher CFG w ~ U[W_MIN, W_MAX] in the LCM convention ε_c + w(ε_c − ε_u) "
               "(= diffusers scale 1 + w) [4,5 for SD1.x, 6,7 for SDXL].")
 @click.option("--no-cfg-solver", is_flag=True,
@@ -60,7 +51,7 @@ def _cfg_range(ctx, param, value):
 @click.option("--sample-guidance", type=float, default=None,
               help="Guidance dtk.json recommends [1 (guidance distilled), the teacher's with --no-cfg-solver].")
 @click.option("--allow-missing-captions", is_flag=True, help="Images without captions train with the empty one.")
-@training_options(lr=1e-4, max_steps=2000, batch_size=8, lora_rank=64)
+@training_options(**TRAINING["distill-pcm"])
 @config_option
 def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, no_cfg_solver, empty_prompt_prob,
             loss, huber_c, adversarial, adv_weight, adv_lr, adv_real, adv_at, adv_span, adv_heads,
@@ -83,15 +74,16 @@ def command(teacher, model_config, data, method, phases, ddim_steps, cfg_range, 
       dtk sample --model runs/pcm --steps 4 "a large red circle on a white background"
     """
     from dtk.errors import BadInput
+    from dtk.methods.lcm import LatentConsistency
     from dtk.methods.pcm import PhasedConsistency
-    from dtk.train.engine import train
 
-    pcm = PhasedConsistency(phases=phases, ddim_steps=ddim_steps, cfg_range=cfg_range, cfg_solver=not no_cfg_solver,
+    kind = LatentConsistency if method == "lcm" else PhasedConsistency
+    pcm = kind(phases=phases, ddim_steps=ddim_steps, cfg_range=cfg_range, cfg_solver=not no_cfg_solver,
                             empty_prompt_prob=empty_prompt_prob, loss=loss, huber_c=huber_c, adversarial=adversarial,
                             adv_weight=adv_weight, adv_lr=adv_lr, adv_real=adv_real, adv_at=adv_at, adv_span=adv_span,
-                            adv_heads=adv_heads, method=method, sample_guidance=sample_guidance)
+                            adv_heads=adv_heads, sample_guidance=sample_guidance)
     try:
-        train(pcm, train_config(kwargs, model=teacher, model_config=model_config, data=data,
+        run_training(pcm, train_config(kwargs, model=teacher, model_config=model_config, data=data,
                                 allow_missing_captions=allow_missing_captions))
     except BadInput as e:   # the loaders name the engine's --model; this command calls it --teacher
         if str(e).startswith("--model "):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from dtk.cli.common import config_option, model_option
-from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
+from dtk.methods.defaults import DPO, TRAINING
+from dtk.cli.training import TRAIN_EPILOG, run_training, train_config, training_options
 
 
 PAIRS_HELP = ("Preference pairs: Pick-a-Pic-style parquet (caption, jpg_0, jpg_1, label_0; `dtk score --pairs-out` "
@@ -31,12 +32,12 @@ def preference_options(f, data_help: str = PAIRS_HELP, data_metavar: str = "PAIR
 @model_option(help="The model to tune (SD/SDXL: diffusers dir, hub id, single file or dtk model dir) [the demo].")
 @click.option("--model-config", metavar="DIR", help="Diffusers config dir for a single-file --model (offline).")
 @preference_options
-@click.option("--beta", type=float, default=5000.0, show_default=True,
+@click.option("--beta", type=float, default=DPO["beta"], show_default=True,
               help="β of the DPO loss (paper: 2000 SD1.5, 5000 SDXL; LoRA recipes ~2500).")
-@click.option("--empty-prompt-prob", type=float, default=0.2, show_default=True,
+@click.option("--empty-prompt-prob", type=float, default=DPO["empty_prompt_prob"], show_default=True,
               help="Captions replaced by the empty one (keeps classifier-free guidance working).")
 @click.option("--sft", is_flag=True, help="Supervised baseline instead: the plain ε-loss on the preferred images.")
-@training_options(lr=1e-5, max_steps=2000, batch_size=4, lora_rank=8)
+@training_options(**TRAINING["dpo"])
 @config_option
 def command(model, model_config, data, pair_by, min_margin, strict, beta, empty_prompt_prob, sft, **kwargs):
     """Tune MODEL towards the preferred image of each pair (Diffusion-DPO).
@@ -55,8 +56,7 @@ def command(model, model_config, data, pair_by, min_margin, strict, beta, empty_
       dtk sample --model runs/dpo "a large red circle on a white background"
     """
     from dtk.methods.dpo import DiffusionDPO
-    from dtk.train.engine import train
 
     method = DiffusionDPO(beta=beta, sft=sft, empty_prompt_prob=empty_prompt_prob, strict=strict, pair_by=pair_by,
                           min_margin=min_margin)
-    train(method, train_config(kwargs, model=model, model_config=model_config, data=data))
+    run_training(method, train_config(kwargs, model=model, model_config=model_config, data=data))

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import config_option, device_options
+from dtk.cli.common import comma_option, emit, config_option, device_options
 from dtk.cli.sample import SCHEDULERS
-
-
-def _step_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        steps = [int(x) for x in str(value).split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers, e.g. 1,2,4,8,25") from None
-    if not steps or min(steps) < 1:
-        raise click.BadParameter(f"{value!r}: step counts must be ≥ 1")
-    return steps
 
 
 @click.command("eval", short_help="Benchmark models: quality vs number of steps.")
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Model to benchmark (repeatable); default: the demo model.")
-@click.option("--steps", default="1,2,4,8,25", show_default=True, callback=_step_list, metavar="N1,N2,...",
+@click.option("--steps", default="1,2,4,8,25", show_default=True, callback=comma_option(int, expect="comma-separated integers, e.g. 1,2,4,8,25", low=1), metavar="N1,N2,...",
               help="Step counts.")
 @click.option("--num-images", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Benchmark images per model and step count.")
@@ -62,7 +50,7 @@ def command(models, steps, num_images, teacher, baseline, scheduler, guidance, p
     """
     from dtk.evaluate import EvalOptions, run_eval
 
-    run_eval(EvalOptions(models=list(models) or ["demo"], steps=steps, out=out, num_images=num_images,
+    run_eval(on_record=emit, opts=EvalOptions(models=list(models) or ["demo"], steps=steps, out=out, num_images=num_images,
                          teacher=teacher, baseline=baseline, scheduler=scheduler, guidance=guidance,
                          prompts=prompts, real_dir=real_dir, clip_model=clip_model, batch_size=batch_size,
                          device=device, dtype=dtype, format=fmt, overwrite=overwrite))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import (config_option, device_options, model_option, prompt_inputs, seed_option,
+from dtk.cli.common import (emit, config_option, device_options, model_option, prompt_inputs, seed_option,
                             shard_option, size_options)
 
 
@@ -47,10 +47,10 @@ def command(prompt, prompts_file, model, model_config, num, solver, steps, guida
       dtk reflow-pairs --model sd15/ --prompts laion.txt --num 1000000 --shard 3/64 --out pairs/
     """
     from dtk.pairs import PairOptions, run_pairs
-    from dtk.prompts import read_prompts
+    from dtk.data.prompts import read_prompts
     from dtk.seeds import default_shard, parse_shard
 
-    run_pairs(PairOptions(
+    run_pairs(on_record=emit, opts=PairOptions(
         prompts=read_prompts(prompt, prompts_file), model=model, model_config=model_config, out=out, num=num,
         solver=solver, steps=steps, guidance=guidance, negative_prompt=negative_prompt, seed=seed,
         batch_size=batch_size, pairs_per_shard=pairs_per_shard, height=height, width=width,

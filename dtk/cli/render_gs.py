@@ -6,7 +6,7 @@ import re
 
 import click
 
-from dtk.cli.common import config_option, device_option
+from dtk.cli.common import comma_option, emit, config_option, device_option
 
 CAMERA_HELP = ("Camera path, repeatable (one output per camera): identity | translate:X,Y,Z | "
                "rotate:YAW,PITCH,ROLL | orbit:DEG[,DEPTH] | dolly:DELTA[,DEPTH] | focal:FACTOR | json:FILE; "
@@ -14,17 +14,7 @@ CAMERA_HELP = ("Camera path, repeatable (one output per camera): identity | tran
 
 
 def _floats(n: int):
-    def convert(ctx, param, value):
-        if value is None:
-            return None
-        try:
-            values = [float(v) for v in value.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != n:
-            raise click.BadParameter(f"expected {n} comma-separated numbers, got {value!r}")
-        return values
-    return convert
+    return comma_option(float, count=n, expect=f"{n} comma-separated numbers")
 
 
 def _size(ctx, param, value):
@@ -99,7 +89,7 @@ def command(tracks, video, ply, cameras, frames, intrinsics, size, scale_px, opa
         raise BadInput(NO_INPUT)
     if out is None:
         raise click.UsageError("Missing option '--out'.", ctx=click.get_current_context())
-    run_render(RenderOptions(
+    run_render(on_record=emit, opts=RenderOptions(
         out=out, tracks=tracks, ply=ply, video=video, cameras=list(cameras), frames=frames, intrinsics=intrinsics,
         size=size, scale_px=scale_px, opacity=opacity, color_source=color_source, occluded=occluded,
         background=tuple(background), depth=depth, alpha=alpha, export_ply=export_ply, ply_format=ply_format,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import (config_option, device_options, model_option, prompt_inputs, seed_option,
+from dtk.cli.common import (emit, config_option, device_options, model_option, prompt_inputs, seed_option,
                             shard_option, size_options)
 
 SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun", "dpm++2m",
@@ -62,11 +62,11 @@ def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, 
     """
     from dtk.diffusion.lora import parse_lora_spec
     from dtk.diffusion.schedulers import parse_timesteps
-    from dtk.prompts import read_prompts
+    from dtk.data.prompts import read_prompts
     from dtk.sample import SampleOptions, run_sample
     from dtk.seeds import default_shard, parse_shard
 
-    run_sample(SampleOptions(
+    run_sample(on_record=emit, opts=SampleOptions(
         prompts=read_prompts(tuple(prompt) + tuple(classes), prompts_file, required=False),
         model=model, model_config=model_config, out=out, from_classes=bool(classes), num_per_prompt=num_per_prompt,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,

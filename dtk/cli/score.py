@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import config_option, device_option
+from dtk.cli.common import emit, config_option, device_option
 
 
 @click.command("score", short_help="Score images of a manifest with rewards; form preference pairs.")
@@ -35,6 +35,6 @@ def command(data, rewards, clip_model, out, pairs_out, pair_by, tie_margin, batc
     """
     from dtk.score import ScoreOptions, run_score
 
-    run_score(ScoreOptions(data=data, rewards=list(rewards), clip_model=clip_model, out=out, pairs_out=pairs_out,
+    run_score(on_record=emit, opts=ScoreOptions(data=data, rewards=list(rewards), clip_model=clip_model, out=out, pairs_out=pairs_out,
                            pair_by=pair_by, tie_margin=tie_margin, batch_size=batch_size, device=device,
                            overwrite=overwrite))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dtk.cli.common import config_option, device_option
+from dtk.cli.common import emit, config_option, device_option
 from dtk.cli.render_gs import _floats
 
 
@@ -74,7 +74,7 @@ def command(video, out, depth, depth_model, depth_kind, intrinsics, fov, max_fra
     """
     from dtk.track3d import TrackOptions, run_track
 
-    run_track(TrackOptions(video=video, out=out, depth=depth, depth_model=depth_model, depth_kind=depth_kind,
+    run_track(on_record=emit, opts=TrackOptions(video=video, out=out, depth=depth, depth_model=depth_model, depth_kind=depth_kind,
                            intrinsics=intrinsics,
                            fov=fov, max_frames=max_frames, max_side=max_side, stride=stride, refine=refine,
                            preset=preset, queries=queries, eval=eval_gt,

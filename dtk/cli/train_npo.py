@@ -6,7 +6,10 @@ import click
 
 from dtk.cli.common import config_option, model_option
 from dtk.cli.dpo import PAIRS_HELP, preference_options
-from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
+from dtk.methods.defaults import NPO_FROM_PAIRS, SELF_NPO, TRAINING
+from dtk.cli.training import TRAIN_EPILOG, run_training, train_config, training_options
+
+SELF = TRAINING["train-npo --self"]
 
 
 @click.command("train-npo", short_help="Diffusion-NPO (from pairs) or Self-NPO: a negative LoRA for CFG.",
@@ -20,22 +23,23 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
               "model's own samples are the images). Its defaults differ: --lr 1e-6, --ema-decay 0.999.")
 @lambda f: preference_options(f, "--from-pairs: " + PAIRS_HELP + " --self: images (any image format dtk "
                                "trains on) or a prompt list (.txt).", "PAIRS|IMAGES|PROMPTS.txt")
-@click.option("--beta", type=float, default=500.0, show_default=True,
+@click.option("--beta", type=float, default=NPO_FROM_PAIRS["beta"], show_default=True,
               help="--from-pairs: β of the DPO loss (NPO: 500 SD1.5, 2000 SDXL).")
-@click.option("--empty-prompt-prob", type=float, default=0.2,
-              help="Captions replaced by the empty one (the result serves the empty-prompt branch) [0.2; --self: 0].")
+@click.option("--empty-prompt-prob", type=float, default=None,
+              help="Captions replaced by the empty one (the result serves the empty-prompt branch) "
+              f"[{NPO_FROM_PAIRS['empty_prompt_prob']:g}; --self: {SELF_NPO['empty_prompt_prob']:g}].")
 @click.option("--teacher-guidance", type=float, default=None,
               help="Self-NPO: the EMA teacher's guidance w in ε_c + w(ε_c − ε_u) [−1 SD1.x, −5 SDXL].")
-@click.option("--teacher-steps", type=int, default=5, show_default=True,
+@click.option("--teacher-steps", type=int, default=SELF_NPO["teacher_steps"], show_default=True,
               help="Self-NPO: the teacher's DDIM steps on the 25-step grid.")
-@click.option("--huber-c", type=float, default=0.001, show_default=True, help="Self-NPO: pseudo-Huber c.")
-@click.option("--negative", type=click.Choice(["ema", "student"]), default="student", show_default=True,
+@click.option("--huber-c", type=float, default=SELF_NPO["huber_c"], show_default=True, help="Self-NPO: pseudo-Huber c.")
+@click.option("--negative", type=click.Choice(["ema", "student"]), default=SELF_NPO["negative"], show_default=True,
               help="Self-NPO: which weights are the negative model: the student (what the public Self-NPO "
                    "code saves) or its EMA teacher.")
 @click.option("--allow-missing-captions", is_flag=True,
               help="Self-NPO: images without captions train with the empty one.")
-@training_options(lr=5e-6, max_steps=2000, batch_size=4, lora_rank=8, full=False,
-                  mode_defaults={"lr": "--self: 1e-6", "ema_decay": "--self: 0.999"})
+@training_options(**TRAINING["train-npo"], full=False,
+                  mode_defaults={name: f"--self: {SELF[name]:g}" for name in ("lr", "ema_decay")})
 @click.option("--full", is_flag=True, hidden=True)   # not offered, but explained when tried
 @config_option
 def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin, strict, beta, empty_prompt_prob,
@@ -62,7 +66,6 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
     from click.core import ParameterSource
 
     from dtk.errors import BadInput
-    from dtk.train.engine import train
 
     if from_pairs == self_npo:
         raise BadInput("choose one of --from-pairs (preference pairs) and --self (no labels)")
@@ -85,12 +88,8 @@ def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin
     else:
         from dtk.methods.self_npo import SelfNPO
 
-        for name, value in (("ema_decay", 0.999), ("lr", 1e-6)):  # Self-NPO's own defaults
-            if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
-                kwargs[name] = value
-        if ctx.get_parameter_source("empty_prompt_prob") is ParameterSource.DEFAULT:
-            empty_prompt_prob = 0.0  # the public Self-NPO code keeps every caption
         method = SelfNPO(teacher_guidance=teacher_guidance, teacher_steps=teacher_steps, huber_c=huber_c,
-                         negative=negative, empty_prompt_prob=empty_prompt_prob)
-    train(method, train_config(kwargs, model=model, model_config=model_config, data=data,
+                         negative=negative, **({} if empty_prompt_prob is None else
+                                               {"empty_prompt_prob": empty_prompt_prob}))
+    run_training(method, train_config(kwargs, model=model, model_config=model_config, data=data,
                                allow_missing_captions=allow_missing_captions))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from dtk.cli.common import config_option, model_option
-from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
+from dtk.methods.defaults import TRAINING
+from dtk.cli.training import TRAIN_EPILOG, run_training, train_config, training_options
 
 
 @click.command("train-reflow", short_help="Rectified Diffusion: retrain on noise→sample pairs (or phased).",
@@ -29,7 +30,7 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--sample-guidance", type=float, default=1.5, show_default=True, help="Guidance dtk.json recommends.")
 @click.option("--allow-other-teacher", is_flag=True, help="Train on pairs that another model made.")
 @click.option("--allow-missing-captions", is_flag=True, help="Images without captions train with the empty one.")
-@training_options(lr=1e-4, max_steps=2000, batch_size=8)
+@training_options(**TRAINING["train-reflow"])
 @config_option
 def command(model, model_config, data, phased, teacher_guidance, huber_c, empty_prompt_prob, beta_schedule,
             sample_steps, sample_guidance, allow_other_teacher, allow_missing_captions, **kwargs):
@@ -49,11 +50,10 @@ def command(model, model_config, data, phased, teacher_guidance, huber_c, empty_
       dtk sample --model runs/reflow --steps 1 "a large red circle on a white background"
     """
     from dtk.methods.reflow import RectifiedDiffusion
-    from dtk.train.engine import train
 
     method = RectifiedDiffusion(phased=phased, huber_c=huber_c, empty_prompt_prob=empty_prompt_prob,
                                 beta_schedule=beta_schedule, teacher_guidance=teacher_guidance,
                                 sample_steps=sample_steps, sample_guidance=sample_guidance,
                                 allow_other_teacher=allow_other_teacher)
-    train(method, train_config(kwargs, model=model, model_config=model_config, data=data,
+    run_training(method, train_config(kwargs, model=model, model_config=model_config, data=data,
                                allow_missing_captions=allow_missing_captions))

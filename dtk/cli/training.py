@@ -96,11 +96,30 @@ TRAIN_KEYS = ("out", "max_steps", "batch_size", "grad_accum", "lr", "lr_schedule
 
 
 def train_config(kwargs: dict, **fields):
-    """Split a command's keyword arguments: the engine's into a TrainConfig, the rest stay."""
-    from dtk.train.config import TrainConfig
+    """Split a command's keyword arguments: the engine's into a TrainConfig, the rest stay. A setting a method
+    chooses and the user left at its default stays unset, so that the method's own default applies (a command
+    whose modes differ, like train-npo --self, shows both in --help)."""
+    from click.core import ParameterSource
 
+    from dtk.parsing import comma_values
+    from dtk.train.config import ENGINE_DEFAULTS, TrainConfig
+
+    ctx = click.get_current_context()
     own = {k: kwargs.pop(k) for k in TRAIN_KEYS if k != "full"}
+    for name in ENGINE_DEFAULTS:
+        if ctx.get_parameter_source(name) is ParameterSource.DEFAULT:
+            own[name] = None
     own["full"] = kwargs.pop("full", False)   # a LoRA-only command has no --full
-    own["lora_targets"] = tuple(t.strip() for t in own["lora_targets"].split(",") if t.strip())
+    own["lora_targets"] = tuple(comma_values(own["lora_targets"], str))
     own["validation_prompts"] = tuple(own["validation_prompts"])
     return TrainConfig(**own, **fields)
+
+
+def run_training(method, config) -> None:
+    """Train, then print the run's summary record (the main process's; the others return none)."""
+    from dtk.cli.common import emit
+    from dtk.train.engine import train
+
+    result = train(method, config)
+    if result:
+        emit(result)

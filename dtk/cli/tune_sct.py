@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from dtk.cli.common import config_option, model_option
-from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
+from dtk.methods.defaults import TRAINING
+from dtk.cli.training import TRAIN_EPILOG, run_training, train_config, training_options
 
 
 @click.command("tune-sct", short_help="Stable Consistency Tuning (or ECT) of a diffusion model.", epilog=TRAIN_EPILOG)
@@ -41,7 +42,7 @@ from dtk.cli.training import TRAIN_EPILOG, train_config, training_options
 @click.option("--allow-missing-captions", is_flag=True,
               help="Images without captions (or class labels) train with the empty one; an unconditional model "
               "needs none.")
-@training_options(lr=1e-4, max_steps=4000, batch_size=32)
+@training_options(**TRAINING["tune-sct"])
 @config_option
 def command(model, model_config, data, target, bank_size, phases, q, double_every, p_mean, p_std, weighting, huber_c,
             sigma_data, t_mid, sample_steps, guide_with, guidance, allow_missing_captions, **kwargs):
@@ -64,11 +65,10 @@ def command(model, model_config, data, target, bank_size, phases, q, double_ever
       dtk sample --model runs/sct --guide-with runs/sct-short --guidance 1.5 --class 3
     """
     from dtk.methods.sct import ConsistencyTuning
-    from dtk.train.engine import train
 
     method = ConsistencyTuning(target=target, bank_size=bank_size, phases=phases, q=q, double_every=double_every,
                                p_mean=p_mean, p_std=p_std, weighting=weighting, huber_c=huber_c,
                                sigma_data=sigma_data, t_mid=t_mid, sample_steps=sample_steps,
                                guide_with=guide_with, guidance=guidance)
-    train(method, train_config(kwargs, model=model, model_config=model_config, data=data,
+    run_training(method, train_config(kwargs, model=model, model_config=model_config, data=data,
                                allow_missing_captions=allow_missing_captions))

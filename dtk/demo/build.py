@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 import tempfile
 import time
@@ -42,6 +40,7 @@ import numpy as np
 
 from . import DEMO_DIR
 from . import shapes as S
+from .common import dir_size_mb, log, lr_at, replace_dir, to_tensor, write_json_atomic
 
 FULL = dict(
     clf_images=20000, clf_steps=800, clf_batch=128,
@@ -86,46 +85,6 @@ SCHEDULER_CONFIG = {
     "clip_sample": False,
     "prediction_type": "epsilon",
 }
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-# ----------------------------------------------------------------- file helpers
-def write_json_atomic(path: Path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def replace_dir(tmp: Path, final: Path):
-    """Move a fully written temp directory into place."""
-    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-        d.chmod(0o755)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def to_tensor(images_uint8):
-    import torch
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(255.0)
-
-
-def lr_at(step, total, base, warmup):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * p))
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -451,10 +410,6 @@ def time_one_image(pipe, guidance, steps=STEPS, repeats=5, warmup=2):
         pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(r))
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), times
-
-
-def dir_size_mb(d: Path) -> float:
-    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 1e6
 
 
 def captions_of(n, seed, split):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes as S
+from .common import dir_size_mb, log, lr_at, replace_dir, write_json_atomic
 
 SIZE = 32
 CLASSES = list(S.SHAPES)
@@ -38,10 +39,6 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e
                  clip_sample=False, prediction_type="v_prediction")
 SAMPLER = {"scheduler": "ddim", "steps": 50, "guidance": 1.0}
 EMA_DECAY = 0.998
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 def render_classes(labels, seed: int, size: int = SIZE) -> np.ndarray:
@@ -78,7 +75,6 @@ def train(cfg: dict, seed: int):
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from .build import lr_at
 
     torch.manual_seed(seed)
     images, labels = class_split(cfg["images"], seed + 1)
@@ -131,7 +127,6 @@ def build(out: Path, quick: bool, seed: int) -> dict:
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from .build import dir_size_mb, replace_dir, write_json_atomic
     from .classifier import load_classifier
 
     torch.set_num_threads(2)

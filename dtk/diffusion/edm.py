@@ -88,3 +88,25 @@ def consistency_output(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Ten
     c_skip_min, c_out_min = edm_scalings((sigma - sigma_min).clamp(min=0), sigma_data)
     raw = (denoised - c_skip * x) / c_out.clamp(min=1e-12)
     return c_skip_min * x + c_out_min * raw
+
+
+# Phases (multistep consistency): each phase's points map to its lower edge
+
+
+def phase_sigmas(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """K + 1 phase boundaries from σ_max down to σ_min on EDM's ρ-schedule (one phase: [σ_max, σ_min])."""
+    ramp = [i / phases for i in range(phases + 1)]
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(hi + r * (lo - hi)) ** rho for r in ramp]
+
+
+def phase_edge(sigma: torch.Tensor, boundaries: list[float]) -> torch.Tensor:
+    """The lower edge of the phase each σ lies in: the first inner boundary below it, else 0 (the data)."""
+    edges = torch.tensor(boundaries[1:-1] + [0.0], device=sigma.device, dtype=sigma.dtype)
+    return edges[(sigma[:, None] > edges[None, :]).float().argmax(1)]
+
+
+def jump_to(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+    """The point at σ_edge on the straight EDM path through x and the estimate x̂₀: x̂₀ + (σ_edge/σ)(x − x̂₀)."""
+    ratio = (edge / sigma.clamp(min=1e-12)).view(-1, 1, 1, 1)
+    return denoised + ratio * (x - denoised)

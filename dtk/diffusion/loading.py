@@ -345,30 +345,6 @@ def load_model(ref: ModelRef, device, dtype, model_config: str | None = None) ->
     return LoadedModel(ref=ref, pipe=pipe, device=device, dtype=dtype)
 
 
-def open_model(ref: ModelRef, device, dtype, model_config: str | None = None,
-               extra_loras: list | tuple = (), guide: str | bool | None = None, npo: str | None = None,
-               npo_scale: float = 1.0) -> LoadedModel:
-    """Load a model and apply the LoRAs its dtk.json names plus ``extra_loras``; with a guide model
-    (``guide``, else the one its consistency sampler names; ``False``: none) that one is loaded beside it."""
-    from dtk.diffusion.lora import apply_loras
-
-    model = load_model(ref, device, dtype, model_config)
-    apply_loras(model, list(ref.loras) + list(extra_loras))
-    apply_loras(model, ref.text_encoder_loras, text_encoders_only=True)
-    if guide is None:
-        guide = (ref.sampler.get("consistency") or {}).get("guide")
-    if guide:
-        guide_ref = resolve_guide(guide, ref)
-        model.guide = load_model(guide_ref, device, dtype)
-        apply_loras(model.guide, list(guide_ref.loras))
-        apply_loras(model.guide, guide_ref.text_encoder_loras, text_encoders_only=True)
-    if npo:
-        from dtk.diffusion.npo import attach_npo
-
-        attach_npo(model, npo, npo_scale)
-    return model
-
-
 def guide_for(scheduler: str | None, guide_with: str | None = None) -> str | bool | None:
     """``open_model``'s ``guide``: the one given; none for a chosen --scheduler other than the consistency
     sampler (the guide a consistency model records serves that sampler only); else the recorded one."""

@@ -117,12 +117,8 @@ def lora_layers(module, adapter: str = "default") -> dict:
 def save_lora(out_dir: str | Path, unet, family: str, text_encoder=None, adapter: str = "default",
               metadata: dict | None = None) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights``."""
-    import json
 
-    from safetensors.torch import load_file
 
-    from dtk.diffusion.loading import pipeline_class
-    from dtk.io import save_safetensors
 
     import shutil
 

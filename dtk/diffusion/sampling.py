@@ -108,31 +108,49 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
                            settings.timesteps, model.device)
     drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
     latents = (drawn if noise is None else noise.to(model.device, model.dtype)) * sampler.init_noise_sigma
-    cfg = settings.guidance > 1.0  # as diffusers: guidance ≤ 1 runs the conditional branch only
+    guided = settings.guidance > 1.0  # as diffusers: guidance ≤ 1 runs the conditional branch only
+    denoiser = model_denoiser(model)
     cond = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width)
-    npo = model.npo if cfg else None
-    if cfg:
+    if guided:
         uncond = encode_prompts(model, [r.negative_prompt for r in requests], settings.height, settings.width)
-        if npo is not None:  # the two branches have different weights: two evaluations
-            halves = [uncond.unet_kwargs(), cond.unet_kwargs()]
-        cond = Conditioning.cat([uncond, cond])
-    unet_kwargs = cond.unet_kwargs()
+        rule = guidance_rule(model, denoiser, cond, uncond, settings.guidance)
     for t in sampler.timesteps:
         x_in = sampler.scale_model_input(latents, t)
-        if npo is not None:
-            npo.negative(model.pipe)
-            out_u = model.unet(x_in, t, return_dict=False, **halves[0])[0]
-            npo.positive(model.pipe)
-            out_c = model.unet(x_in, t, return_dict=False, **halves[1])[0]
-            out = torch.cat([out_u, out_c])
-        else:
-            out = model.unet(torch.cat([x_in, x_in]) if cfg else x_in, t, return_dict=False, **unet_kwargs)[0]
-        out = out[:, :latents.shape[1]]  # DDPM UNets with a learned variance output it beside the mean
-        if cfg:
-            out_u, out_c = out.chunk(2)
-            out = out_u + settings.guidance * (out_c - out_u)
+        out = rule(x_in, t) if guided else denoiser.raw(x_in, t, cond)
         latents = sampler.step(out, t, latents, generators)
     return latents
+
+
+def model_denoiser(model: LoadedModel):
+    """The loaded model's UNet as a denoiser (its own schedule and parameterisation)."""
+    from dtk.diffusion.denoiser import Denoiser, VPSchedule
+    from dtk.diffusion.schedule import alphas_cumprod
+
+    config = model.pipe.scheduler.config
+    return Denoiser(model.unet, VPSchedule(alphas_cumprod(config).to(model.device)),
+                    config.get("prediction_type", "epsilon"))
+
+
+def guidance_rule(model: LoadedModel, denoiser, cond, uncond, scale: float):
+    """The guided output at (x, t) for a diffusers scheduler: CFG in diffusers' convention, one batched
+    evaluation of both branches; with an NPO model (``--npo``) the negative branch runs the model plus the NPO
+    LoRA, so the two branches are two evaluations with different weights."""
+    from dtk.diffusion.denoiser import cfg
+
+    npo = model.npo
+    if npo is not None:
+        def npo_rule(x, t):
+            npo.negative(model.pipe)
+            out_u = denoiser.raw(x, t, uncond)
+            npo.positive(model.pipe)
+            return cfg(out_u, denoiser.raw(x, t, cond), scale)
+        return npo_rule
+    both = Conditioning.cat([uncond, cond])
+
+    def cfg_rule(x, t):
+        out_u, out_c = denoiser.raw(torch.cat([x, x]), t, both).chunk(2)
+        return cfg(out_u, out_c, scale)
+    return cfg_rule
 
 
 CONSISTENCY_DEFAULTS = {"sigma_max": 80.0, "sigma_min": 0.002, "sigma_data": 0.5, "t_mid": 1.526}
@@ -162,9 +180,8 @@ def consistency_sample(model: LoadedModel, settings: SamplerSettings, requests: 
 
     With a guide model (SCT's guidance by a worse version of the model itself, in the manner of
     autoguidance) and guidance w, every denoiser output is D_guide + w·(D − D_guide)."""
-    from dtk.diffusion.edm import VPDenoiser, consistency_output, vp_sigmas
+    from dtk.diffusion.edm import VPDenoiser, consistency_output, jump_to, vp_sigmas
     from dtk.diffusion.schedule import alphas_cumprod
-    from dtk.methods.sct import jump_to
 
     p = _consistency_params(settings)
     abar = alphas_cumprod(model.pipe.scheduler.config).to(model.device)

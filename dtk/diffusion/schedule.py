@@ -70,3 +70,17 @@ def output_for(x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, prediction_typ
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_s: float, sigma_s: float) -> torch.Tensor:
     """Deterministic first-order DDIM jump to s: x_s = α_s x̂₀ + σ_s ε̂."""
     return alpha_s * x0 + sigma_s * eps
+
+
+def timestep_grid(steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, spacing: str = "trailing") -> list[int]:
+    """A grid of ``steps`` train timesteps, high to low, with r = T // steps:
+
+    ``trailing``: T − 1 − i·r (N = 50: 999, 979, …, 19; diffusers' "trailing" spacing when N divides T) — it
+    starts at the noisiest timestep, so a sampler or teacher on it sees the whole ODE;
+    ``leading``: (N − 1 − i)·r (N = 50: 980, …, 20, 0; diffusers' "leading" without its offset)."""
+    r = num_train_timesteps // steps
+    if spacing == "trailing":
+        return [num_train_timesteps - 1 - i * r for i in range(steps)]
+    if spacing == "leading":
+        return [(steps - 1 - i) * r for i in range(steps)]
+    raise ValueError(f"unknown timestep spacing {spacing!r}")

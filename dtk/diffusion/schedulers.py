@@ -41,8 +41,10 @@ _DEFAULTS = {"clip_sample": False}
 
 
 def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:
+    from dtk.parsing import comma_values
+
     try:
-        ts = [int(x) for x in text.replace(" ", "").split(",") if x]
+        ts = comma_values(text, int)
     except ValueError:
         raise BadInput(f"--timesteps {text!r}: expected comma-separated integers, e.g. 999,749,499,249") from None
     if not ts:

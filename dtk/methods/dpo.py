@@ -25,10 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dtk.diffusion.denoiser import Denoiser
 from dtk.diffusion.schedule import output_for
 from dtk.errors import BadInput, check_number
-from dtk.methods.reflow import check_empty_prompt_prob, drop_captions
-from dtk.train.engine import Method, Run
+from dtk.methods.defaults import DPO, NPO_FROM_PAIRS, TRAINING
+from dtk.methods.common import check_empty_prompt_prob, drop_captions
+from dtk.train.state import Method, Run
 
 
 def dpo_inside(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -51,13 +53,59 @@ def per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
+def dpo_errors(policy: Denoiser, reference: Denoiser, x_w: torch.Tensor, x_l: torch.Tensor, t: torch.Tensor,
+               eps: torch.Tensor, cond):
+    """(m^w, m^l, r^w, r^l): the policy's and the frozen reference's errors against the target the model predicts
+    (ε, v or x₀) at one shared noising (t, ε) of the winner and the loser."""
+    alpha, sigma = policy.alpha_sigma(t)
+    x0 = torch.cat([x_w, x_l])
+    t2, eps2 = t.repeat(2), eps.repeat(2, 1, 1, 1)
+    a2, s2 = alpha.repeat(2, 1, 1, 1), sigma.repeat(2, 1, 1, 1)
+    x_t = a2 * x0 + s2 * eps2
+    target = output_for(x0, eps2, a2, s2, policy.prediction_type)
+    cond2 = type(cond).cat([cond, cond])
+    model_w, model_l = per_example_mse(policy.output(x_t, t2, cond2), target).chunk(2)
+    with torch.no_grad():
+        ref_w, ref_l = per_example_mse(reference.output(x_t, t2, cond2), target).chunk(2)
+    return model_w, model_l, ref_w, ref_l
+
+
+def diffusion_dpo_loss(policy: Denoiser, reference: Denoiser, x_w, x_l, t, eps, cond, *, beta: float,
+                       valid: torch.Tensor):
+    """Diffusion-DPO: −mean log σ(−½β[(m^w − m^l) − (r^w − r^l)]) over the pairs; a pair marked not ``valid``
+    (an undecodable image) counts 0 over a fixed denominator, the same under any split of the batch across
+    processes. Returns (loss, inside, errors)."""
+    errors = dpo_errors(policy, reference, x_w, x_l, t, eps, cond)
+    inside = dpo_inside(*errors, beta)
+    if bool(valid.all()):
+        return dpo_loss(inside), inside, errors
+    counted = torch.where(valid, inside, torch.zeros_like(inside))
+    return -(F.logsigmoid(counted) * valid).sum() / len(valid), inside, errors
+
+
+def sft_loss(policy: Denoiser, x_w: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond,
+             valid: torch.Tensor) -> torch.Tensor:
+    """The paper's supervised baseline (``--sft``): the plain diffusion loss on the winners."""
+    alpha, sigma = policy.alpha_sigma(t)
+    x_t = alpha * x_w + sigma * eps
+    target = output_for(x_w, eps, alpha, sigma, policy.prediction_type)
+    err = per_example_mse(policy.output(x_t, t, cond), target)
+    return (err * valid).sum() / len(valid)   # a fixed denominator: the same under any process split
+
+
 class DiffusionDPO(Method):
     name = "dpo"
     data_kinds = ("preferences",)
 
-    def __init__(self, *, beta: float = 5000.0, sft: bool = False, empty_prompt_prob: float = 0.0,
+    def __init__(self, *, beta: float | None = None, sft: bool = False, empty_prompt_prob: float | None = None,
                  reverse: bool = False, strict: bool = False, pair_by: str | None = None, min_margin: float = 0.0,
                  name: str = "dpo"):
+        """``reverse``: Diffusion-NPO from pairs; β and the empty-prompt probability default to the mode's
+        (``dtk.methods.defaults``: DPO, NPO_FROM_PAIRS), as do the training settings."""
+        defaults = NPO_FROM_PAIRS if reverse else DPO
+        beta = defaults["beta"] if beta is None else beta
+        empty_prompt_prob = defaults["empty_prompt_prob"] if empty_prompt_prob is None else empty_prompt_prob
+        self.training_defaults = TRAINING["train-npo" if reverse else "dpo"]
         check_number("--beta", beta, above=0)
         if not min_margin >= 0:   # a negative margin would make pairs of ties
             raise BadInput(f"--min-margin {min_margin}: must be 0 or more")
@@ -68,7 +116,7 @@ class DiffusionDPO(Method):
         self.reference = None
 
     def open_data(self, spec: str, *, resolution: int, allow_missing_captions: bool = False):
-        from dtk.train.preferences import open_preferences
+        from dtk.data.preferences import open_preferences
 
         return open_preferences(spec, resolution=resolution, strict=self.strict, pair_by=self.pair_by,
                                 min_margin=self.min_margin)
@@ -79,47 +127,23 @@ class DiffusionDPO(Method):
         data.check_some_decode()
 
     def setup(self, run: Run) -> None:
-        # LoRA: the reference is the same UNet with the adapter off (no second copy in memory); full: a frozen
-        # fp32 copy, the policy's own precision, so that the two agree exactly at the start
-        if run.config.full and not self.sft:
-            import copy
-
-            self.reference = copy.deepcopy(run.raw_unet).requires_grad_(False).eval()
-
-    def _reference(self, run: Run, x_t, t, cond) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference is not None:
-                return run.predict(self.reference, x_t, t, cond)
-            with run.adapters_disabled() as unet:
-                return run.predict(unet, x_t, t, cond)
+        # full fine-tuning: a frozen copy in fp32, the policy's own precision, so that the two agree exactly at
+        # the start (LoRA: the same UNet with the adapter off)
+        self.reference = None if self.sft else run.base(dtype=torch.float32)
 
     def loss(self, batch: dict, run: Run):
-        from dtk.diffusion.conditioning import Conditioning
-
         x_w, x_l = run.encode_images(batch["image_w"]), run.encode_images(batch["image_l"])
         if self.reverse:  # NPO: learn what was not preferred
             x_w, x_l = x_l, x_w
         t = run.rng.randint(0, len(run.abar))
         eps = run.rng.randn(*x_w.shape[1:])        # one t and one noise per pair, shared by both images
-        captions = drop_captions(batch["caption"], run.rng.rand() >= self.empty_prompt_prob)
-        cond = run.encode_prompts(captions)
-        alpha, sigma = run.alpha_sigma(t)
+        cond = run.encode_prompts(drop_captions(batch["caption"], run.rng.rand() >= self.empty_prompt_prob))
         # a pair with an undecodable image counts for nothing (and is counted)
         valid = torch.tensor(batch.get("valid", [True] * len(x_w)), device=x_w.device)
         if self.sft:
-            x_t = alpha * x_w + sigma * eps
-            target = output_for(x_w, eps, alpha, sigma, run.prediction_type)
-            err = per_example_mse(run.predict(run.unet, x_t, t, cond), target)
-            return (err * valid).sum() / len(valid), {}   # a fixed denominator: the same under any process split
-        x0 = torch.cat([x_w, x_l])
-        t2, eps2 = t.repeat(2), eps.repeat(2, 1, 1, 1)
-        a2, s2 = alpha.repeat(2, 1, 1, 1), sigma.repeat(2, 1, 1, 1)
-        x_t = a2 * x0 + s2 * eps2
-        target = output_for(x0, eps2, a2, s2, run.prediction_type)   # ε, v or x₀, as the model predicts
-        cond2 = Conditioning.cat([cond, cond])
-        model_w, model_l = per_example_mse(run.predict(run.unet, x_t, t2, cond2), target).chunk(2)
-        ref_w, ref_l = per_example_mse(self._reference(run, x_t, t2, cond2), target).chunk(2)
-        inside = dpo_inside(model_w, model_l, ref_w, ref_l, self.beta)
+            return sft_loss(run.student, x_w, t, eps, cond, valid), {}
+        loss, inside, (model_w, model_l, ref_w, ref_l) = diffusion_dpo_loss(
+            run.student, self.reference, x_w, x_l, t, eps, cond, beta=self.beta, valid=valid)
         # the same names every step (processes average them name by name), over the readable pairs (over
         # all when none is); unreadable: this micro-batch's count
         ok = valid if bool(valid.any()) else torch.ones_like(valid)
@@ -127,12 +151,7 @@ class DiffusionDPO(Method):
                 "model_mse_w": float(model_w.detach()[ok].mean()), "model_mse_l": float(model_l.detach()[ok].mean()),
                 "ref_mse_w": float(ref_w[ok].mean()), "ref_mse_l": float(ref_l[ok].mean()),
                 "unreadable": float((~valid).sum())}
-        if bool(valid.all()):
-            return dpo_loss(inside), logs
-        inside = torch.where(valid, inside, torch.zeros_like(inside))
-        # an unreadable pair counts as 0 over a fixed denominator (dividing by this micro-batch's readable
-        # count would weight pairs by how the global batch was split across processes)
-        return -(F.logsigmoid(inside) * valid).sum() / len(valid), logs
+        return loss, logs
 
     def describe(self) -> dict:
         paper = ("Diffusion-NPO (negative preference optimisation, from pairs)" if self.reverse

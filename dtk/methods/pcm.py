@@ -16,17 +16,17 @@ One training step (METHODS.md "distill-pcm"):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from dtk.diffusion.denoiser import Denoiser, Guided
 from dtk.diffusion.schedule import ddim_step
 from dtk.errors import BadInput, check_number
-from dtk.methods.reflow import check_empty_prompt_prob, drop_captions, pseudo_huber, with_pair_sizes
-from dtk.train.engine import Method, Run
+from dtk.methods.defaults import TRAINING
+from dtk.methods.common import check_empty_prompt_prob, drop_captions, pseudo_huber, with_pair_sizes
+from dtk.train.state import Method, Run
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -94,28 +94,18 @@ def check_discretisation(n: int, k: int) -> None:
 # The objective
 
 
-def edge_jump(x0: torch.Tensor, eps: torch.Tensor, run: Run, s: torch.Tensor) -> torch.Tensor:
+def edge_jump(x0: torch.Tensor, eps: torch.Tensor, schedule, s: torch.Tensor) -> torch.Tensor:
     """F(x_t, t, s) = α_s x̂₀ + σ_s ε̂: the DDIM jump to the edge s from the model's (x̂₀, ε̂) at x_t
     (F(x_s, s, s) = x_s). Both come from the prediction itself: rebuilding x̂₀ from ε̂ divides by α_t,
     which is 0 at t = 999 for a zero-terminal-SNR teacher."""
-    a_s, s_s = run.alpha_sigma(s)
+    a_s, s_s = schedule.alpha_sigma(s)
     return ddim_step(x0, eps, a_s, s_s)
 
 
-def x0_eps_of(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
-    return run.to_x0_eps(run.predict(unet, x, t, cond), x, t)
-
-
-@torch.no_grad()
-def teacher_step(run: Run, teacher, x_t, t, t_prev, cond, uncond, w: torch.Tensor) -> torch.Tensor:
-    """One DDIM step t → t' of the frozen teacher, CFG in the LCM convention ε_c + w(ε_c − ε_u) (and alike on
-    x̂₀: the same guidance, as x̂₀ is affine in ε̂ at a fixed x_t)."""
-    both = torch.cat([x_t, x_t])
-    x0, eps = x0_eps_of(run, teacher, both, torch.cat([t, t]), type(cond).cat([uncond, cond]))
-    w = w.view(-1, 1, 1, 1)
-    (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
-    a_p, s_p = run.alpha_sigma(t_prev)
-    return ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), a_p, s_p)
+def lcm_guided(teacher: Denoiser, w: torch.Tensor) -> Guided:
+    """The teacher under CFG in the LCM convention ε_c + w(ε_c − ε_u), applied alike to x̂₀ (the same
+    guidance, as x̂₀ is affine in ε̂ at a fixed x_t); ``w`` per example."""
+    return Guided(teacher, w, convention="lcm", combine="x0_eps")
 
 
 def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
@@ -137,19 +127,17 @@ class GridDraw:
     uncond: object
 
 
-def draw_on_grid(run: Run, batch: dict, n: int, w_range: tuple[float, float], cfg_solver: bool,
-                 empty_prompt_prob: float, index: torch.Tensor | None = None,
-                 x0: torch.Tensor | None = None) -> GridDraw:
-    """x_t at grid indices ``index`` (uniform over the grid when None) from the batch's latents (or ``x0``)."""
+def draw_on_grid(schedule, x0: torch.Tensor, captions: list[str], encode, rng, n: int, w_range: tuple[float, float],
+                 cfg_solver: bool, empty_prompt_prob: float, index: torch.Tensor | None = None) -> GridDraw:
+    """x_t at grid indices ``index`` (uniform over the grid when None) from the clean latents ``x0``."""
     r = NUM_TRAIN_TIMESTEPS // n
-    x0 = run.latents(batch) if x0 is None else x0
-    index = run.rng.randint(0, n) if index is None else index
+    index = rng.randint(0, n) if index is None else index
     t = (index + 1) * r - 1
-    alpha, sigma = run.alpha_sigma(t)
-    x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
-    w = w_range[0] + (w_range[1] - w_range[0]) * run.rng.rand() if cfg_solver else torch.zeros(len(t), device=run.device)
-    captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    cond, uncond = (with_pair_sizes(batch, run.encode_prompts(c)) for c in (captions, [""] * len(captions)))
+    alpha, sigma = schedule.alpha_sigma(t)
+    x_t = alpha * x0 + sigma * rng.randn(*x0.shape[1:])
+    w = w_range[0] + (w_range[1] - w_range[0]) * rng.rand() if cfg_solver else torch.zeros(len(t), device=x0.device)
+    captions = drop_captions(captions, rng.rand() >= empty_prompt_prob)
+    cond, uncond = (encode(c) for c in (captions, [""] * len(captions)))
     return GridDraw(x0, index, t, (t - r).clamp(min=0), x_t, w, cond, uncond)
 
 
@@ -159,118 +147,48 @@ def concat_draws(a: GridDraw, b: GridDraw) -> GridDraw:
                     cat([a.cond, b.cond]), cat([a.uncond, b.uncond]))
 
 
-def phase_top_indices(run: Run, n: int, k: int) -> torch.Tensor:
+def phase_top_indices(rng, n: int, k: int, device="cpu") -> torch.Tensor:
     """The noisiest grid index of a uniformly drawn phase per example: where K-step sampling enters it."""
-    tops = torch.tensor([last for _, last in phase_ranges(n, k)], device=run.device)
-    return tops[run.rng.randint(0, k)]
+    tops = torch.tensor([last for _, last in phase_ranges(n, k)], device=device)
+    return tops[rng.randint(0, k)]
 
 
-def consistency_target(run: Run, d: GridDraw, teacher, s: torch.Tensor) -> torch.Tensor:
-    """The teacher's DDIM step t → t' followed by the model's own (stop-gradient) jump from t' to the edge s."""
-    x_prev = teacher_step(run, teacher, d.x_t, d.t, d.t_prev, d.cond, d.uncond, d.w)
-    with torch.no_grad():
-        return edge_jump(*x0_eps_of(run, run.raw_unet, x_prev, d.t_prev, d.cond), run, s)
+@torch.no_grad()
+def consistency_target(target_net: Denoiser, teacher: Denoiser, d: GridDraw, s: torch.Tensor) -> torch.Tensor:
+    """The guided teacher's DDIM step t → t' followed by the model's own (stop-gradient) jump from t' to the
+    edge s."""
+    x_prev = lcm_guided(teacher, d.w).ddim_step(d.x_t, d.t, d.t_prev, d.cond, d.uncond)
+    return edge_jump(*target_net(x_prev, d.t_prev, d.cond), target_net.schedule, s)
 
 
-def pcm_loss(run: Run, batch: dict, teacher, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool,
-             empty_prompt_prob: float, loss: str, huber_c: float, judge_phase_tops: bool = False,
-             judged_target: bool = True):
-    """PCM's consistency loss for one batch; returns (loss, logs, judged), where judged = (student edge output,
-    target or None, edge, cond, data latent) for the adversarial term: at the same draw, or with
-    ``judge_phase_tops`` at a second draw from phase tops (one student forward for both draws)."""
-    d = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob)
+def pcm_loss(student: Denoiser, target_net: Denoiser, teacher: Denoiser, x0: torch.Tensor, captions: list[str],
+             encode, rng, *, n: int, k: int, w_range: tuple[float, float], cfg_solver: bool, empty_prompt_prob: float,
+             loss: str, huber_c: float, judge_phase_tops: bool = False, judged_target: bool = True):
+    """PCM's consistency loss: ρ(F_θ(x_t, t, s), F_sg(θ)(x_t', t', s)) with x_t' the guided teacher's DDIM step
+    from x_t. ``student`` is the pass with gradients, ``target_net`` the same weights without (the stop-gradient
+    target), ``teacher`` the frozen base model.
+
+    Returns (loss, judged), where judged = (student edge output, target or None, edge, cond, data latent) for
+    the adversarial term: at the same draw, or with ``judge_phase_tops`` at a second draw from phase tops (one
+    student forward for both draws)."""
+    schedule = student.schedule
+    d = draw_on_grid(schedule, x0, captions, encode, rng, n, w_range, cfg_solver, empty_prompt_prob)
     both = d
     if judge_phase_tops:
-        top = draw_on_grid(run, batch, n, w_range, cfg_solver, empty_prompt_prob,
-                           index=phase_top_indices(run, n, k), x0=d.x0)
+        top = draw_on_grid(schedule, x0, captions, encode, rng, n, w_range, cfg_solver, empty_prompt_prob,
+                           index=phase_top_indices(rng, n, k, x0.device))
         both = concat_draws(d, top)
     s_all = edge_of(both.index, n, k)
-    student_all = edge_jump(*x0_eps_of(run, run.unet, both.x_t, both.t, both.cond), run, s_all)
+    student_all = edge_jump(*student(both.x_t, both.t, both.cond), schedule, s_all)
     b = len(d.t)
-    student, s = student_all[:b], s_all[:b]
-    target = consistency_target(run, d, teacher, s)
+    out, s = student_all[:b], s_all[:b]
+    target = consistency_target(target_net, teacher, d, s)
     if judge_phase_tops:
-        judged = (student_all[b:], consistency_target(run, top, teacher, s_all[b:]) if judged_target else None,
+        judged = (student_all[b:], consistency_target(target_net, teacher, top, s_all[b:]) if judged_target else None,
                   s_all[b:], top.cond, top.x0)
     else:
-        judged = (student, target, s, d.cond, d.x0)
-    return consistency_distance(student, target, loss, huber_c), {}, judged
-
-
-# ---------------------------------------------------------------------------
-# The adversarial consistency loss
-
-
-class DiscriminatorHead(nn.Module):
-    """conv-GN-LeakyReLU, a second one with a residual around it, then a 1×1 conv to one logit channel
-    (PCM's reference head)."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        groups = math.gcd(32, c)
-        self.conv1 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.LeakyReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.LeakyReLU())
-        self.out = nn.Conv2d(c, 1, 1)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(f)
-        return self.out(self.conv2(h) + h)
-
-
-class DiscriminatorHeads(nn.Module):
-    """Small trainable heads on the frozen teacher UNet's down/mid/up block features, ``per_feature`` of them
-    on each (4, as PCM's reference code): one logit map each, judged position by position (a patch
-    discriminator at every feature scale)."""
-
-    def __init__(self, channels: list[int], per_feature: int = 4):
-        super().__init__()
-        self.heads = nn.ModuleList(nn.ModuleList(DiscriminatorHead(c) for _ in range(per_feature)) for c in channels)
-
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``per_feature`` [B, 1, h, w] logit maps per feature."""
-        return [h(f).float() for heads, f in zip(self.heads, features) for h in heads]
-
-
-def block_features(run: Run, unet, x: torch.Tensor, t: torch.Tensor, cond) -> list[torch.Tensor]:
-    """Outputs of every down block, the mid block and every up block of ``unet`` at (x, t)."""
-    base = getattr(unet, "module", unet)
-    blocks = [*base.down_blocks, base.mid_block, *base.up_blocks]
-    found: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: found.append((o[0] if isinstance(o, tuple) else o).float()))
-             for b in blocks]
-    try:
-        run.predict(unet, x, t, cond)
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
-def feature_channels(unet) -> list[int]:
-    c = unet.config.block_out_channels
-    return [*c, c[-1], *reversed(c)]
-
-
-def renoise(x_s: torch.Tensor, s: torch.Tensor, s_to: torch.Tensor, noise: torch.Tensor, run: Run) -> torch.Tensor:
-    """Forward diffusion from timestep s to s' ≥ s: q(x_s' | x_s) = N(√(ᾱ_s'/ᾱ_s) x_s, (1 − ᾱ_s'/ᾱ_s) I)."""
-    (a_s, _), (a_to, _) = run.alpha_sigma(s), run.alpha_sigma(s_to)
-    ratio = a_to / a_s
-    return ratio * x_s + (1 - ratio**2).clamp(min=0).sqrt() * noise
-
-
-def judging_timesteps(run: Run, s: torch.Tensor, span: int) -> torch.Tensor:
-    """Where the discriminator judges each example: s' ~ U{s, …, s + span − 1}, at most T − 1."""
-    return (s + (run.rng.rand() * span).long()).clamp(max=NUM_TRAIN_TIMESTEPS - 1)
-
-
-def hinge_d_loss(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
-    """Hinge loss per position, averaged over positions, then over heads: 2 for an undecided D."""
-    return torch.stack([torch.relu(1 - r).mean() + torch.relu(1 + f).mean() for r, f in zip(real, fake)]).mean()
-
-
-def hinge_g_loss(fake: list[torch.Tensor]) -> torch.Tensor:
-    """The generator's hinge: push every position's fake logit up to the margin (no reward beyond it)."""
-    return torch.stack([torch.relu(1 - f).mean() for f in fake]).mean()
+        judged = (out, target, s, d.cond, d.x0)
+    return consistency_distance(out, target, loss, huber_c), judged
 
 
 # ---------------------------------------------------------------------------
@@ -279,6 +197,7 @@ def hinge_g_loss(fake: list[torch.Tensor]) -> torch.Tensor:
 
 class PhasedConsistency(Method):
     name = "distill-pcm"
+    training_defaults = TRAINING["distill-pcm"]
     data_kinds = ("images", "pairs")
 
     def __init__(self, *, phases: int = 4, ddim_steps: int | None = None, cfg_range: tuple[float, float] | None = None,
@@ -328,8 +247,7 @@ class PhasedConsistency(Method):
         self.adv_heads = adv_heads
         self.sample_guidance = sample_guidance
         self.teacher = None
-        self.heads = self.d_optimizer = None
-        self._for_discriminator: list[tuple] = []   # one (fake, real, s', cond) per micro-batch of the step
+        self.second_player = None   # the discriminator with --adversarial (dtk.methods.pcm_adversarial)
         self._teacher_guidance = 1.0
 
     def check_data(self, data, run: Run) -> None:
@@ -353,70 +271,40 @@ class PhasedConsistency(Method):
             # the LoRA teacher is the UNet with its adapter off for the forward pass only: a recomputed
             # (checkpointed) forward in the backward pass would see the adapter on
             raise BadInput("--adversarial with LoRA cannot use --gradient-checkpointing; drop one, or use --full")
-        self.teacher = run.frozen_copy() if run.config.full else None
+        self.teacher = run.base()
         if self.adversarial:
-            self.heads = DiscriminatorHeads(feature_channels(run.raw_unet), self.adv_heads).to(run.device)
-            self.d_optimizer = torch.optim.AdamW(self.heads.parameters(), lr=self.adv_lr, betas=(0.0, 0.999))
-            self.heads, self.d_optimizer = run.accelerator.prepare(self.heads, self.d_optimizer)
+            from dtk.methods.pcm_adversarial import AdversarialTerm, DiscriminatorHeads, feature_channels
 
-    def _teacher(self, run: Run):
-        from dtk.methods.reflow import _AdapterOff
-
-        return self.teacher if self.teacher is not None else _AdapterOff(run)
+            heads = DiscriminatorHeads(feature_channels(run.raw_unet), self.adv_heads).to(run.device)
+            self.second_player = AdversarialTerm(heads, self.adv_lr)
+            self.second_player.prepare(run.accelerator)
+            self.second_player.teacher = self.teacher
 
     def loss(self, batch: dict, run: Run):
-        if self.method == "lcm":
-            from dtk.methods.lcm import lcm_loss
+        def encode(captions):
+            return with_pair_sizes(batch, run.encode_prompts(captions))
 
-            return lcm_loss(run, batch, self._teacher(run), n=self.ddim_steps, w_range=self.cfg_range,
-                            cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob,
-                            loss=self.loss_kind, huber_c=self.huber_c)
-        loss, logs, (student, target, s, cond, x0) = pcm_loss(
-            run, batch, self._teacher(run), n=self.ddim_steps, k=self.phases, w_range=self.cfg_range,
-            cfg_solver=self.cfg_solver, empty_prompt_prob=self.empty_prompt_prob, loss=self.loss_kind,
-            huber_c=self.huber_c, judge_phase_tops=self.adversarial and self.adv_at == "phase-tops",
-            judged_target=self.adv_real == "target")
-        logs["consistency_loss"] = float(loss.detach())
+        loss, (student, target, s, cond, x0) = pcm_loss(
+            run.student, run.online, self.teacher, run.latents(batch), batch["caption"], encode, run.rng,
+            n=self.ddim_steps, k=self.phases, w_range=self.cfg_range, cfg_solver=self.cfg_solver,
+            empty_prompt_prob=self.empty_prompt_prob, loss=self.loss_kind, huber_c=self.huber_c,
+            judge_phase_tops=self.adversarial and self.adv_at == "phase-tops", judged_target=self.adv_real == "target")
+        logs = {"consistency_loss": float(loss.detach())}
         if self.adversarial:
+            from dtk.methods.pcm_adversarial import judged_pair, judging_timesteps
+
             # fake (the student's edge output) and real noised to the same s' ~ U[s, s + span) with the same
             # noise (span T/K in the paper; a shorter one judges only at low noise, where blur shows); real is
             # the consistency target (the paper), or with --adv-real data the data latent itself, which makes
             # D compare the student with the data (teacher samples, for reflow pairs) at s'
-            s_to = judging_timesteps(run, s, self.adv_span)
+            s_to = judging_timesteps(run.rng, s, self.adv_span)
             noise = run.rng.randn(*student.shape[1:])
-            fake = renoise(student, s, s_to, noise, run)
-            if self.adv_real == "data":   # from the clean data: t = −1 is ᾱ = 1 (Run.alpha_sigma)
-                real = renoise(x0, torch.full_like(s, -1), s_to, noise, run)
-            else:
-                real = renoise(target, s, s_to, noise, run)
-            self.heads.requires_grad_(False)
-            g = hinge_g_loss(self.heads(block_features(run, self._teacher(run), fake, s_to, cond)))
-            self.heads.requires_grad_(True)
+            real_is_data = self.adv_real == "data"
+            fake, real = judged_pair(run.schedule, student, x0 if real_is_data else target, s, s_to, noise, real_is_data)
+            g = self.second_player.generator_loss(fake, real, s_to, cond)
             loss = loss + self.adv_weight * g
             logs["g_loss"] = float(g.detach())
-            self._for_discriminator.append((fake.detach(), real.detach(), s_to, cond))
         return loss, logs
-
-    def after_step(self, run: Run) -> dict:
-        """The discriminator's step, alternating with the student's: hinge loss on real vs fake, over every
-        micro-batch the student saw in this step (gradients accumulated as the student's are)."""
-        judged, self._for_discriminator = self._for_discriminator, []
-        if not self.adversarial or not judged:
-            return {}
-        teacher, total = self._teacher(run), 0.0
-        for i, (fake, real, s_to, cond) in enumerate(judged):
-            with torch.no_grad(), run.accelerator.autocast():  # the frozen teacher is in the weight dtype
-                f_fake = block_features(run, teacher, fake, s_to, cond)
-                f_real = block_features(run, teacher, real, s_to, cond)
-            last = i == len(judged) - 1
-            with contextlib.nullcontext() if last else run.accelerator.no_sync(self.heads):
-                with run.accelerator.autocast():
-                    d = hinge_d_loss(self.heads(f_real), self.heads(f_fake))
-                run.accelerator.backward(d / len(judged))
-            total += float(d.detach())
-        self.d_optimizer.step()
-        self.d_optimizer.zero_grad(set_to_none=True)
-        return {"d_loss": total / len(judged)}
 
     def sampler(self, run: Run) -> dict:
         # explicit timesteps on the trained grid, for every step count the grid allows without repeats
@@ -438,19 +326,15 @@ class PhasedConsistency(Method):
         return 1.0 if self.cfg_solver else self._teacher_guidance  # guidance is baked in, or still needed
 
     def state_dict(self) -> dict:
-        if not self.adversarial:
-            return {}
-        heads = getattr(self.heads, "module", self.heads)
-        return {"heads": heads.state_dict(), "d_optimizer": self.d_optimizer.state_dict()}
+        return self.second_player.state_dict() if self.adversarial else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.adversarial and state:
             try:
-                getattr(self.heads, "module", self.heads).load_state_dict(state["heads"])
+                self.second_player.load_state_dict(state)
             except RuntimeError:   # e.g. the one-head-per-feature discriminator of dtk before 4 heads
                 raise BadInput("--resume: the checkpoint's discriminator heads do not fit this dtk's (made by "
                                "an earlier version?); start the run again") from None
-            self.d_optimizer.load_state_dict(state["d_optimizer"])
 
     def describe(self) -> dict:
         paper = ("Latent Consistency Models (Luo et al. 2023)" if self.method == "lcm"

@@ -20,27 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from dtk.diffusion.denoiser import Denoiser, Guided
 from dtk.diffusion.schedule import ddim_step
 from dtk.errors import BadInput, check_number
-from dtk.train.engine import Method, Run
+from dtk.methods.defaults import TRAINING
+from dtk.methods.common import check_empty_prompt_prob, drop_captions, pseudo_huber, with_pair_sizes
+from dtk.train.state import Method, Run
 
 TEACHER_GRID = 40   # DDIM steps over the whole ODE for the phased teacher (10 per phase at K = 4)
-
-
-def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """ρ(a, b) = √((a − b)² + c²) − c, elementwise, then the mean."""
-    return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
-
-
-def check_empty_prompt_prob(p: float | None) -> None:
-    """--empty-prompt-prob is a probability (None: the method's own default)."""
-    if p is not None and not 0 <= p <= 1:
-        raise BadInput(f"--empty-prompt-prob {p}: must be in [0, 1]")
-
-
-def drop_captions(captions: list[str], keep: torch.Tensor) -> list[str]:
-    """The empty prompt where ``keep`` is False (classifier-free guidance needs an unconditional model)."""
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
 # ---------------------------------------------------------------------------
@@ -52,23 +39,17 @@ def paired_noising(x0: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma
     return alpha * x0 + sigma * z
 
 
-def with_pair_sizes(batch: dict, cond):
-    """SDXL: the size conditioning (time ids) reflow pairs were made with, which their latents match."""
-    if "time_ids" in batch:
-        cond.time_ids = batch["time_ids"].to(cond.time_ids.device, cond.time_ids.dtype)
-    return cond
+def pair_loss(student: Denoiser, x0: torch.Tensor, z: torch.Tensor, captions: list[str], encode, rng, *,
+              huber_c: float, empty_prompt_prob: float) -> torch.Tensor:
+    """Rectified Diffusion on stored pairs (x₀, z): ρ(x̂₀(x_t, t), x₀), x_t = α_t x₀ + σ_t z, t ~ U{0..T−1}.
 
-
-def pair_loss(run: Run, batch: dict, huber_c: float, empty_prompt_prob: float) -> tuple[torch.Tensor, dict]:
-    """Rectified Diffusion on stored pairs: ρ(x̂₀(x_t, t), x₀), t ~ U{0..T−1}."""
-    x0, z = batch["latent"].to(run.device), batch["noise"].to(run.device)
-    t = run.rng.randint(0, len(run.abar))
-    alpha, sigma = run.alpha_sigma(t)
+    ``encode`` turns captions into conditioning; ``rng`` makes the per-example draws."""
+    t = rng.randint(0, len(student.schedule))
+    alpha, sigma = student.alpha_sigma(t)
     x_t = paired_noising(x0, z, alpha, sigma)
-    captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    cond = with_pair_sizes(batch, run.encode_prompts(captions))
-    x0_hat, _ = run.to_x0_eps(run.predict(run.unet, x_t, t, cond), x_t, t)
-    return pseudo_huber(x0_hat, x0, huber_c), {}
+    cond = encode(drop_captions(captions, rng.rand() >= empty_prompt_prob))
+    x0_hat, _ = student(x_t, t, cond)
+    return pseudo_huber(x0_hat, x0, huber_c)
 
 
 def phase_bounds(phases: int, num_train_timesteps: int = 1000) -> tuple[list[int], list[int]]:
@@ -89,40 +70,37 @@ def line_through(x_s, a_s, sig_s, x_e, a_e, sig_e) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def teacher_segment(run: Run, teacher, x_s, s, e, cond, uncond, guidance: float, steps: int) -> torch.Tensor:
-    """The frozen teacher's guided DDIM from x_s at timesteps s down to e (per example), in ``steps`` steps."""
+def teacher_segment(teacher: Guided, x_s, s, e, cond, uncond, steps: int) -> torch.Tensor:
+    """The guided teacher's DDIM from x_s at timesteps s down to e (per example), in ``steps`` steps."""
     x = x_s
     for j in range(steps):
         t_now = (s - (s - e) * j // steps)
         t_next = (s - (s - e) * (j + 1) // steps)
-        x_in = torch.cat([x, x]).to(run.weight_dtype)
-        out = run.predict(teacher, x_in, torch.cat([t_now, t_now]), type(cond).cat([uncond, cond]))
-        out_u, out_c = out.chunk(2)
-        x0, eps = run.to_x0_eps(out_u + guidance * (out_c - out_u), x, t_now)
-        x = ddim_step(x0, eps, *run.alpha_sigma(t_next))
+        x = teacher.ddim_step(x, t_now, t_next, cond, uncond)
     return x
 
 
-def phased_loss(run: Run, batch: dict, teacher, phases: int, guidance: float, huber_c: float,
-                empty_prompt_prob: float) -> tuple[torch.Tensor, dict]:
-    """Phased Rectified Diffusion: the student crosses a teacher's phase segment in one DDIM jump."""
-    starts, ends = phase_bounds(phases, len(run.abar))
-    x0 = run.latents(batch)
-    phase = run.rng.randint(0, phases)
-    s = torch.tensor(starts, device=run.device)[phase]
-    e = torch.tensor(ends, device=run.device)[phase]
-    (a_s, sig_s), (a_e, sig_e) = run.alpha_sigma(s), run.alpha_sigma(e)
-    x_s = paired_noising(x0, run.rng.randn(*x0.shape[1:]), a_s, sig_s)
-    captions = drop_captions(batch["caption"], run.rng.rand() >= empty_prompt_prob)
-    cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(captions))
-    x_e = teacher_segment(run, teacher, x_s, s, e, cond, uncond, guidance, max(1, TEACHER_GRID // phases))
+def phased_loss(student: Denoiser, teacher: Guided, x0: torch.Tensor, captions: list[str], encode, rng, *,
+                phases: int, huber_c: float, empty_prompt_prob: float) -> torch.Tensor:
+    """Phased Rectified Diffusion: the student crosses a (guided, frozen) teacher's phase segment in one DDIM
+    jump from any point τ on the segment's straight DDIM path."""
+    schedule = student.schedule
+    starts, ends = phase_bounds(phases, len(schedule))
+    phase = rng.randint(0, phases)
+    s = torch.tensor(starts, device=x0.device)[phase]
+    e = torch.tensor(ends, device=x0.device)[phase]
+    (a_s, sig_s), (a_e, sig_e) = schedule.alpha_sigma(s), schedule.alpha_sigma(e)
+    x_s = paired_noising(x0, rng.randn(*x0.shape[1:]), a_s, sig_s)
+    captions = drop_captions(captions, rng.rand() >= empty_prompt_prob)
+    cond, uncond = encode(captions), encode([""] * len(captions))
+    x_e = teacher_segment(teacher, x_s, s, e, cond, uncond, max(1, TEACHER_GRID // phases))
     # the segment's straight DDIM path (its effective x₀* and ε*), and a point τ on it
     x0_star, eps_star = line_through(x_s, a_s, sig_s, x_e, a_e, sig_e)
-    tau = run.rng.randint(e + 1, s + 1)
-    x_tau = ddim_step(x0_star, eps_star, *run.alpha_sigma(tau))
-    x0_hat, eps_hat = run.to_x0_eps(run.predict(run.unet, x_tau, tau, cond), x_tau, tau)
+    tau = rng.randint(e + 1, s + 1)
+    x_tau = ddim_step(x0_star, eps_star, *schedule.alpha_sigma(tau))
+    x0_hat, eps_hat = student(x_tau, tau, cond)
     x_e_hat = ddim_step(x0_hat, eps_hat, a_e, sig_e)
-    return pseudo_huber(x_e_hat, x_e, huber_c), {}
+    return pseudo_huber(x_e_hat, x_e, huber_c)
 
 
 # ---------------------------------------------------------------------------
@@ -131,6 +109,7 @@ def phased_loss(run: Run, batch: dict, teacher, phases: int, guidance: float, hu
 
 class RectifiedDiffusion(Method):
     name = "train-reflow"
+    training_defaults = TRAINING["train-reflow"]
 
     def __init__(self, *, phased: int = 0, huber_c: float = 0.001, empty_prompt_prob: float = 0.1,
                  beta_schedule: str | None = None, teacher_guidance: float | None = None,
@@ -159,7 +138,7 @@ class RectifiedDiffusion(Method):
     def check_data(self, data, run: Run) -> None:
         if self.phased:
             return
-        from dtk.pairs import model_probe, probes_match
+        from dtk.diffusion.probe import model_probe, probes_match
 
         settings = data.settings
         want = [run.model.unet.config.in_channels, run.resolution // run.model.vae_scale_factor,
@@ -184,15 +163,19 @@ class RectifiedDiffusion(Method):
         if self.phased:
             if self.teacher_guidance is None:
                 self.teacher_guidance = 7.5 if run.family == "sdxl" else 3.0  # LCM w = 6.5 / 2 (METHODS.md)
-            self.teacher = run.frozen_copy() if run.config.full else None
+            self.teacher = run.base()
 
     def loss(self, batch: dict, run: Run):
+        def encode(captions):
+            return with_pair_sizes(batch, run.encode_prompts(captions))
+
         if not self.phased:
-            return pair_loss(run, batch, self.huber_c, self.empty_prompt_prob)
-        # full fine-tuning: a frozen copy; LoRA: the same UNet with its adapter off (no second copy)
-        teacher = self.teacher if self.teacher is not None else _AdapterOff(run)
-        return phased_loss(run, batch, teacher, self.phased, self.teacher_guidance, self.huber_c,
-                           self.empty_prompt_prob)
+            x0, z = batch["latent"].to(run.device), batch["noise"].to(run.device)
+            return pair_loss(run.student, x0, z, batch["caption"], encode, run.rng, huber_c=self.huber_c,
+                             empty_prompt_prob=self.empty_prompt_prob), {}
+        teacher = Guided(self.teacher, self.teacher_guidance, dtype=run.weight_dtype)
+        return phased_loss(run.student, teacher, run.latents(batch), batch["caption"], run.encode_prompts, run.rng,
+                           phases=self.phased, huber_c=self.huber_c, empty_prompt_prob=self.empty_prompt_prob), {}
 
     def sampler(self, run: Run) -> dict:
         steps = self.sample_steps or (self.phased or 2)
@@ -208,18 +191,3 @@ class RectifiedDiffusion(Method):
                 "beta_schedule": self.beta_schedule or "teacher's",
                 **({"teacher_guidance": self.teacher_guidance, "teacher_grid": TEACHER_GRID} if self.phased else {})}
 
-
-class _AdapterOff:
-    """Calls the trained UNet with its LoRA adapter switched off: the frozen base model as teacher."""
-
-    def __init__(self, run: Run):
-        self.run = run
-
-    @property
-    def module(self):
-        """The UNet itself (for hooks on its blocks)."""
-        return self.run.raw_unet
-
-    def __call__(self, *args, **kwargs):
-        with self.run.adapters_disabled() as base:
-            return base(*args, **kwargs)

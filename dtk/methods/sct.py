@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from dtk.diffusion.edm import VPDenoiser, jump_to, phase_edge, phase_sigmas
 from dtk.errors import BadInput, check_number
-from dtk.train.engine import Method, Run
+from dtk.methods.defaults import TRAINING
+from dtk.train.state import Method, Run
 
 # ECT's lognormal t (ImageNet settings; CIFAR: −1.1, 2.0)
 P_MEAN, P_STD = -0.8, 1.6
@@ -75,38 +77,50 @@ def ect_loss(f_t: torch.Tensor, f_r: torch.Tensor, weight: torch.Tensor, huber_c
 
 
 # ---------------------------------------------------------------------------
-# Phases (multistep consistency): each phase's points map to its lower edge
+# The objective
+
+SIGMA_MIN = 0.002
 
 
-def phase_sigmas(phases: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """K + 1 phase boundaries from σ_max down to σ_min on EDM's ρ-schedule (one phase: [σ_max, σ_min])."""
-    ramp = [i / phases for i in range(phases + 1)]
-    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return [(hi + r * (lo - hi)) ** rho for r in ramp]
-
-
-def phase_edge(sigma: torch.Tensor, boundaries: list[float]) -> torch.Tensor:
-    """The lower edge of the phase each σ lies in: the first inner boundary below it, else 0 (the data)."""
-    edges = torch.tensor(boundaries[1:-1] + [0.0], device=sigma.device, dtype=sigma.dtype)
-    return edges[(sigma[:, None] > edges[None, :]).float().argmax(1)]
-
-
-def jump_to(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
-    """The point at σ_edge on the straight EDM path through x and the estimate x̂₀: x̂₀ + (σ_edge/σ)(x − x̂₀)."""
-    ratio = (edge / sigma.clamp(min=1e-12)).view(-1, 1, 1, 1)
-    return denoised + ratio * (x - denoised)
+def consistency_tuning_loss(student: VPDenoiser, target_net: VPDenoiser, x0: torch.Tensor, cond, rng, *, stage: int,
+                            boundaries: list[float], p_mean: float, p_std: float, sigma_max: float, q: float,
+                            weighting: str, sigma_data: float, huber_c: float, references: torch.Tensor | None = None,
+                            same_class: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """ECT/SCT on the EDM view of the model: f_θ(x_t, t) pulled to the stop-gradient f(x_r, r) on the same
+    trajectory, r = t(1 − n(t)/q^(stage+1)); with ``references`` (SCT) x_r is the step along the posterior-mean
+    score over them instead of the single-sample one. With phases, f is the jump to the phase's lower edge and
+    r stays in t's phase."""
+    t = ect_t(rng.randn(1).view(-1), p_mean, p_std).clamp(SIGMA_MIN, sigma_max)
+    r = ect_r(t, stage, q)
+    edge = phase_edge(t, boundaries)
+    r = torch.maximum(r, edge)   # with phases, the target stays in t's phase
+    eps = rng.randn(*x0.shape[1:])
+    x_t = x0 + t.view(-1, 1, 1, 1) * eps
+    if references is not None:
+        x_r, _ = stable_point(x_t, t, r, references, same_class)
+    else:
+        x_r = x0 + r.view(-1, 1, 1, 1) * eps
+    kwargs = cond.unet_kwargs()
+    # the student's RNG use is undone afterwards, so the target draws the same dropout masks
+    devices = [x0.device.index or 0] if x0.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        out = jump_to(student(x_t, t, **kwargs), x_t, t, edge)
+    with torch.no_grad():
+        target = jump_to(target_net(x_r, r, **kwargs), x_r, r, edge)
+        target = torch.where((r == 0).view(-1, 1, 1, 1), x_r, target)  # f(x, 0) = x, whatever the network
+    loss = ect_loss(out, target, ect_weight(t, r, weighting, sigma_data), huber_c)
+    return loss, {"stage": float(stage), "dt_over_t": float(((t - r) / t).mean())}
 
 
 # ---------------------------------------------------------------------------
 # The method, for the engine
-
-SIGMA_MIN = 0.002
 
 
 class ConsistencyTuning(Method):
     """ECT, and SCT's changes as options (``target="stable"``, a reference bank, phases)."""
 
     name = "tune-sct"
+    training_defaults = TRAINING["tune-sct"]
     data_kinds = ("images", "pairs")
 
     def __init__(self, *, target: str = "stable", bank_size: int = 0, phases: int = 1, q: float = 4.0,
@@ -177,9 +191,9 @@ class ConsistencyTuning(Method):
         return run.family == "pixel" and bool(run.model.unet.config.get("num_class_embeds"))
 
     def setup(self, run: Run) -> None:
-        from dtk.diffusion.edm import VPDenoiser, vp_sigmas
+        from dtk.diffusion.edm import vp_sigmas
 
-        self.denoiser = VPDenoiser(run.raw_unet, run.abar, run.prediction_type)
+        self.denoiser = run.online.edm()   # the stop-gradient target's pass
         self.sigma_max = min(self.sigma_max, float(vp_sigmas(run.abar)[-1]))  # what the model was trained to see
         self.boundaries = phase_sigmas(self.phases, SIGMA_MIN, self.sigma_max)
 
@@ -207,30 +221,16 @@ class ConsistencyTuning(Method):
     def loss(self, batch: dict, run: Run):
         x0 = run.latents(batch)
         cond = run.encode_prompts(self._captions(batch, run))
-        labels = cond.class_labels
-        stage = ect_stage(run.step, self.double_every)
-        t = ect_t(run.rng.randn(1).view(-1), self.p_mean, self.p_std).clamp(SIGMA_MIN, self.sigma_max)
-        r = ect_r(t, stage, self.q)
-        edge = phase_edge(t, self.boundaries)
-        r = torch.maximum(r, edge)   # with phases, the target stays in t's phase
-        eps = run.rng.randn(*x0.shape[1:])
-        x_t = x0 + t.view(-1, 1, 1, 1) * eps
+        references = same_class = None
         if self.target == "stable":
-            refs, ref_labels = self._references(x0, labels, run)
-            same = None if labels is None else labels[:, None] == ref_labels[None, :]
-            x_r, _ = stable_point(x_t, t, r, refs, same)
-        else:
-            x_r = x0 + r.view(-1, 1, 1, 1) * eps
-        kwargs = cond.unet_kwargs()
-        # the student's RNG use is undone afterwards, so the target draws the same dropout masks
-        devices = [run.device.index or 0] if run.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            student = jump_to(self.denoiser(x_t, t, unet=run.unet, **kwargs), x_t, t, edge)
-        with torch.no_grad():
-            target = jump_to(self.denoiser(x_r, r, **kwargs), x_r, r, edge)
-            target = torch.where((r == 0).view(-1, 1, 1, 1), x_r, target)  # f(x, 0) = x, whatever the network
-        loss = ect_loss(student, target, ect_weight(t, r, self.weighting, self.sigma_data), self.huber_c)
-        return loss, {"stage": float(stage), "dt_over_t": float(((t - r) / t).mean())}
+            labels = cond.class_labels
+            references, ref_labels = self._references(x0, labels, run)
+            same_class = None if labels is None else labels[:, None] == ref_labels[None, :]
+        return consistency_tuning_loss(
+            run.student.edm(), self.denoiser, x0, cond, run.rng, stage=ect_stage(run.step, self.double_every),
+            boundaries=self.boundaries, p_mean=self.p_mean, p_std=self.p_std, sigma_max=self.sigma_max, q=self.q,
+            weighting=self.weighting, sigma_data=self.sigma_data, huber_c=self.huber_c, references=references,
+            same_class=same_class)
 
     def sampler(self, run: Run) -> dict:
         steps = self.sample_steps or max(self.phases, 1)

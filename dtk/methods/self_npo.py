@@ -17,57 +17,67 @@ denoising of x_t (tested).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from dtk.diffusion.schedule import ddim_step
+from dtk.diffusion.denoiser import Denoiser, Guided
+from dtk.diffusion.schedule import timestep_grid
 from dtk.errors import BadInput, check_number
-from dtk.methods.reflow import check_empty_prompt_prob, drop_captions, pseudo_huber
-from dtk.train.engine import Method, Run
+from dtk.methods.defaults import SELF_NPO, TRAINING
+from dtk.methods.common import check_empty_prompt_prob, drop_captions, pseudo_huber
+from dtk.train.state import Method, Run
 
-GRID = 25
-
-
-def ddim_grid(num_train_timesteps: int = 1000, steps: int = GRID) -> list[int]:
-    """Trailing DDIM timesteps, high to low: 999, 959, …, 39 for 25 steps over 1000."""
-    return [num_train_timesteps - 1 - i * (num_train_timesteps // steps) for i in range(steps)]
+GRID = 25   # the teacher's trailing DDIM grid: 999, 959, …, 39
 
 
 @torch.no_grad()
-def teacher_target(run: Run, teacher, x_t, t_index, cond, uncond, guidance: float, steps: int):
+def teacher_target(teacher: Guided, x_t, t_index, cond, uncond, steps: int):
     """The teacher's negatively guided DDIM from grid[t_index] down ``steps`` grid steps (per example);
     returns (x_t', t', x̂₀) with x̂₀ the guided estimate at the last point reached."""
-    grid = torch.tensor(ddim_grid(len(run.abar)), device=x_t.device)
+    grid = torch.tensor(timestep_grid(GRID, len(teacher.denoiser.schedule)), device=x_t.device)
     last = len(grid) - 1
     x, idx = x_t, t_index
-
-    def guided(x, t):
-        out = run.predict(teacher, torch.cat([x, x]).to(run.weight_dtype), torch.cat([t, t]),
-                          type(cond).cat([uncond, cond]))
-        out_u, out_c = out.chunk(2)
-        return run.to_x0_eps(out_c + guidance * (out_c - out_u), x, t)
-
     for _ in range(steps):
-        t_now, nxt = grid[idx], (idx + 1).clamp(max=last)
-        x0, eps = guided(x, t_now)   # both: x̂₀ rebuilt from ε̂ divides by α_t (0 at zero terminal SNR)
-        x, idx = ddim_step(x0, eps, *run.alpha_sigma(grid[nxt])), nxt
+        nxt = (idx + 1).clamp(max=last)
+        x, idx = teacher.ddim_step(x, grid[idx], grid[nxt], cond, uncond), nxt
     t_end = grid[idx]
-    x0_hat, _ = guided(x, t_end)
+    x0_hat, _ = teacher(x, t_end, cond, uncond)
     return x, t_end, x0_hat
 
 
-def renoise(x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, noise: torch.Tensor, run: Run) -> torch.Tensor:
-    """A draw of q(x_{t_to} | x_{t_from}): α_{to|from} x + σ_{to|from} ε, for t_to > t_from."""
-    (a_f, _), (a_t, _) = run.alpha_sigma(t_from), run.alpha_sigma(t_to)
-    a = a_t / a_f
-    return a * x + (1 - a**2).clamp(min=0).sqrt() * noise
+def self_npo_loss(student: Denoiser, teacher: Guided, x0: torch.Tensor, captions: list[str], encode, rng, *,
+                  teacher_steps: int, huber_c: float, empty_prompt_prob: float,
+                  teacher_weights=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-NPO: the student's conditional x̂₀ at a re-noised point of the negatively guided teacher's path is
+    pulled to the teacher's guided x̂₀. ``teacher_weights()`` is the context in which ``teacher`` holds the
+    teacher's weights (the EMA swapped into the student's UNet). Returns (loss, t')."""
+    schedule = student.schedule
+    t_index = rng.randint(0, GRID - teacher_steps)
+    grid = torch.tensor(timestep_grid(GRID, len(schedule)), device=x0.device)
+    alpha, sigma = schedule.alpha_sigma(grid[t_index])
+    x_t = alpha * x0 + sigma * rng.randn(*x0.shape[1:])
+    captions = list(captions)
+    if empty_prompt_prob > 0:  # the empty prompt's branch is where the negative model serves
+        captions = drop_captions(captions, rng.rand() >= empty_prompt_prob)
+    cond, uncond = encode(captions), encode([""] * len(x0))
+    with teacher_weights():
+        x_tp, t_p, target = teacher_target(teacher, x_t, t_index, cond, uncond, teacher_steps)
+    last = len(schedule) - 1
+    s = rng.randint((t_p + 1).clamp(max=last), last + 1)   # s > t' (s = t' only at the very top)
+    x_s = schedule.renoise(x_tp, t_p, s, rng.randn(*x0.shape[1:]))
+    x0_student, _ = student(x_s, s, cond)
+    return pseudo_huber(x0_student, target, huber_c), t_p
 
 
 class SelfNPO(Method):
     name = "train-npo"
+    training_defaults = TRAINING["train-npo --self"]
     data_kinds = ("images", "prompts")
 
-    def __init__(self, *, teacher_guidance: float | None = None, teacher_steps: int = 5, huber_c: float = 0.001,
-                 negative: str = "student", empty_prompt_prob: float = 0.0):
+    def __init__(self, *, teacher_guidance: float | None = None, teacher_steps: int = SELF_NPO["teacher_steps"],
+                 huber_c: float = SELF_NPO["huber_c"], negative: str = SELF_NPO["negative"],
+                 empty_prompt_prob: float = SELF_NPO["empty_prompt_prob"]):
         if teacher_steps < 0 or teacher_steps >= GRID:
             raise BadInput(f"--teacher-steps {teacher_steps}: must be in 0..{GRID - 1} (the {GRID}-step DDIM grid)")
         if negative not in ("ema", "student"):
@@ -99,22 +109,12 @@ class SelfNPO(Method):
 
     def loss(self, batch: dict, run: Run):
         x0 = self.prompt_latents[batch["index"]].to(run.device) if "index" in batch else run.latents(batch)
-        t_index = run.rng.randint(0, GRID - self.teacher_steps)
-        grid = torch.tensor(ddim_grid(len(run.abar)), device=run.device)
-        alpha, sigma = run.alpha_sigma(grid[t_index])
-        x_t = alpha * x0 + sigma * run.rng.randn(*x0.shape[1:])
-        captions = list(batch["caption"])
-        if self.empty_prompt_prob > 0:  # the empty prompt's branch is where the negative model serves
-            captions = drop_captions(captions, run.rng.rand() >= self.empty_prompt_prob)
-        cond, uncond = run.encode_prompts(captions), run.encode_prompts([""] * len(x0))
-        with run.ema.swapped():  # the teacher: the EMA weights in the same UNet
-            x_tp, t_p, target = teacher_target(run, run.raw_unet, x_t, t_index, cond, uncond,
-                                               self.teacher_guidance, self.teacher_steps)
-        last = len(run.abar) - 1
-        s = run.rng.randint((t_p + 1).clamp(max=last), last + 1)   # s > t' (s = t' only at the very top)
-        x_s = renoise(x_tp, t_p, s, run.rng.randn(*x0.shape[1:]), run)
-        x0_student, _ = run.to_x0_eps(run.predict(run.unet, x_s, s, cond), x_s, s)
-        return pseudo_huber(x0_student, target, self.huber_c), {"t_prime": float(t_p.float().mean())}
+        # the teacher: the EMA weights in the same UNet
+        teacher = Guided(run.online, self.teacher_guidance, convention="lcm", dtype=run.weight_dtype)
+        loss, t_p = self_npo_loss(run.student, teacher, x0, batch["caption"], run.encode_prompts, run.rng,
+                                  teacher_steps=self.teacher_steps, huber_c=self.huber_c,
+                                  empty_prompt_prob=self.empty_prompt_prob, teacher_weights=run.ema.swapped)
+        return loss, {"t_prime": float(t_p.float().mean())}
 
     def describe(self) -> dict:
         return {"paper": "Self-NPO (negative preference optimisation from the model itself, 2025)",
@@ -131,7 +131,7 @@ class PromptList:
     def __init__(self, spec: str):
         from pathlib import Path
 
-        from dtk.prompts import read_prompts
+        from dtk.data.prompts import read_prompts
 
         if not Path(spec).expanduser().is_file():
             raise BadInput(f"--data {spec}: no such file")

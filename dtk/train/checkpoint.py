@@ -170,3 +170,106 @@ def _write_json(path: Path, obj: dict) -> None:
         f.flush()
         with contextlib.suppress(OSError):
             os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------
+# A run's checkpoint and resume
+
+
+def _state_of(named) -> dict:
+    return {n: p.detach().float().cpu().contiguous() for n, p in named}
+
+
+def save(state) -> Path:
+    """Checkpoint ``state`` (a ``dtk.train.state.TrainingState``) at its step: the main process writes."""
+    import torch
+
+    run, method, named, optimizer, scheduler, ema = (state.run, state.method, state.named, state.optimizer,
+                                                     state.scheduler, state.ema)
+    step, seen, out = state.step, state.seen, state.out
+    accelerator = run.accelerator
+    path = checkpoint_root(out) / checkpoint_name(step)
+    if accelerator.is_main_process:
+        record = {"step": step, "examples_seen": seen, "world_size": accelerator.num_processes,
+                 "config": {**resume_keys(run), "data_examples": len(run.data), "method": method.describe()},
+                 "method": method.name}
+        save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
+                        optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                         "torch_rng": torch.get_rng_state(),
+                                         # dropout masks on a GPU come from its own generator
+                                         **({"cuda_rng": torch.cuda.get_rng_state(accelerator.device)}
+                                            if accelerator.device.type == "cuda" else {}),
+                                         **({"grad_scaler": accelerator.scaler.state_dict()}
+                                            if accelerator.scaler is not None else {})},
+                        method_state=method.state_dict(), state=record, keep=run.config.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resume_keys(run) -> dict:
+    """Settings a checkpoint cannot be resumed under different values of."""
+    config, spec = run.config, run.model.ref.spec
+    local = Path(spec).expanduser()
+    model = str(local.resolve()) if spec not in ("demo", "demo-pixel") and local.exists() else spec
+    return {"model": model, "resolution": run.resolution, "full": config.full, "lora_rank": config.lora_rank,
+            "lora_alpha": config.alpha, "lora_targets": list(config.lora_targets), "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum, "seed": config.seed, "ema": config.ema_decay > 0,
+            "optimizer": config.optimizer}
+
+
+def restore(path, state) -> None:
+    """Load the checkpoint at ``path`` into ``state`` (weights, optimiser, LR schedule, RNG, EMA, the method's own
+    state, step and examples seen), after checking it was saved with this run's settings."""
+    import torch
+
+    run, method, named, optimizer, scheduler, ema = (state.run, state.method, state.named, state.optimizer,
+                                                     state.scheduler, state.ema)
+    config, accelerator, data_size = run.config, run.accelerator, len(run.data)
+    ckpt = load_checkpoint(path)
+    saved_state = ckpt["state"]
+    saved = saved_state.get("config", {})
+    now = {**resume_keys(run), "data_examples": data_size, "method": json.loads(json.dumps(method.describe()))}
+    diff = [k for k in now if k in saved and saved[k] != now[k]]
+    if saved.get("world_size", accelerator.num_processes) * saved.get("batch_size", 0) != \
+            accelerator.num_processes * config.batch_size and "batch_size" not in diff:
+        diff.append("processes × batch size")
+    if "method" in diff:   # every recorded setting agrees, but some are not recorded: an earlier dtk's checkpoint
+        old, new = saved["method"], now["method"]
+        unrecorded = sorted(set(new) - set(old))
+        if unrecorded and all(old[m] == new.get(m) for m in old):
+            raise BadInput(f"--resume {path}: made by an earlier dtk, which did not record {', '.join(unrecorded)}; "
+                           "start the run again (without --resume)")
+    if diff:
+        shown = []
+        for k in diff:
+            if k == "method":  # the method's own settings: name the ones that changed
+                old, new = saved[k], now[k]
+                shown += [f"{m}={old.get(m)}" for m in sorted(set(old) | set(new)) if old.get(m) != new.get(m)]
+            elif k in saved:
+                shown.append(f"{k}={saved[k]}")
+        raise BadInput(f"--resume {path}: saved with other {', '.join(diff)} than this run ({', '.join(shown)})")
+    params = dict(named)
+    missing = set(params) - set(ckpt["trainable"])
+    if missing:
+        raise BadInput(f"--resume {path}: lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ckpt["trainable"][n].to(p.device, p.dtype))
+    optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+    # this run's --lr and --weight-decay apply from here on (e.g. a lower --lr after a NaN)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+        group.update(initial_lr=config.lr, lr=config.lr * factor, weight_decay=config.weight_decay)
+    torch.set_rng_state(ckpt["optimizer"]["torch_rng"])
+    if accelerator.device.type == "cuda" and "cuda_rng" in ckpt["optimizer"]:
+        torch.cuda.set_rng_state(ckpt["optimizer"]["cuda_rng"], accelerator.device)
+    if accelerator.scaler is not None and "grad_scaler" in ckpt["optimizer"]:
+        accelerator.scaler.load_state_dict(ckpt["optimizer"]["grad_scaler"])
+    if ema is not None:
+        if ckpt["ema"] is None:
+            raise BadInput(f"--resume {path}: has no EMA state but --ema-decay is set")
+        ema.shadow = {n: t.to(accelerator.device) for n, t in ckpt["ema"].items()}
+    if ckpt["method"]:
+        method.load_state_dict(ckpt["method"])
+    state.step, state.seen = int(saved_state["step"]), int(saved_state["examples_seen"])

@@ -22,16 +22,20 @@ EXPORT_FORMATS = ("diffusers", "kohya")
 # EX_TEMPFAIL of sysexits.h, "try again later" — a requeued job resumes.
 EXIT_PREEMPTED = 75
 
+# settings a method may choose (``Method.training_defaults``, ``dtk.methods.defaults``); these where none does
+ENGINE_DEFAULTS = {"lr": 1e-4, "max_steps": 1000, "batch_size": 4, "lora_rank": 16, "ema_decay": 0.0}
+
 
 @dataclass
 class TrainConfig:
     out: str
     model: str | None = None
     data: str | None = None
-    max_steps: int = 1000
-    batch_size: int = 4                 # per process and micro-step
+    # None: the method's choice (``Method.training_defaults``), else ENGINE_DEFAULTS
+    max_steps: int | None = None
+    batch_size: int | None = None       # per process and micro-step
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 1e-2
@@ -39,9 +43,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0          # 0 = no clipping
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    ema_decay: float = 0.0              # 0 = no EMA
+    ema_decay: float | None = None      # 0 = no EMA
     full: bool = False                  # full fine-tuning instead of LoRA
-    lora_rank: int = 16
+    lora_rank: int | None = None
     lora_alpha: float | None = None     # default: = rank (scale 1)
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     checkpoint_every: int = 500
@@ -59,12 +63,23 @@ class TrainConfig:
     model_config: str | None = None
     extra: dict = field(default_factory=dict)   # the method's own options, recorded in dtk.json
 
+    def with_defaults(self, chosen: dict) -> "TrainConfig":
+        """Settings left unset (None) take ``chosen`` (a method's training defaults), else the engine's."""
+        for name, value in {**ENGINE_DEFAULTS, **chosen}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
     def check(self) -> None:
-        """Every value in range (a config file's values included, which click does not check)."""
+        """Every value in range (a config file's values included, which click does not check); unset settings
+        take the engine's defaults."""
+        self.with_defaults({})
         if not str(self.out).strip():
             raise BadInput("--out '': empty (an unset shell variable?); name the output directory")
         if isinstance(self.lora_targets, str):   # a config file may give a comma list or a TOML array
-            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+            from dtk.parsing import comma_values
+
+            self.lora_targets = tuple(comma_values(self.lora_targets, str))
         if not (self.lora_targets and all(isinstance(t, str) and t for t in self.lora_targets)):
             raise BadInput(f"--lora-targets {self.lora_targets}: want module names, e.g. to_q,to_k,to_v,to_out.0")
         self.lora_targets = tuple(self.lora_targets)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from dtk.errors import BadInput
-from dtk.train.data import Dataset, check_images, column_texts, decode_image
+from dtk.data.images import Dataset, check_images, column_texts, decode_image
 
 log = logging.getLogger("dtk")
 

@@ -1,0 +1,1 @@
+"""Reading training and generation inputs: images with captions, reflow pair shards, preference pairs, prompts."""
