@@ -12,17 +12,9 @@ from PIL import Image
 
 import dtk.resources as resources
 from dtk.errors import BadInput
+from helpers import refused
 
 RED = "a large red circle on a white background"
-
-
-def refused(r, *needles):
-    """Exit 2 with one error line holding every needle and nothing on stdout."""
-    assert r.exit_code == 2, (r.exit_code, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if ": error: " in line]
-    assert len(lines) == 1 and all(n in lines[0] for n in needles), r.stderr
-    assert "unexpected" not in lines[0] and r.stdout == ""
-    return lines[0]
 
 
 def image_bytes(fmt="PNG", size=48, color=(200, 30, 30)) -> bytes:
@@ -76,6 +68,7 @@ def test_a_prompt_file_that_is_not_utf8(run_dtk, tmp_path):
     refused(run_dtk("sample", "--prompts", tmp_path / "p.txt", "--out", tmp_path / "o"), "p.txt: not UTF-8 text")
 
 
+@pytest.mark.slow
 def test_stdin_is_read_as_utf8_whatever_the_locale(tmp_path):
     """Under the C locale Python lets other bytes through stdin as surrogates: the prompt reached the tokenizer
     ("unexpected TypeError" after the model loaded). Stdin is UTF-8, strictly, as every file is."""
@@ -205,6 +198,7 @@ def test_scores_that_are_not_an_object(run_dtk, tmp_path):
     refused(run_dtk("score", "--data", tmp_path / "s.jsonl"), "s.jsonl:1: 'scores' is str")   # was a TypeError
 
 
+@pytest.mark.slow
 def test_a_truncated_aesthetic_predictor_is_refused_before_clip_loads(tmp_path):
     import torch
     from safetensors.torch import save_file

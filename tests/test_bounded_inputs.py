@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import dtk.resources as resources
+from helpers import refused
 from test_gs_field import synthetic_clip
 from test_render_gs import write_frames
 from test_track3d import texture, write_clip
@@ -21,16 +22,6 @@ RED = "a large red circle on a white background"
 
 def errors(r):
     return [line for line in r.stderr.splitlines() if "error" in line]
-
-
-def refused(r, *needles, out=None):
-    """Exit 2 with one error line holding every needle, nothing on stdout, nothing at ``out``."""
-    assert r.exit_code == 2, (r.exit_code, r.stderr)
-    lines = errors(r)
-    assert len(lines) == 1 and all(n in lines[0] for n in needles), r.stderr
-    assert r.stdout == ""
-    assert out is None or not out.exists() or not any(out.iterdir())
-    return lines[0]
 
 
 def png_header(path, w, h):
@@ -110,7 +101,7 @@ def test_pil_limit_is_kept():
     assert Image.MAX_IMAGE_PIXELS == 89478485   # PIL's own default: dtk neither lifts nor lowers it
 
 
-def _manifest(tmp_path, images):
+def _red_manifest(tmp_path, images):
     f = tmp_path / "m.jsonl"
     f.write_text("".join(json.dumps({"path": str(p), "prompt": RED}) + "\n" for p in images))
     return f
@@ -122,7 +113,7 @@ def test_score_refuses_a_decompression_bomb_naming_it(run_dtk, tmp_path):
     good = tmp_path / "good.png"
     shapes.render(shapes.parse_caption(RED), rng=np.random.default_rng(0)).save(good)
     bomb = png_header(tmp_path / "bomb.png", 20000, 20000)   # 400 Mpixels: more than PIL opens
-    r = run_dtk("score", "--data", _manifest(tmp_path, [good, bomb]), "--out", tmp_path / "s.jsonl")
+    r = run_dtk("score", "--data", _red_manifest(tmp_path, [good, bomb]), "--out", tmp_path / "s.jsonl")
     line = refused(r, "m.jsonl:2: image", "bomb.png", "too large to decode safely", "178956970 pixels")
     assert r.stderr.strip() == line        # the header check runs before any reward (and its thread line)
     assert not (tmp_path / "s.jsonl").exists()
@@ -136,7 +127,7 @@ def test_score_warns_in_one_line_between_the_limit_and_twice_it(run_dtk, tmp_pat
     image = shapes.render(shapes.parse_caption(RED), rng=np.random.default_rng(0))
     image.save(path)
     assert 3000 < image.size[0] * image.size[1] <= 6000   # PIL warns (above the limit), and opens it (not above twice)
-    r = run_dtk("score", "--data", _manifest(tmp_path, [path]))
+    r = run_dtk("score", "--data", _red_manifest(tmp_path, [path]))
     assert r.exit_code == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if "decompression bomb" in line]
     assert len(warned) == 1 and "x.png" in warned[0] and "reading it anyway" in warned[0], r.stderr

@@ -86,6 +86,7 @@ def test_bad_toml_and_missing_config(run_dtk, tmp_path):
     assert r.exit_code == 2 and "not valid TOML" in r.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(tmp_path):
     p = dtk_subprocess("sample", "--model", tmp_path / "missing", "x")
     assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -133,6 +134,7 @@ def test_bare_dtk_prints_the_help(run_dtk):
     assert len(r.stdout.splitlines()) > 10 and "error" not in r.stderr
 
 
+@pytest.mark.slow
 def test_global_options_after_the_command(run_dtk, tmp_path):
     """-q / -v / --debug / --threads work before or after the command name."""
     missing = tmp_path / "missing.jsonl"

@@ -17,7 +17,7 @@ COMMANDS = {
 }
 
 
-def load(spec):
+def method_class(spec):
     import importlib
 
     module, name = spec.split(":")
@@ -44,7 +44,7 @@ def test_the_cli_shows_the_methods_defaults(name):
     for key in ("lr", "max_steps", "batch_size", "lora_rank"):
         assert shown[key] == TRAINING[name][key], (name, key)
     for spec in COMMANDS[name]:
-        method = load(spec)
+        method = method_class(spec)
         for param, p in inspect.signature(method.__init__).parameters.items():
             if param not in shown or shown[param] is None or p.default is inspect.Parameter.empty:
                 continue

@@ -1,6 +1,5 @@
 """dtk dpo: the loss against a hand computation, preference data formats, runs on SD and SDXL, bad input."""
 
-import io
 import json
 import math
 
@@ -9,12 +8,7 @@ import torch
 from PIL import Image
 
 from dtk.errors import BadInput
-
-
-def png_bytes(color, size=32) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buf, format="PNG")
-    return buf.getvalue()
+from helpers import solid_png
 
 
 def write_pairs(path, rows):
@@ -26,8 +20,8 @@ def write_pairs(path, rows):
 
 
 @pytest.fixture
-def pairs(tmp_path):
-    rows = [{"caption": f"a red circle {i}", "jpg_0": png_bytes((200, 10 * i, 0)), "jpg_1": png_bytes((0, 0, 200)),
+def preference_pairs(tmp_path):
+    rows = [{"caption": f"a red circle {i}", "jpg_0": solid_png((200, 10 * i, 0)), "jpg_1": solid_png((0, 0, 200)),
              "label_0": [1.0, 0.0, 0.5, 1.0, 0.0, 1.0][i]} for i in range(6)]
     return write_pairs(tmp_path / "pairs.parquet", rows)
 
@@ -51,10 +45,10 @@ def test_dpo_loss_by_hand():
     assert float(dpo_loss(zero)) == pytest.approx(math.log(2)) and implicit_accuracy(zero) == 0.5
 
 
-def test_preference_formats(pairs, tmp_path):
+def test_preference_formats(preference_pairs, tmp_path):
     from dtk.data.preferences import open_preferences
 
-    data = open_preferences(str(pairs), resolution=16)
+    data = open_preferences(str(preference_pairs), resolution=16)
     assert len(data) == 5 and data.counts == {"ties_dropped": 1}
     first, second = data[0], data[1]
     assert first["image_w"].shape == (3, 16, 16) and first["caption"] == "a red circle 0"
@@ -66,7 +60,7 @@ def test_preference_formats(pairs, tmp_path):
 
     ds = tmp_path / "ds"
     ds.mkdir()
-    table = pq.read_table(str(pairs))
+    table = pq.read_table(str(preference_pairs))
     with pa.OSFile(str(ds / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     (ds / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
@@ -96,12 +90,13 @@ def test_preference_formats(pairs, tmp_path):
         open_preferences(str(tmp_path / "nan.jsonl"), resolution=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_dpo_runs_and_resumes(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path, family):
+def test_dpo_runs_and_resumes(run_dtk, tiny_sd, tiny_sdxl, preference_pairs, tmp_path, family):
     from safetensors.torch import load_file
 
     model = tiny_sd if family == "sd" else tiny_sdxl
-    common = ("--model", model, "--data", pairs, "--batch-size", 2, "--log-every", 1, "--checkpoint-every", 2,
+    common = ("--model", model, "--data", preference_pairs, "--batch-size", 2, "--log-every", 1, "--checkpoint-every", 2,
               "--device", "cpu", "--beta", 500)
     r = run_dtk("dpo", *common, "--max-steps", 4, "--out", tmp_path / "a")
     assert r.exit_code == 0, r.stderr
@@ -125,8 +120,8 @@ def test_dpo_runs_and_resumes(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path, fami
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_dpo_full_and_sft(run_dtk, tiny_sd, pairs, tmp_path):
-    common = ("--model", tiny_sd, "--data", pairs, "--batch-size", 2, "--log-every", 1, "--device", "cpu",
+def test_dpo_full_and_sft(run_dtk, tiny_sd, preference_pairs, tmp_path):
+    common = ("--model", tiny_sd, "--data", preference_pairs, "--batch-size", 2, "--log-every", 1, "--device", "cpu",
               "--max-steps", 2)
     r = run_dtk("dpo", *common, "--full", "--out", tmp_path / "full")
     assert r.exit_code == 0, r.stderr
@@ -137,7 +132,8 @@ def test_dpo_full_and_sft(run_dtk, tiny_sd, pairs, tmp_path):
     assert json.loads((tmp_path / "sft/dtk.json").read_text())["method"]["sft"] is True
 
 
-def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
+@pytest.mark.slow
+def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, preference_pairs, tmp_path):
     def bad(data, *extra, model=tiny_sd):
         r = run_dtk("dpo", "--model", model, "--data", data, "--out", tmp_path / "x", "--max-steps", 1,
                     "--device", "cpu", *extra)
@@ -145,13 +141,13 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
         assert not (tmp_path / "x" / "dtk.json").exists()
         return r.stderr
 
-    rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": 0.5}] * 3
+    rows = [{"caption": "c", "jpg_0": solid_png((255, 0, 0)), "jpg_1": solid_png((0, 0, 255)), "label_0": 0.5}] * 3
     tied = bad(write_pairs(tmp_path / "tied.parquet", rows))
     assert "no usable preference pair (3 tied)" in tied and "--pair-by" in tied   # and what to do about it
-    rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255))}]
+    rows = [{"caption": "c", "jpg_0": solid_png((255, 0, 0)), "jpg_1": solid_png((0, 0, 255))}]
     assert "no label_0 column" in bad(write_pairs(tmp_path / "nolabel.parquet", rows))
-    rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0},
-            {"caption": "d", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0}]
+    rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": solid_png((0, 0, 255)), "label_0": 1.0},
+            {"caption": "d", "jpg_0": solid_png((255, 0, 0)), "jpg_1": solid_png((0, 0, 255)), "label_0": 1.0}]
     corrupt = write_pairs(tmp_path / "corrupt.parquet", rows)
     err = bad(corrupt, "--strict", "--batch-size", 2)
     assert "corrupt.parquet row 0 (preferred image): not a readable image" in err and "(--strict)" in err
@@ -173,24 +169,24 @@ def test_dpo_bad_input(run_dtk, tiny_sd, tiny_pixel, pairs, tmp_path):
     split = json.loads((tmp_path / "y2/metrics.jsonl").read_text().splitlines()[0])
     assert split["grad_norm"] == pytest.approx(logged["grad_norm"], rel=1e-4)
     assert split["loss"] == pytest.approx(logged["loss"], rel=1e-4)
-    assert "trains text-to-image (SD/SDXL) models" in bad(pairs, model=tiny_pixel)
-    assert "--beta -1: must be above 0" in bad(pairs, "--beta", -1)
-    assert "--beta nan: must be a finite number" in bad(pairs, "--beta", "nan")
-    rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": png_bytes((0, 0, 255)), "label_0": 1.0}] * 2
+    assert "trains text-to-image (SD/SDXL) models" in bad(preference_pairs, model=tiny_pixel)
+    assert "--beta -1: must be above 0" in bad(preference_pairs, "--beta", -1)
+    assert "--beta nan: must be a finite number" in bad(preference_pairs, "--beta", "nan")
+    rows = [{"caption": "c", "jpg_0": b"not an image", "jpg_1": solid_png((0, 0, 255)), "label_0": 1.0}] * 2
     assert "none of the first 2 pairs decodes" in bad(write_pairs(tmp_path / "broken.parquet", rows))
-    rows = [{"caption": "c", "jpg_0": png_bytes((255, 0, 0)), "jpg_1": png_bytes((0, 0, 255)), "label_0": float("nan")}]
+    rows = [{"caption": "c", "jpg_0": solid_png((255, 0, 0)), "jpg_1": solid_png((0, 0, 255)), "label_0": float("nan")}]
     assert "is not a preference in [0, 1]" in bad(write_pairs(tmp_path / "nan.parquet", rows))
-    r = run_dtk("train-npo", "--self", "--model", tiny_sd, "--data", pairs, "--beta", 2000, "--out", tmp_path / "x")
+    r = run_dtk("train-npo", "--self", "--model", tiny_sd, "--data", preference_pairs, "--beta", 2000, "--out", tmp_path / "x")
     assert r.exit_code == 2 and "--beta: --from-pairs's, not --self's" in r.stderr
-    assert "--min-margin -0.1: must be 0 or more" in bad(pairs, "--min-margin", -0.1)
+    assert "--min-margin -0.1: must be 0 or more" in bad(preference_pairs, "--min-margin", -0.1)
     assert "no such file" in bad(tmp_path / "missing.parquet")
 
 
 @pytest.mark.slow
-def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path):
+def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, preference_pairs, tmp_path):
     import numpy as np
 
-    common = ("--from-pairs", "--data", pairs, "--batch-size", 2, "--log-every", 1, "--device", "cpu")
+    common = ("--from-pairs", "--data", preference_pairs, "--batch-size", 2, "--log-every", 1, "--device", "cpu")
     r = run_dtk("train-npo", "--model", tiny_sd, *common, "--max-steps", 1, "--out", tmp_path / "zero")
     assert r.exit_code == 0, r.stderr
     from safetensors.torch import load_file, save_file
@@ -216,7 +212,7 @@ def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path
     scaled = sample("scaled", "--model", tiny_sd, "--npo", tmp_path / "npo", "--npo-scale", 0)
     assert all(np.array_equal(a, b) for a, b in zip(plain, scaled))
     # with a positive LoRA model (a DPO run) on the same base
-    r = run_dtk("dpo", "--model", tiny_sd, "--data", pairs, "--batch-size", 2, "--max-steps", 1, "--lr", 1e-2,
+    r = run_dtk("dpo", "--model", tiny_sd, "--data", preference_pairs, "--batch-size", 2, "--max-steps", 1, "--lr", 1e-2,
                 "--device", "cpu", "--out", tmp_path / "dpo")
     assert r.exit_code == 0, r.stderr
     dpo = sample("dpo", "--model", tmp_path / "dpo")
@@ -238,7 +234,8 @@ def test_train_npo_and_npo_sampling(run_dtk, tiny_sd, tiny_sdxl, pairs, tmp_path
     assert "--full" not in shown and "--self: 1e-6" in shown and "--self: 0.999" in shown
 
 
-def test_npo_weights_go_to_the_negative_branch_only(run_dtk, tiny_sd, pairs, tmp_path):
+@pytest.mark.slow
+def test_npo_weights_go_to_the_negative_branch_only(run_dtk, tiny_sd, preference_pairs, tmp_path):
     """Each UNet call of NPO sampling: the negative prompt's with the NPO adapter at --npo-scale, the prompt's
     at 0. And an NPO trained on a LoRA model dir (a DPO run) brings its own LoRA, not that model's."""
     import numpy as np
@@ -248,7 +245,7 @@ def test_npo_weights_go_to_the_negative_branch_only(run_dtk, tiny_sd, pairs, tmp
     from dtk.diffusion.npo import ADAPTER, attach_npo
     from dtk.diffusion.sampling import Request, denoise, settings_for
 
-    common = ("--data", pairs, "--batch-size", 2, "--max-steps", 1, "--lr", 1e-2, "--device", "cpu")
+    common = ("--data", preference_pairs, "--batch-size", 2, "--max-steps", 1, "--lr", 1e-2, "--device", "cpu")
     assert run_dtk("dpo", "--model", tiny_sd, *common, "--out", tmp_path / "dpo").exit_code == 0
     r = run_dtk("train-npo", "--from-pairs", "--model", tmp_path / "dpo", *common, "--out", tmp_path / "npo")
     assert r.exit_code == 0, r.stderr
@@ -400,12 +397,13 @@ def test_self_npo_runs(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 2 and "choose one of --from-pairs" in r.stderr
 
 
-def test_npo_on_sdxl(run_dtk, tiny_sdxl, pairs, tmp_path):
+@pytest.mark.slow
+def test_npo_on_sdxl(run_dtk, tiny_sdxl, preference_pairs, tmp_path):
     from dtk.demo.shapes import write_folder
 
     write_folder(tmp_path / "images", 4, seed=0)
     common = ("--model", tiny_sdxl, "--batch-size", 2, "--max-steps", 1, "--device", "cpu", "--lr", 1e-2)
-    r = run_dtk("train-npo", "--from-pairs", "--data", pairs, *common, "--out", tmp_path / "npo")
+    r = run_dtk("train-npo", "--from-pairs", "--data", preference_pairs, *common, "--out", tmp_path / "npo")
     assert r.exit_code == 0, r.stderr
     r = run_dtk("train-npo", "--self", "--data", tmp_path / "images", "--resolution", 32, *common,
                 "--out", tmp_path / "self")

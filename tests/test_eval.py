@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_eval_outputs_and_identities(run_dtk, tiny_sd, tmp_path):
     out = tmp_path / "ev"
     # the model is its own teacher and baseline, with its own sampler: FD-teacher is 0 at the teacher's 25 steps,
@@ -30,6 +31,7 @@ def test_eval_outputs_and_identities(run_dtk, tiny_sd, tmp_path):
     assert "FD-real" in r.stderr  # the human table
 
 
+@pytest.mark.slow
 def test_markdown_on_stdout_and_deterministic(run_dtk, tiny_sd, tmp_path):
     args = ("eval", "--model", tiny_sd, "--teacher", tiny_sd, "--steps", "2", "--num-images", "4", "--format", "md")
     a = run_dtk(*args, "--out", tmp_path / "a")

@@ -97,3 +97,16 @@ def test_no_import_circles():
         if node not in state:
             visit(node, [node])
     assert not cycles, "import circles:\n" + "\n".join(cycles)
+
+
+def test_test_helpers_have_one_name_each():
+    """A helper shared by test modules lives in tests/helpers.py; no two modules define one name two ways."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for f in sorted((ROOT.parent / "tests").glob("*.py")):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("test_"):
+                if node.name in seen:
+                    clashes.append(f"{node.name}: {seen[node.name]} and {f.name}")
+                seen.setdefault(node.name, f.name)
+    assert not clashes, "\n".join(clashes)

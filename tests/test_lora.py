@@ -31,6 +31,7 @@ def _images(model_dir, unet=None, loras=()):
     return generate(model, settings, [Request("a red circle", 1), Request("b", 2, "neg")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_saved_lora_reproduces_the_trained_adapter(family, tiny_sd, tiny_sdxl, tmp_path):
     from safetensors import safe_open

@@ -15,7 +15,7 @@ from conftest import dtk_subprocess
 
 
 @pytest.fixture(scope="module")
-def sd_pairs(tiny_sd, tmp_path_factory):
+def quick_sd_pairs(tiny_sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "sd"
     r = dtk_subprocess("reflow-pairs", "--model", tiny_sd, "--num", 8, "--pairs-per-shard", 4, "--steps", 2,
                        "--out", out, "a red circle", "a blue square")
@@ -201,14 +201,15 @@ def test_sigterm_during_start_up_of_sample_is_143(tiny_sd, tmp_path, delay):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])   # imports, model loading, the first steps
-def test_sigterm_during_start_up_of_training_is_75(tiny_sd, sd_pairs, tmp_path, delay):
-    code, _, err = _signal_after(["train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r",
+def test_sigterm_during_start_up_of_training_is_75(tiny_sd, quick_sd_pairs, tmp_path, delay):
+    code, _, err = _signal_after(["train-reflow", "--model", tiny_sd, "--data", quick_sd_pairs, "--out", tmp_path / "r",
                                   "--max-steps", "50", "--device", "cpu", "--lora-rank", "2"], delay)
     assert code == 75, err   # never lost (trained to the end), never a traceback
     assert "Traceback" not in err and "unexpected" not in err
 
 
-def test_sigterm_during_export_finishes_it(run_dtk, tiny_sd, sd_pairs, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_sigterm_during_export_finishes_it(run_dtk, tiny_sd, quick_sd_pairs, tmp_path, monkeypatch):
     import dtk.train.export as export
 
     real = export.export_model
@@ -218,7 +219,7 @@ def test_sigterm_during_export_finishes_it(run_dtk, tiny_sd, sd_pairs, tmp_path,
         return real(*a, **k)
 
     monkeypatch.setattr(export, "export_model", export_while_terminated)
-    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r", "--max-steps", "2",
+    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", quick_sd_pairs, "--out", tmp_path / "r", "--max-steps", "2",
                 "--device", "cpu", "--lora-rank", "2")
     assert r.exit_code == 0, r.stderr
     assert json.loads((tmp_path / "r" / "dtk.json").read_text())["kind"] == "model"
@@ -237,11 +238,11 @@ def test_signals_stay_handled_to_the_end_of_the_process():
 
 
 @pytest.mark.parametrize("lr", ["1e38", "1e20"])
-def test_overflowing_weights_are_never_a_good_checkpoint(run_dtk, tiny_sd, sd_pairs, tmp_path, lr):
+def test_overflowing_weights_are_never_a_good_checkpoint(run_dtk, tiny_sd, quick_sd_pairs, tmp_path, lr):
     """A finite loss with weights at 1e30 (or an update that overflows): the run stops naming the step,
     exit 1, and no checkpoint holds those weights."""
     out = tmp_path / "r"
-    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", out, "--max-steps", "4",
+    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", quick_sd_pairs, "--out", out, "--max-steps", "4",
                 "--lr", lr, "--device", "cpu", "--checkpoint-every", "1", "--batch-size", "2")
     assert r.exit_code == 1 and "at step 1;" in r.stderr and "unexpected" not in r.stderr, r.stderr
     assert "no checkpoint was written yet" in r.stderr and not (out / "checkpoints").exists()
@@ -306,13 +307,13 @@ def test_file_outputs_never_replace_their_inputs(run_dtk, tmp_path):
     assert r.exit_code == 2 and "is the input --data" in r.stderr
 
 
-def test_fp16_training_on_the_cpu_is_refused(run_dtk, tiny_sd, sd_pairs, tmp_path):
-    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", sd_pairs, "--out", tmp_path / "r", "--device", "cpu",
+def test_fp16_training_on_the_cpu_is_refused(run_dtk, tiny_sd, quick_sd_pairs, tmp_path):
+    r = run_dtk("train-reflow", "--model", tiny_sd, "--data", quick_sd_pairs, "--out", tmp_path / "r", "--device", "cpu",
                 "--mixed-precision", "fp16")
     assert r.exit_code == 2 and "--mixed-precision fp16: needs a CUDA GPU" in r.stderr, r.stderr
 
 
-def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_sd, sd_pairs, tmp_path, monkeypatch):
+def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_sd, quick_sd_pairs, tmp_path, monkeypatch):
     """Two trainings started into a new --out: the first finishes while the second loads its model; the
     second must not then train and export over the first's finished model."""
     import dtk.train.engine as engine
@@ -330,7 +331,7 @@ def test_a_run_that_finished_here_while_this_one_loaded_is_not_overwritten(tiny_
         return real(*a, **k)
 
     monkeypatch.setattr(setup, "load_model", load_while_another_run_finishes)
-    config = TrainConfig(out=str(out), model=str(tiny_sd), data=str(sd_pairs), max_steps=2, device="cpu",
+    config = TrainConfig(out=str(out), model=str(tiny_sd), data=str(quick_sd_pairs), max_steps=2, device="cpu",
                          lora_rank=2, batch_size=2)
     with pytest.raises(BadInput, match="holds a finished model"):
         engine.train(RectifiedDiffusion(), config)

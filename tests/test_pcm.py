@@ -260,6 +260,7 @@ def test_adversarial_pcm_resumes_exactly(run_dtk, family, tiny_sd, tiny_sdxl, im
         assert all(torch.allclose(da["heads"][k], db["heads"][k], atol=1e-6) for k in da["heads"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_discriminator_of_another_shape(run_dtk, tiny_sd, images, tmp_path):
     from dtk.train.checkpoint import load_checkpoint
 
@@ -288,6 +289,7 @@ def test_resume_refuses_a_discriminator_of_another_shape(run_dtk, tiny_sd, image
     assert "made by an earlier dtk, which did not record adv_heads, adv_span" in resume()
 
 
+@pytest.mark.slow
 def test_discriminator_sees_every_micro_batch(run_dtk, tiny_sd, images, tmp_path):
     """Batch 2 in one micro-step and batch 1 over two (--grad-accum 2) train the same discriminator: its step
     takes every micro-batch the student saw, not only the last one."""
@@ -300,6 +302,7 @@ def test_discriminator_sees_every_micro_batch(run_dtk, tiny_sd, images, tmp_path
     assert [x["consistency_loss"] for x in la] == pytest.approx([x["consistency_loss"] for x in lb], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_pcm_sampling_uses_the_phase_tops_and_kohya_export_matches_diffusers(run_dtk, tiny_sd, images, tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -359,6 +362,7 @@ def test_sdxl_teacher_defaults_to_the_sdxl_grid(run_dtk, tiny_sdxl, images, tmp_
     assert meta["method"]["cfg_range_lcm_w"] == [6.0, 7.0] and meta["sampler"]["timesteps"] == [999, 749, 499, 249]
 
 
+@pytest.mark.slow
 def test_distill_from_reflow_pairs(run_dtk, tiny_sd, tmp_path):
     r = run_dtk("reflow-pairs", "--model", tiny_sd, "--out", tmp_path / "p", "--steps", 2, "a", "b")
     assert r.exit_code == 0, r.stderr
@@ -405,3 +409,45 @@ def test_bad_input(run_dtk, tiny_sd, images, tmp_path):
         shutil.copy(f, bare / f.name)
     assert "--allow-missing-captions" in bad(data=bare)
     assert "no captions at all" in bad("--allow-missing-captions", data=bare)
+
+
+def test_the_discriminators_update_runs_in_the_engine_with_a_nan_guard(tmp_path):
+    """The second player's step: accumulated over the recorded micro-batches, stepped once; a NaN loss stops
+    the run before its weights change."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from dtk.errors import RunFailure
+    from dtk.train.config import TrainConfig
+    from dtk.train.engine import _second_player_step
+
+    class Player:
+        max_grad_norm, log_name = float("inf"), "d_loss"
+
+        def __init__(self, values):
+            self.module = torch.nn.Linear(1, 1)
+            self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
+            self.items = values
+
+        def take(self):
+            items, self.items = self.items, []
+            return items
+
+        def loss(self, item):
+            return self.module(torch.ones(1, 1)).sum() * item
+
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), config=TrainConfig(out=str(tmp_path)))
+    logged = []
+    metrics = SimpleNamespace(add=logged.append)
+    player = Player([1.0, 3.0])
+    before = player.module.weight.detach().clone()
+    out = float(player.module(torch.ones(1, 1)))   # w + b
+    _second_player_step(run, player, metrics, 0)
+    # the losses (w + b)·1 and (w + b)·3, averaged: d/dw = 2, one SGD step of 0.1; logged: their mean
+    assert torch.allclose(player.module.weight, before - 0.2) and logged[0]["d_loss"] == pytest.approx(2 * out)
+    player.items = [float("nan")]
+    before = player.module.weight.detach().clone()
+    with pytest.raises(RunFailure, match="second player's d_loss is nan"):
+        _second_player_step(run, player, metrics, 1)
+    assert torch.equal(player.module.weight, before)

@@ -10,17 +10,17 @@ from dtk.diffusion.schedule import ddim_step
 from dtk.methods.reflow import line_through, paired_noising, phase_bounds, pseudo_huber
 
 
-def pairs(run_dtk, model, out, *extra, prompts=("a red circle", "a blue square", "a green star")):
+def make_pairs(run_dtk, model, out, *extra, prompts=("a red circle", "a blue square", "a green star")):
     r = run_dtk("reflow-pairs", "--model", model, "--out", out, "--steps", 3, *extra, *prompts)
     assert r.exit_code == 0, r.stderr
     return r, [json.loads(x) for x in r.stdout.splitlines()]
 
 
 def test_sharded_pairs_equal_unsharded_byte_for_byte(run_dtk, tiny_sd, tmp_path):
-    _, whole = pairs(run_dtk, tiny_sd, tmp_path / "one", "--num", 8, "--pairs-per-shard", 3)
+    _, whole = make_pairs(run_dtk, tiny_sd, tmp_path / "one", "--num", 8, "--pairs-per-shard", 3)
     assert [w["pairs"] for w in whole] == [3, 3, 2]
     for i in range(2):
-        pairs(run_dtk, tiny_sd, tmp_path / "two", "--num", 8, "--pairs-per-shard", 3, "--shard", f"{i}/2")
+        make_pairs(run_dtk, tiny_sd, tmp_path / "two", "--num", 8, "--pairs-per-shard", 3, "--shard", f"{i}/2")
     names = sorted(p.name for p in (tmp_path / "one").glob("pairs-*"))
     assert names == sorted(p.name for p in (tmp_path / "two").glob("pairs-*"))
     for n in names:
@@ -33,7 +33,7 @@ def test_stored_latent_is_the_teachers_ode_from_the_stored_noise(run_dtk, tiny_s
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from safetensors import safe_open
 
-    pairs(run_dtk, tiny_sd, tmp_path / "p", "--num", 2, "--guidance", 5, prompts=("a red circle",))
+    make_pairs(run_dtk, tiny_sd, tmp_path / "p", "--num", 2, "--guidance", 5, prompts=("a red circle",))
     with safe_open(str(tmp_path / "p" / "pairs-000000.safetensors"), "pt") as f:
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
         info = json.loads(f.metadata()["dtk.pairs"])
@@ -52,12 +52,12 @@ def test_stored_latent_is_the_teachers_ode_from_the_stored_noise(run_dtk, tiny_s
 
 def test_rerun_skips_finished_shards_and_rejects_other_settings(run_dtk, tiny_sd, tmp_path):
     out = tmp_path / "p"
-    pairs(run_dtk, tiny_sd, out, "--num", 6, "--pairs-per-shard", 3)
+    make_pairs(run_dtk, tiny_sd, out, "--num", 6, "--pairs-per-shard", 3)
     first = out / "pairs-000000.safetensors"
     stamp = first.stat().st_mtime_ns
     (out / "pairs-000001.safetensors").unlink()  # as if that shard's job was preempted
     time.sleep(0.01)
-    r, lines = pairs(run_dtk, tiny_sd, out, "--num", 6, "--pairs-per-shard", 3)
+    r, lines = make_pairs(run_dtk, tiny_sd, out, "--num", 6, "--pairs-per-shard", 3)
     assert "1 of 2 shard(s) already finished, skipped" in r.stderr
     assert first.stat().st_mtime_ns == stamp and (out / "pairs-000001.safetensors").exists()
     assert len(lines) == 2
@@ -78,7 +78,7 @@ def test_rerun_skips_finished_shards_and_rejects_other_settings(run_dtk, tiny_sd
 
 def test_bad_pair_data(run_dtk, tiny_sd, tiny_sdxl, tmp_path):
     out = tmp_path / "p"
-    pairs(run_dtk, tiny_sd, out, "--num", 6, "--pairs-per-shard", 2)
+    make_pairs(run_dtk, tiny_sd, out, "--num", 6, "--pairs-per-shard", 2)
     train = ("train-reflow", "--model", tiny_sd, "--out", tmp_path / "run", "--max-steps", 1, "--device", "cpu")
     # pairs from another model: the family and latent size differ, or the same family with other weights
     r = run_dtk("train-reflow", "--model", tiny_sdxl, "--data", out, "--out", tmp_path / "x", "--max-steps", 1)
@@ -183,10 +183,11 @@ def test_pair_loss_is_zero_when_the_model_fits_the_pairs(tiny_sd, tmp_path):
 # ------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_pairs_then_training_then_sampling(run_dtk, family, tiny_sd, tiny_sdxl, tmp_path):
     model = tiny_sd if family == "sd" else tiny_sdxl
-    pairs(run_dtk, model, tmp_path / "p", "--num", 4, "--solver", "ddim")
+    make_pairs(run_dtk, model, tmp_path / "p", "--num", 4, "--solver", "ddim")
     r = run_dtk("train-reflow", "--model", model, "--data", tmp_path / "p", "--out", tmp_path / "run",
                 "--max-steps", 2, "--batch-size", 2, "--lora-rank", 4, "--beta-schedule", "linear", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
@@ -206,6 +207,7 @@ def test_pairs_then_training_then_sampling(run_dtk, family, tiny_sd, tiny_sdxl, 
     assert loaded.pipe.scheduler.config["beta_schedule"] == "linear"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,full", [("sd", False), ("sd", True), ("sdxl", False)])
 def test_phased_variant_on_images(run_dtk, family, full, tiny_sd, tiny_sdxl, tmp_path):
     from dtk.demo.shapes import write_folder

@@ -13,16 +13,13 @@ import pytest
 from PIL import Image
 
 from conftest import dtk_subprocess
+from helpers import pixels, png_files
 
 
 def sample(run_dtk, model, out, *args, input=None, env=None):
     r = run_dtk("sample", "--model", model, "--out", out, "--steps", "3", *args, input=input, env=env)
     records = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     return r, records
-
-
-def png_bytes(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.png")) if not p.name.startswith("grid")}
 
 
 def test_writes_pngs_manifests_and_json_lines(run_dtk, tiny_sd, tmp_path):
@@ -50,15 +47,11 @@ def test_writes_pngs_manifests_and_json_lines(run_dtk, tiny_sd, tmp_path):
     assert r.exit_code == 0 and sorted(p.name for p in out.iterdir()) == ["000000.png", "dtk.json", "samples.jsonl"]
 
 
-def pixels(directory: Path) -> dict[str, bytes]:
-    return {p.name: Image.open(p).tobytes() for p in sorted(directory.glob("0*.png"))}
-
-
 def test_same_seed_same_image_and_other_seed_differs(run_dtk, tiny_sd, tmp_path):
     sample(run_dtk, tiny_sd, tmp_path / "a", "--seed", "7", "x")
     sample(run_dtk, tiny_sd, tmp_path / "b", "--seed", "7", "x")
     sample(run_dtk, tiny_sd, tmp_path / "c", "--seed", "8", "x")
-    a, b, c = (png_bytes(tmp_path / d) for d in "abc")
+    a, b, c = (png_files(tmp_path / d) for d in "abc")
     assert a == b
     assert a["000000.png"] != c["000000.png"]
 
@@ -73,8 +66,8 @@ def test_shards_and_batch_sizes_give_the_same_bytes(run_dtk, tiny_sd, tiny_sdxl,
         assert r.exit_code == 0, r.stderr
         assert [rec["index"] for rec in recs] == list(range(i, 6, 3))
         assert (tmp_path / "sharded" / f"dtk.shard-{i:05d}-of-00003.json").exists()
-    assert png_bytes(tmp_path / "full") == png_bytes(tmp_path / "sharded")
-    assert len(png_bytes(tmp_path / "full")) == 6
+    assert png_files(tmp_path / "full") == png_files(tmp_path / "sharded")
+    assert len(png_files(tmp_path / "full")) == 6
 
 
 def test_sdxl_negative_prompt_changes_the_image(run_dtk, tiny_sdxl, tmp_path):
@@ -82,7 +75,7 @@ def test_sdxl_negative_prompt_changes_the_image(run_dtk, tiny_sdxl, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert Image.open(recs[0]["path"]).size == (16, 32)
     sample(run_dtk, tiny_sdxl, tmp_path / "b", "--height", "32", "--width", "16", "--negative-prompt", "blurry", "x")
-    assert png_bytes(tmp_path / "a") != png_bytes(tmp_path / "b")
+    assert png_files(tmp_path / "a") != png_files(tmp_path / "b")
 
 
 def test_guidance_one_equals_no_negative_branch(run_dtk, tiny_sd, tmp_path):
@@ -99,7 +92,7 @@ def test_a_manifest_fed_back_reproduces_its_images(run_dtk, tiny_sd, tmp_path):
     assert r2.exit_code == 0, r2.stderr
     assert [(x["prompt"], x["negative_prompt"], x["seed"]) for x in recs2] == \
         [(x["prompt"], x["negative_prompt"], x["seed"]) for x in recs]
-    assert png_bytes(tmp_path / "a") == png_bytes(tmp_path / "b")
+    assert png_files(tmp_path / "a") == png_files(tmp_path / "b")
 
 
 def test_plain_text_prompt_file(run_dtk, tiny_sd, tmp_path):
@@ -158,7 +151,7 @@ def test_sdxl_lora(run_dtk, tiny_sdxl, tiny_sdxl_lora, tmp_path):
     sample(run_dtk, tiny_sdxl, tmp_path / "base", "x")
     r, _ = sample(run_dtk, tiny_sdxl, tmp_path / "one", "--lora", tiny_sdxl_lora, "x")
     assert r.exit_code == 0, r.stderr
-    assert png_bytes(tmp_path / "one") != png_bytes(tmp_path / "base")
+    assert png_files(tmp_path / "one") != png_files(tmp_path / "base")
 
 
 def test_hub_id_from_the_local_cache(run_dtk, tiny_sd, tmp_path, monkeypatch):
@@ -303,20 +296,20 @@ def test_json_lines_stand_alone_above_the_bar(tiny_sd, tmp_path):
 def test_finished_output_is_kept_without_overwrite(run_dtk, tiny_sd, tmp_path):
     out = tmp_path / "o"
     sample(run_dtk, tiny_sd, out, "--seed", "1", "x")
-    before = png_bytes(out)
+    before = png_files(out)
     r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "x")
     assert r.exit_code == 2 and "--overwrite" in r.stderr
-    assert png_bytes(out) == before
+    assert png_files(out) == before
     # --overwrite with input the run then refuses (found after the check of OUT): nothing goes
     r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "--overwrite", "--npo", tmp_path / "no-npo", "x")
-    assert r.exit_code == 2 and png_bytes(out) == before and (out / "dtk.json").exists()
+    assert r.exit_code == 2 and png_files(out) == before and (out / "dtk.json").exists()
     r, _ = sample(run_dtk, tiny_sd, out, "--seed", "2", "--overwrite", "x")
-    assert r.exit_code == 0 and png_bytes(out) != before
+    assert r.exit_code == 0 and png_files(out) != before
     # a shard over a result of another layout would replace its images piecemeal: refused, even with --overwrite
-    before = png_bytes(out)
+    before = png_files(out)
     for flags in ([], ["--overwrite"]):
         r, _ = sample(run_dtk, tiny_sd, out, "--shard", "0/2", *flags, "y", "z")
-        assert r.exit_code == 2 and "another --shard layout (dtk.json)" in r.stderr and png_bytes(out) == before
+        assert r.exit_code == 2 and "another --shard layout (dtk.json)" in r.stderr and png_files(out) == before
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ def test_alphas_cumprod_matches_diffusers():
 
     ref = DDPMScheduler.from_config(SD_CONFIG).alphas_cumprod.double()
     assert torch.allclose(alphas_cumprod(SD_CONFIG), ref, rtol=1e-6)
-    # SD's scaled_linear endpoints (METHODS.md): ᾱ_999 ≈ 0.0047
+    # SD's scaled_linear endpoints (docs/methods.md): ᾱ_999 ≈ 0.0047
     assert abs(float(alphas_cumprod(SD_CONFIG)[-1]) - 0.00466) < 1e-4
 
 

@@ -209,6 +209,7 @@ def test_bad_input(run_dtk, tmp_path, case, expected):
     assert r.stdout == "" and not (tmp_path / "p.parquet").exists()
 
 
+@pytest.mark.slow
 def test_waiting_on_a_terminal_says_so(tmp_path):
     """`dtk score` with no --data reads stdin; on a terminal it says so instead of waiting silently."""
     import os

@@ -30,7 +30,7 @@ def test_sigma_to_t_matches_diffusers():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_wrapped_model_reproduces_its_ddim_sample(tiny_sd, tmp_path, prediction_type):
-    """Euler steps of D(x, σ) through the DDIM timesteps' σ are DDIM (METHODS.md): the same final sample."""
+    """Euler steps of D(x, σ) through the DDIM timesteps' σ are DDIM (docs/methods.md): the same final sample."""
     from dtk.diffusion.loading import load_model, resolve_model
     from dtk.diffusion.sampling import Request, SamplerSettings, denoise
     from dtk.diffusion.conditioning import encode_prompts

@@ -6,7 +6,7 @@ The checkpoint is the tiny SD pipeline's own weights rewritten to the LDM layout
 """
 
 import pytest
-from PIL import Image
+from helpers import pixels
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +20,9 @@ def tiny_sd_single_file(tiny_sd, tmp_path_factory):
     return path
 
 
-def sample(run_dtk, model, out, *args):
+def sample_two(run_dtk, model, out, *args):
     return run_dtk("sample", "--model", model, "--out", out, "--steps", "3", "--seed", "11",
                    "--num-per-prompt", "2", *args, "a red circle")
-
-
-def pixels(directory):
-    return {p.name: Image.open(p).tobytes() for p in sorted(directory.glob("0*.png"))}
 
 
 def test_ldm_layout_is_what_diffusers_detects_as_sd1(tiny_sd_single_file):
@@ -45,9 +41,9 @@ def test_ldm_layout_is_what_diffusers_detects_as_sd1(tiny_sd_single_file):
 
 
 def test_single_file_with_model_config_matches_the_pipeline_dir(run_dtk, tiny_sd, tiny_sd_single_file, tmp_path):
-    r = sample(run_dtk, tiny_sd, tmp_path / "dir")
+    r = sample_two(run_dtk, tiny_sd, tmp_path / "dir")
     assert r.exit_code == 0, r.stderr
-    r = sample(run_dtk, tiny_sd_single_file, tmp_path / "file", "--model-config", tiny_sd)
+    r = sample_two(run_dtk, tiny_sd_single_file, tmp_path / "file", "--model-config", tiny_sd)
     assert r.exit_code == 0, r.stderr
     expected, got = pixels(tmp_path / "dir"), pixels(tmp_path / "file")
     assert sorted(got) == ["000000.png", "000001.png"]
@@ -65,7 +61,7 @@ def test_single_file_without_model_config_is_a_one_line_usage_error(run_dtk, tin
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     out = tmp_path / "o"
-    r = sample(run_dtk, tiny_sd_single_file, out)
+    r = sample_two(run_dtk, tiny_sd_single_file, out)
     assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
@@ -87,5 +83,5 @@ def test_a_single_file_loads_with_the_hub_switched_off(run_dtk, tiny_sd_single_f
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", spy)
-    r = sample(run_dtk, tiny_sd_single_file, tmp_path / "o")
+    r = sample_two(run_dtk, tiny_sd_single_file, tmp_path / "o")
     assert r.exit_code == 2 and seen == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False

@@ -166,6 +166,7 @@ class StopAt(RectifiedDiffusion):
         return super().loss(batch, run)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tiny_sd, sd_pairs, tmp_path):
     """SIGTERM → checkpoint at the step boundary → resume: the same weights as a run never stopped."""
     kw = dict(grad_accum=2, ema_decay=0.9, lr_schedule="cosine", warmup_steps=1)
@@ -199,6 +200,7 @@ def test_sigusr1_while_loading_checkpoints_at_the_first_step(run_dtk, tiny_sd, s
     assert not signals.received
 
 
+@pytest.mark.slow
 def test_resume_errors(tiny_sd, sd_pairs, tmp_path):
     out = tmp_path / "r"
     train(RectifiedDiffusion(), config(out, tiny_sd, sd_pairs, max_steps=2))
@@ -275,6 +277,7 @@ def test_nan_gradient_stops_even_without_clipping(tiny_sd, sd_pairs, tmp_path):
     assert all(torch.isfinite(t).all() for t in trained(tmp_path).values())
 
 
+@pytest.mark.slow
 def test_a_failed_overwrite_puts_the_finished_model_back(tiny_sd, sd_pairs, tmp_path):
     """--overwrite sets the finished run aside; a run that fails before its first checkpoint restores it
     whole, one that gets a checkpoint drops it."""
@@ -414,6 +417,7 @@ def test_kohya_export_and_full_export(tiny_sd, sd_pairs, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_full_training_on_a_model_with_a_text_encoder_lora_keeps_that_part(tiny_sd, sd_pairs, tmp_path):
     """A full UNet saved from a base with LoRAs holds their UNet part; their text-encoder part still applies."""
     from tiny_models import make_tiny_lora
@@ -443,6 +447,7 @@ def test_full_training_on_a_model_with_a_text_encoder_lora_keeps_that_part(tiny_
     assert all(torch.equal(unet_full[k], saved[k]) for k in saved)     # its UNet part is not applied twice
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_gradient_checkpointing(tiny_sd, sd_pairs, tmp_path):
     """The same run in fp32, under bf16 autocast, and with activations recomputed: close losses."""
     losses = {}

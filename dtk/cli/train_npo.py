@@ -39,7 +39,7 @@ SELF = TRAINING["train-npo --self"]
 @click.option("--allow-missing-captions", is_flag=True,
               help="Self-NPO: images without captions train with the empty one.")
 @training_options(**TRAINING["train-npo"], full=False,
-                  mode_defaults={name: f"--self: {SELF[name]:g}" for name in ("lr", "ema_decay")})
+                  mode_defaults={name: "--self: " + f"{SELF[name]:g}".replace("e-0", "e-") for name in ("lr", "ema_decay")})
 @click.option("--full", is_flag=True, hidden=True)   # not offered, but explained when tried
 @config_option
 def command(model, model_config, from_pairs, self_npo, data, pair_by, min_margin, strict, beta, empty_prompt_prob,

@@ -106,6 +106,15 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale, convention: str = "diff
     raise ValueError(f"unknown guidance convention {convention!r}")
 
 
+def guided_by_worse(good, bad, scale: float):
+    """Guidance by a worse version of the model (in the manner of autoguidance; SCT's guide): for EDM denoisers
+    D(x, σ), D_bad + w·(D_good − D_bad)."""
+    def guided(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        d_bad = bad(x, sigma, **cond)
+        return d_bad + scale * (good(x, sigma, **cond) - d_bad)
+    return guided
+
+
 class Guided:
     """A denoiser under classifier-free guidance: one batched evaluation of both branches.
 

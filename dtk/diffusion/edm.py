@@ -2,7 +2,7 @@
 
 EDM (Karras et al. 2022) writes a diffusion model as a denoiser D(x, σ) of
 x = x₀ + σ·ε. A VP model sees x_vp = α_t x₀ + σ_t ε at timestep t; with
-σ = σ_t/α_t the two are the same point up to scale: x_vp = x/√(1+σ²) (METHODS.md
+σ = σ_t/α_t the two are the same point up to scale: x_vp = x/√(1+σ²) (docs/methods.md,
 "Common notation"). The timestep of a σ is interpolated in log σ over the
 model's own ᾱ table, exactly as diffusers' ``_sigma_to_t`` does.
 

@@ -1,6 +1,6 @@
 """The discrete VP schedule of the SD family, as pure functions of tensors.
 
-Notation (see METHODS.md): ᾱ_t cumulative product, α_t = √ᾱ_t, σ_t = √(1−ᾱ_t).
+Notation (see docs/methods.md, "Common notation"): ᾱ_t cumulative product, α_t = √ᾱ_t, σ_t = √(1−ᾱ_t).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ function that maps any point to the phase's lower edge, by a DDIM jump with
 its own (x̂₀, ε̂) (so F(x_s, s, s) = x_s needs no c_skip/c_out). Sampling with K
 steps visits the phase tops and is deterministic edge to edge.
 
-One training step (METHODS.md "distill-pcm"):
+One training step (docs/methods.md, "distill-pcm"):
   index ~ U{0..N−1}, t = grid[index], t' = t − 1000/N, s = edge(index);
   x_t = α_t x₀ + σ_t ε;
   student  = jump_s(x̂₀, ε̂ of θ at (x_t, t)) = α_s x̂₀ + σ_s ε̂;
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dtk.diffusion.denoiser import Denoiser, Guided
-from dtk.diffusion.schedule import ddim_step
+from dtk.diffusion.schedule import ddim_step, timestep_grid
 from dtk.errors import BadInput, check_number
 from dtk.methods.defaults import TRAINING
 from dtk.methods.common import check_empty_prompt_prob, drop_captions, pseudo_huber, with_pair_sizes
@@ -36,9 +36,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 def ddim_grid(n: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
-    """The N-step DDIM grid [1..N]·r − 1, r = T/N (N = 50: 19, 39, …, 999)."""
-    r = num_train_timesteps // n
-    return [(i + 1) * r - 1 for i in range(n)]
+    """The N-step trailing DDIM grid, low to high: [1..N]·r − 1, r = T/N (N = 50: 19, 39, …, 999)."""
+    return timestep_grid(n, num_train_timesteps)[::-1]
 
 
 def phase_starts(n: int, k: int) -> list[int]:
@@ -261,9 +260,9 @@ class PhasedConsistency(Method):
                            "captioned data")
 
     def setup(self, run: Run) -> None:
-        if self.cfg_range is None:  # LCM/PCM defaults: w ∈ [4, 5] for SD1.x, [6, 7] for SDXL (METHODS.md)
+        if self.cfg_range is None:  # LCM/PCM defaults: w ∈ [4, 5] for SD1.x, [6, 7] for SDXL (docs/methods.md)
             self.cfg_range = (6.0, 7.0) if run.family == "sdxl" else (4.0, 5.0)
-        if self.ddim_steps is None:  # N = 50, or 40 in PCM's SDXL script (METHODS.md); LCM's SDXL script keeps 50
+        if self.ddim_steps is None:  # N = 50, or 40 in PCM's SDXL script (docs/methods.md); LCM's SDXL script keeps 50
             self.ddim_steps = 40 if run.family == "sdxl" and self.method == "pcm" else 50
             check_discretisation(self.ddim_steps, self.phases)
         self._teacher_guidance = float(run.model.ref.sampler.get("guidance", 7.5))

@@ -6,7 +6,7 @@ the first-order path between them is what the model learns. For an
 ε-prediction model that path is x_t = α_t x₀ + σ_t z: curved in x, straight
 in (x/α, λ), and a DDIM step follows it exactly once the model predicts z.
 
-Two variants (METHODS.md):
+Two variants (docs/methods.md, "train-reflow"):
 
 * on stored pairs: t ~ U{0..T−1}, x_t from the *paired* z, pseudo-Huber on x̂₀
   (the public code's x₀-space loss);
@@ -162,7 +162,7 @@ class RectifiedDiffusion(Method):
             run.abar = alphas_cumprod(pipe.scheduler.config).to(run.device)
         if self.phased:
             if self.teacher_guidance is None:
-                self.teacher_guidance = 7.5 if run.family == "sdxl" else 3.0  # LCM w = 6.5 / 2 (METHODS.md)
+                self.teacher_guidance = 7.5 if run.family == "sdxl" else 3.0  # LCM w = 6.5 / 2 (docs/methods.md, "train-reflow")
             self.teacher = run.base()
 
     def loss(self, batch: dict, run: Run):

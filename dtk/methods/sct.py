@@ -7,7 +7,7 @@ gap that shrinks in stages; SCT lowers the variance of the target by replacing
 the single-sample estimate of the trajectory through x_t with the score
 identity ∇log p_t(x_t) = E_{x₀|x_t}[∇log p_t(x_t | x₀)] over a reference set.
 
-Notation as METHODS.md "tune-sct". The model is any VP UNet seen as an EDM
+Notation as docs/methods.md, "tune-sct". The model is any VP UNet seen as an EDM
 denoiser (``dtk.diffusion.edm``); the consistency function is that denoiser
 (σ_min-shifted at sampling), or with K phases its jump to the phase's lower edge.
 """

@@ -1,4 +1,4 @@
-"""The settings every training command shares (one name for one idea, see DESIGN.md)."""
+"""The settings every training command shares (one name for one idea, see docs/conventions.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dtk.errors import BadInput, check_number
 
 # peft target modules of a diffusers UNet: attention projections, the
 # transformer blocks' in/out projections and feed-forward, ResNet convolutions
-# and the time-embedding projections (the set PCM trains; METHODS.md).
+# and the time-embedding projections (the set PCM trains; docs/methods.md).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                         "conv1", "conv2", "conv_shortcut", "time_emb_proj", "linear_1", "linear_2")
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
