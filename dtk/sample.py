@@ -26,6 +26,7 @@ class SampleOptions:
     negative_prompt: str = ""
     steps: int | None = None
     guidance: float | None = None
+    guidance_rule: str = "cfg"   # "scfg": S-CFG (dtk.diffusion.scfg)
     scheduler: str | None = None
     timesteps: list[int] | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -185,7 +186,8 @@ def run_sample(opts: SampleOptions, on_record=None) -> list[dict]:
             raise BadInput(NO_PROMPTS + (" or --class" if model.family == "pixel" else ""))
         opts.prompts = [PromptItem("")]  # an unconditional model: --num-per-prompt images of nothing in particular
     settings = settings_for(model, scheduler=opts.scheduler, steps=opts.steps, timesteps=opts.timesteps,
-                            guidance=opts.guidance, height=opts.height, width=opts.width)
+                            guidance=opts.guidance, height=opts.height, width=opts.width,
+                            guidance_rule=opts.guidance_rule)
     if model.family == "pixel":   # the class names and the size, before the first image is written
         from dtk.diffusion.conditioning import class_labels
 
@@ -252,6 +254,7 @@ def _generate_and_write(model, settings, requests, opts: SampleOptions, out: Pat
                     "loras": [[str(p), s] for p, s in opts.loras],
                     **({"guide": model.guide.ref.spec} if model.guide is not None else {}),
                     **({"npo": opts.npo, "npo_scale": opts.npo_scale} if model.npo is not None else {}),
+                    **({"guidance_rule": settings.guidance_rule} if settings.guidance_rule != "cfg" else {}),
                 }
                 write_png(Path(record["path"]), Image.fromarray(arr), record)
                 if on_record is not None:
@@ -290,8 +293,10 @@ def _finish(out: Path, marker: str, suffix: str, opts, ref, settings, records, t
         write_grid(out / f"grid{suffix}.png", [Image.open(r["path"]) for r in records], cols)
         files.append(f"grid{suffix}.png")
     write_jsonl(out / f"samples{suffix}.jsonl", records)
-    args = {k: v for k, v in asdict(opts).items() if k != "prompts"}
+    # the guidance rule is recorded when it is not plain CFG: a default run's records stay as they were
+    args = {k: v for k, v in asdict(opts).items() if k != "prompts" and (k != "guidance_rule" or v != "cfg")}
+    sampler = {k: v for k, v in asdict(settings).items() if k != "guidance_rule" or v != "cfg"}
     write_json(out / marker, run_record(
-        "sample", args, model=ref.spec, sampler=asdict(settings), total_images=total,
+        "sample", args, model=ref.spec, sampler=sampler, total_images=total,
         shard=list(opts.shard), files=files, manifest=f"samples{suffix}.jsonl",
     ))

@@ -22,6 +22,10 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps [model's recommendation, else 25].")
 @click.option("--guidance", type=float, default=None,
               help="CFG scale, diffusers convention ε_u + s(ε_c − ε_u); ≤ 1 disables CFG [model's, else 7.5].")
+@click.option("--guidance-rule", type=click.Choice(["cfg", "scfg"]), default="cfg", show_default=True,
+              help="cfg: one scale everywhere; scfg: S-CFG (Shen et al., CVPR 2024), a scale per semantic region "
+              "from the UNet's attention maps, each region guided as strongly as the foreground (SD/SDXL, "
+              "--guidance > 1).")
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None, help="Sampler [model's, else dpm++2m].")
 @click.option("--timesteps", metavar="T1,T2,...", default=None,
               help="Explicit decreasing timesteps, e.g. 999,749,499,249 (ddim*, euler, dpm++2m, lcm, tcd, ddpm, heun).")
@@ -44,7 +48,7 @@ SCHEDULERS = ["ddim", "ddim-trailing", "ddpm", "euler", "euler-ancestral", "heun
 @click.option("--overwrite", is_flag=True, help="Replace a finished result in --out.")
 @config_option
 def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, negative_prompt, steps, guidance,
-            scheduler, timesteps, loras, npo, npo_scale, guide_with, seed, batch_size, height, width, shard, device,
+            guidance_rule, scheduler, timesteps, loras, npo, npo_scale, guide_with, seed, batch_size, height, width, shard, device,
             dtype, out, grid, overwrite):
     """Generate images from PROMPT arguments or --prompts FILE.
 
@@ -69,7 +73,8 @@ def command(prompt, prompts_file, model, classes, model_config, num_per_prompt, 
     run_sample(on_record=emit, opts=SampleOptions(
         prompts=read_prompts(tuple(prompt) + tuple(classes), prompts_file, required=False),
         model=model, model_config=model_config, out=out, from_classes=bool(classes), num_per_prompt=num_per_prompt,
-        negative_prompt=negative_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+        negative_prompt=negative_prompt, steps=steps, guidance=guidance, guidance_rule=guidance_rule,
+        scheduler=scheduler,
         timesteps=parse_timesteps(timesteps) if timesteps else None,
         loras=[parse_lora_spec(s) for s in loras], npo=npo, npo_scale=npo_scale, guide_with=guide_with,
         seed=seed, batch_size=batch_size,

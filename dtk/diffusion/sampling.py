@@ -24,14 +24,17 @@ class SamplerSettings:
     width: int
     timesteps: list[int] | None = None
     consistency: dict | None = None       # σ_max, σ_min, σ_data, t_mid, boundaries (scheduler "consistency")
+    guidance_rule: str = "cfg"            # "cfg", or "scfg": S-CFG's per-region scales (dtk.diffusion.scfg)
 
 
 DEFAULT_SAMPLER = {"scheduler": "dpm++2m", "steps": 25, "guidance": 7.5}
+GUIDANCE_RULES = ("cfg", "scfg")
 
 
 def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int | None = None,
                  timesteps: list[int] | None = None, guidance: float | None = None,
-                 height: int | None = None, width: int | None = None) -> SamplerSettings:
+                 height: int | None = None, width: int | None = None,
+                 guidance_rule: str = "cfg") -> SamplerSettings:
     """Explicit choices, else the model's recommendation (its dtk.json), else dtk's defaults.
 
     A model's recommended explicit timesteps apply when neither the scheduler
@@ -65,6 +68,13 @@ def settings_for(model: LoadedModel, *, scheduler: str | None = None, steps: int
                                guidance=float(pick("guidance", guidance)), height=height, width=width,
                                timesteps=list(timesteps) if timesteps else None,
                                consistency=recommended.get("consistency"))
+    if guidance_rule != "cfg":
+        if guidance_rule not in GUIDANCE_RULES:
+            raise BadInput(f"--guidance-rule {guidance_rule}: unknown; one of {', '.join(GUIDANCE_RULES)}")
+        from dtk.diffusion.scfg import check_scfg
+
+        settings.guidance_rule = guidance_rule
+        check_scfg(model, settings)
     if settings.scheduler == "consistency":
         check_consistency_steps(settings)
         if settings.guidance != 1.0 and model.guide is None:
@@ -113,7 +123,7 @@ def denoise(model: LoadedModel, settings: SamplerSettings, requests: list[Reques
     cond = encode_prompts(model, [r.prompt for r in requests], settings.height, settings.width)
     if guided:
         uncond = encode_prompts(model, [r.negative_prompt for r in requests], settings.height, settings.width)
-        rule = guidance_rule(model, denoiser, cond, uncond, settings.guidance)
+        rule = guidance_rule(model, denoiser, cond, uncond, settings.guidance, settings.guidance_rule)
     for t in sampler.timesteps:
         x_in = sampler.scale_model_input(latents, t)
         out = rule(x_in, t) if guided else denoiser.raw(x_in, t, cond)
@@ -131,12 +141,17 @@ def model_denoiser(model: LoadedModel):
                     config.get("prediction_type", "epsilon"))
 
 
-def guidance_rule(model: LoadedModel, denoiser, cond, uncond, scale: float):
+def guidance_rule(model: LoadedModel, denoiser, cond, uncond, scale: float, rule: str = "cfg"):
     """The guided output at (x, t) for a diffusers scheduler: CFG in diffusers' convention, one batched
     evaluation of both branches; with an NPO model (``--npo``) the negative branch runs the model plus the NPO
-    LoRA, so the two branches are two evaluations with different weights."""
+    LoRA, so the two branches are two evaluations with different weights. ``rule="scfg"``: S-CFG, per-region
+    scales from the same batched call's attention maps (``dtk.diffusion.scfg``)."""
     from dtk.diffusion.denoiser import cfg
 
+    if rule == "scfg":
+        from dtk.diffusion.scfg import scfg_rule
+
+        return scfg_rule(model, denoiser, cond, uncond, scale)
     npo = model.npo
     if npo is not None:
         def npo_rule(x, t):
@@ -180,6 +195,7 @@ def consistency_sample(model: LoadedModel, settings: SamplerSettings, requests: 
 
     With a guide model (SCT's guidance by a worse version of the model itself, in the manner of
     autoguidance) and guidance w, every denoiser output is D_guide + w·(D − D_guide)."""
+    from dtk.diffusion.denoiser import guided_by_worse
     from dtk.diffusion.edm import VPDenoiser, consistency_output, jump_to, vp_sigmas
     from dtk.diffusion.schedule import alphas_cumprod
 
@@ -188,11 +204,7 @@ def consistency_sample(model: LoadedModel, settings: SamplerSettings, requests: 
     prediction = model.pipe.scheduler.config.get("prediction_type", "epsilon")
     denoiser = VPDenoiser(model.unet, abar, prediction)
     if model.guide is not None and settings.guidance != 1.0:
-        good, bad, w = denoiser, VPDenoiser(model.guide.unet, abar, prediction), settings.guidance
-
-        def denoiser(x, s, **kw):
-            d_bad = bad(x, s, **kw)
-            return d_bad + w * (good(x, s, **kw) - d_bad)
+        denoiser = guided_by_worse(denoiser, VPDenoiser(model.guide.unet, abar, prediction), settings.guidance)
     drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
     z = drawn if noise is None else noise.to(model.device, model.dtype)
     sigma_max = min(p["sigma_max"], float(vp_sigmas(abar)[-1]))
