@@ -16,7 +16,8 @@ TRAINING = {
     "train-npo --self": {"lr": 1e-6, "max_steps": 2000, "batch_size": 4, "lora_rank": 8, "ema_decay": 0.999},
 }
 
-# Diffusion-DPO: β = 5000 (the paper's SD1.5 setting); 20% empty captions keep CFG's unconditional branch
+# Diffusion-DPO: β = 5000 (the paper: 2000 SD1.5, 5000 SDXL; its launch scripts used 5000 for both); 20% empty
+# captions keep CFG's unconditional branch
 DPO = {"beta": 5000.0, "empty_prompt_prob": 0.2}
 # Diffusion-NPO from pairs: β = 500 for SD1.5 (2000 for SDXL); the result serves the empty-prompt branch
 NPO_FROM_PAIRS = {"beta": 500.0, "empty_prompt_prob": 0.2}
