@@ -180,3 +180,23 @@ def test_every_command_has_its_page():
     assert not missing, f"no docs/<command>.md for: {', '.join(missing)}"
     for name in COMMANDS:
         assert (ROOT / "docs" / f"{name}.md").read_text().startswith(f"# dtk {name}\n"), name
+
+
+def test_the_code_cites_documents_that_exist():
+    """Every docs page (with its section, when one is quoted) cited in the code or the tests exists."""
+    import re
+
+    cited = []
+    for path in [*sorted((ROOT / "dtk").rglob("*.py")), *sorted((ROOT / "tests").glob("*.py"))]:
+        if path.name == "test_docs.py":
+            continue
+        for m in re.finditer(r'(docs/[\w-]+\.md)(?:,\s*(?:section\s*)?"([^"]+)")?', path.read_text()):
+            cited.append((path.relative_to(ROOT), m.group(1), m.group(2)))
+    assert len(cited) >= 5
+    for where, doc, section in cited:
+        assert (ROOT / doc).is_file(), f"{where}: {doc} does not exist"
+        if section:
+            headings = {line.lstrip("#").strip() for line in (ROOT / doc).read_text().splitlines()
+                        if line.startswith("#")}
+            assert section in headings, f"{where}: {doc} has no section {section!r}"
+    assert not [p for p in (ROOT / "dtk").rglob("*.py") if "METHODS.md" in p.read_text()]
