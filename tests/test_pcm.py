@@ -442,7 +442,7 @@ def test_the_discriminators_update_runs_in_the_engine_with_a_nan_guard(tmp_path)
     metrics = SimpleNamespace(add=logged.append)
     player = Player([1.0, 3.0])
     before = player.module.weight.detach().clone()
-    out = float(player.module(torch.ones(1, 1)))   # w + b
+    out = float(player.module(torch.ones(1, 1)).detach())   # w + b
     _second_player_step(run, player, metrics, 0)
     # the losses (w + b)·1 and (w + b)·3, averaged: d/dw = 2, one SGD step of 0.1; logged: their mean
     assert torch.allclose(player.module.weight, before - 0.2) and logged[0]["d_loss"] == pytest.approx(2 * out)
