@@ -526,3 +526,35 @@ def test_a_corrupt_training_image_is_found_before_the_model_loads(tiny_sd, tmp_p
     config = TrainConfig(out=str(tmp_path / "run"), model=str(tiny_sd), data=str(folder), max_steps=1, device="cpu")
     with pytest.raises(BadInput, match=r"b\.png: not a readable image"):
         engine.train(RectifiedDiffusion(phased=2), config)
+
+
+@pytest.mark.parametrize("index, says", [
+    ({"_class_name": "CogVideoXPipeline", "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+      "vae": ["diffusers", "AutoencoderKLCogVideoX"], "text_encoder": ["transformers", "T5EncoderModel"]},
+     "CogVideoXPipeline denoises with a transformer, not a UNet"),
+    ({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+      "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModelWithProjection"]},
+     "StableDiffusion3Pipeline denoises with a transformer"),
+    ({"_class_name": "AnimateDiffPipeline", "unet": ["diffusers", "UNetMotionModel"],
+      "motion_adapter": ["diffusers", "MotionAdapter"], "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": ["transformers", "CLIPTextModel"]}, "AnimateDiffPipeline is a video model")])
+def test_pipelines_dtk_cannot_load_yet_are_named(run_dtk, tmp_path, index, says):
+    """A transformer or video pipeline is not taken for an SD one (it has a vae and a text encoder too)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps(index))
+    refused(run_dtk("sample", "--model", model, "--out", tmp_path / "o", "x"), says)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_motion_lora_on_an_image_model_is_refused(run_dtk, tmp_path):
+    """diffusers would load an AnimateDiff motion LoRA's spatial keys into an SD UNet and drop the rest."""
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "motion.safetensors"
+    save_file({"unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32)},
+              str(lora))
+    refused(run_dtk("sample", "--lora", lora, "--steps", 2, "--out", tmp_path / "o", "x"),
+            "a motion LoRA (AnimateDiff motion modules")

@@ -120,3 +120,22 @@ def test_parse_timesteps_rejects(text, msg):
     with pytest.raises(BadInput, match=msg):
         parse_timesteps(text)
     assert parse_timesteps("999, 749,499,249") == [999, 749, 499, 249]
+
+
+def test_cogvideox_snr_shift_is_in_the_schedule():
+    """CogVideoX's schedulers shift the SNR (snr_shift_scale) before rescaling to zero terminal SNR; dtk's table
+    is theirs, and without a shift the plain one."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from dtk.diffusion.schedule import alphas_cumprod
+
+    config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                  snr_shift_scale=3.0)
+    ref = CogVideoXDDIMScheduler(**config).alphas_cumprod.double()
+    ours = alphas_cumprod(config)
+    assert torch.allclose(ours, ref, atol=1e-12) and abs(float(ours[500]) - 0.0953) < 1e-3
+    unshifted = alphas_cumprod({**config, "snr_shift_scale": 1.0})
+    assert float((unshifted - ours).abs().max()) > 0.2
+    assert torch.allclose(unshifted, CogVideoXDDIMScheduler(**{**config, "snr_shift_scale": 1.0}).alphas_cumprod.double(),
+                          atol=1e-6)

@@ -237,7 +237,13 @@ def _pipeline_family(path: Path) -> str:
     from dtk.io import read_json
 
     index = read_json(path / "model_index.json")
-    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+    name = index.get("_class_name", "pipeline")
+    supported = "dtk loads SD/SDXL pipelines and pixel-space DDPM/DDIM pipelines for now"
+    if "unet" not in index:   # SD3, Flux, CogVideoX, …: not an SD pipeline, whatever else it holds
+        raise BadInput(f"--model {path}: {name} denoises with a transformer, not a UNet; {supported}")
+    if "motion_adapter" in index or "Video" in name or "AnimateDiff" in name:
+        raise BadInput(f"--model {path}: {name} is a video model; {supported}")
+    if "XL" in name or "text_encoder_2" in index:
         return SDXL
     if "vae" not in index and "text_encoder" not in index:
         if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):

@@ -71,6 +71,7 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]], text_
     names, scales = [], []
     for i, (path, scale) in enumerate(loras):
         file = lora_file(path)
+        _refuse_motion_lora(path, file, model)
         name = f"lora{i}"
         try:
             with _diffusers_silent():   # its own error lines would come before dtk's one-line error
@@ -89,6 +90,18 @@ def apply_loras(model: LoadedModel, loras: list[tuple[str | Path, float]], text_
     encoders = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
     pipe.fuse_lora(components=encoders if text_encoders_only else ["unet", *encoders], adapter_names=names)
     pipe.unload_lora_weights()
+
+
+def _refuse_motion_lora(path, file: Path, model: LoadedModel) -> None:
+    """An AnimateDiff motion LoRA on an image model: diffusers would load its spatial part silently and drop the
+    motion modules."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        motion = next((k for k in f.keys() if "motion_modules" in k), None)
+    if motion is not None:
+        raise BadInput(f"--lora {path}: a motion LoRA (AnimateDiff motion modules, e.g. {motion}); "
+                       f"{model.ref.spec!r} is an image model")
 
 
 # ---------------------------------------------------------------------------

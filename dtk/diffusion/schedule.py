@@ -14,6 +14,12 @@ def alphas_cumprod(config: dict) -> torch.Tensor:
     """ᾱ_t for t = 0..T−1 from a diffusers scheduler config (float64)."""
     n = config.get("num_train_timesteps", NUM_TRAIN_TIMESTEPS)
     kind = config.get("beta_schedule", "linear")
+    if config.get("snr_shift_scale", 1.0) != 1.0:
+        # CogVideoX's schedulers shift the SNR, ᾱ ← ᾱ/(s + (1 − s)ᾱ), before any zero-terminal-SNR rescaling;
+        # a DDPMScheduler ignores the setting, so the table comes from the scheduler that defines it
+        from diffusers import CogVideoXDDIMScheduler
+
+        return CogVideoXDDIMScheduler.from_config(dict(config)).alphas_cumprod.double()
     if config.get("rescale_betas_zero_snr") or kind not in ("linear", "scaled_linear"):
         # cosine (squaredcos_cap_v2), zero-terminal-SNR rescaling, ...: exactly as diffusers computes them
         from diffusers import DDPMScheduler
