@@ -279,6 +279,7 @@ def test_sample_refuses_what_cannot_fit_before_the_model_loads(run_dtk, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_large_batch_of_few_images_is_only_as_large_as_the_images(run_dtk, tmp_path, memory):
     r = run_dtk("sample", RED, "--batch-size", 1000000000, "--steps", 1, "--device", "cpu", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.stderr

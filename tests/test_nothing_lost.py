@@ -237,6 +237,7 @@ def test_signals_stay_handled_to_the_end_of_the_process():
 # ------------------------------------------------------------------ failures named truthfully
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr", ["1e38", "1e20"])
 def test_overflowing_weights_are_never_a_good_checkpoint(run_dtk, tiny_sd, quick_sd_pairs, tmp_path, lr):
     """A finite loss with weights at 1e30 (or an update that overflows): the run stops naming the step,

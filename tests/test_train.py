@@ -188,6 +188,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_sd, sd_pairs, tmp_path):
     assert ema_a == (tmp_path / "b/checkpoints/step-00000004/ema.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_sigusr1_while_loading_checkpoints_at_the_first_step(run_dtk, tiny_sd, sd_pairs, tmp_path):
     """Slurm's SIGUSR1 warning may come before the loop starts: noted (not fatal), then acted on."""
     from dtk import signals
