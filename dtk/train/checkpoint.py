@@ -191,8 +191,8 @@ def save(state) -> Path:
     path = checkpoint_root(out) / checkpoint_name(step)
     if accelerator.is_main_process:
         record = {"step": step, "examples_seen": seen, "world_size": accelerator.num_processes,
-                 "config": {**resume_keys(run), "data_examples": len(run.data), "method": method.describe()},
-                 "method": method.name}
+                  "config": {**resume_keys(run), "data_examples": len(run.data), "method": method.describe()},
+                  "method": method.name}
         save_checkpoint(out, step, trainable=_state_of(named), ema=ema.shadow if ema else None,
                         optimizer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                          "torch_rng": torch.get_rng_state(),
