@@ -45,3 +45,60 @@ def unflatten_video(latents: torch.Tensor, channels: int) -> torch.Tensor:
     """[B, C·F, h, w] → [B, C, F, h, w]."""
     b, cf, h, w = latents.shape
     return latents.view(b, channels, cf // channels, h, w)
+
+
+class VideoTransformer:
+    """A CogVideoX-class 3D transformer over flattened latents [B, F·C, h, w] (frames first, as the transformer
+    lays them out: [B, F, C, h, w]). A model with rotary position embeddings gets them for the latent grid of
+    the call: without them it would run, and be silently wrong."""
+
+    def __init__(self, net, channels: int):
+        self.net, self.channels = net, channels
+        self.module = getattr(net, "module", net)
+        self._rotary: dict = {}
+
+    def rotary(self, frames: int, h: int, w: int, device):
+        """(cos, sin) of the 3D rotary embedding for ``frames`` latent frames on an h×w latent grid, as
+        CogVideoX's pipeline computes them (1.0: the grid's crop of the training grid; 1.5: a slice of it)."""
+        config = self.module.config
+        if not config.use_rotary_positional_embeddings:
+            return None
+        key = (frames, h, w, str(device))
+        if key not in self._rotary:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+            p, p_t = config.patch_size, config.patch_size_t
+            grid = (h // p, w // p)
+            base = (config.sample_height // p, config.sample_width // p)
+            if p_t is None:
+                self._rotary[key] = get_3d_rotary_pos_embed(
+                    embed_dim=config.attention_head_dim, crops_coords=_centre_crop(grid, base), grid_size=grid,
+                    temporal_size=frames, device=device)
+            else:
+                self._rotary[key] = get_3d_rotary_pos_embed(
+                    embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
+                    temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=base, device=device)
+        return self._rotary[key]
+
+    def __call__(self, x: torch.Tensor, t, return_dict: bool = False, encoder_hidden_states=None, **kwargs):
+        b, fc, h, w = x.shape
+        if fc % self.channels:
+            raise ValueError(f"latents of {fc} channels are not frames of {self.channels}")
+        f = fc // self.channels
+        t = torch.as_tensor(t, device=x.device).reshape(-1)   # the transformer takes a 1-D timestep
+        out = self.net(hidden_states=x.view(b, f, self.channels, h, w), encoder_hidden_states=encoder_hidden_states,
+                       timestep=t.expand(b) if t.numel() == 1 else t,
+                       image_rotary_emb=self.rotary(f, h, w, x.device), return_dict=False, **kwargs)[0]
+        return (out.reshape(b, fc, h, w),)
+
+
+def _centre_crop(grid: tuple[int, int], base: tuple[int, int]):
+    """The region of the training grid ``base`` (h, w) that a grid of another aspect covers when resized to fit it
+    and centred: ((top, left), (bottom, right))."""
+    (h, w), (bh, bw) = grid, base
+    if h / w > bh / bw:
+        rh, rw = bh, int(round(bh / h * w))
+    else:
+        rw, rh = bw, int(round(bw / w * h))
+    top, left = int(round((bh - rh) / 2.0)), int(round((bw - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
