@@ -3,12 +3,12 @@
 A dataset is a sequence of examples (``len`` and ``[i]``); an example is a dict
 (``image`` as a float tensor [3, H, W] in [-1, 1] and ``caption``, or the
 tensors of a pair shard). The order is the engine's business (see
-``BatchOrder``), so every format resumes exactly.
+``dtk.train.data.BatchOrder``), so every format resumes exactly.
 
 Formats, detected from ``--data``:
 
 * a directory of images with ``.txt`` caption sidecars (``a.png`` + ``a.txt``);
-* a directory written by ``dtk reflow-pairs`` (pair shards, see ``dtk.pairs``);
+* a directory written by ``dtk reflow-pairs`` (pair shards, see ``dtk.data.pairs``);
 * a JSONL manifest (``path`` + ``prompt``/``caption`` per line; ``-`` = stdin),
   e.g. the output of ``dtk sample`` or ``dtk score``;
 * a parquet file (or a directory of them) with an image column (``image``,
