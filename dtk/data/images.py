@@ -234,9 +234,10 @@ class ImageCaptionDataset(Dataset):
 # The formats
 
 
-def _refuse_missing(where: str, missing: list[str], total: int, allowed: bool, what: str) -> None:
+def _refuse_missing(where: str, missing: list[str], total: int, allowed: bool, what: str,
+                    things: str = "images") -> None:
     if missing and not allowed:
-        raise BadInput(f"--data {where}: {len(missing)} of {total} images have no {what} (e.g. "
+        raise BadInput(f"--data {where}: {len(missing)} of {total} {things} have no {what} (e.g. "
                        f"{', '.join(missing[:3])}); pass --allow-missing-captions to train them with empty captions")
 
 
