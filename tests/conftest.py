@@ -35,6 +35,20 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cogvideox(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_cogvideox
+
+    return build_tiny_cogvideox(tmp_path_factory.mktemp("models") / "tiny-cogvideox")
+
+
+@pytest.fixture(scope="session")
+def tiny_animatediff(tiny_sd, tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_animatediff
+
+    return build_tiny_animatediff(tmp_path_factory.mktemp("models") / "tiny-animatediff", tiny_sd)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     from tiny_models import build_tiny_pipeline
 

@@ -9,18 +9,10 @@ from dtk.diffusion.backbones import MotionUNet, flatten_video, unflatten_video
 FRAMES, SIZE = 9, 32
 
 
-@pytest.fixture(scope="module")
-def tiny_animatediff(tiny_sd):
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+def load_pipeline(cls_name: str, path):
+    import diffusers
 
-    torch.manual_seed(0)
-    adapter = MotionAdapter(block_out_channels=[32, 64], motion_layers_per_block=1,
-                            motion_transformer_layers_per_block=1, motion_mid_block_layers_per_block=1,
-                            motion_transformer_layers_per_mid_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True)
-    pipe = AnimateDiffPipeline.from_pretrained(str(tiny_sd), motion_adapter=adapter, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, beta_schedule="linear", clip_sample=False,
-                                               timestep_spacing="linspace", steps_offset=1)
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -40,7 +32,8 @@ def test_the_denoiser_over_a_motion_unet_samples_the_pipelines_video(tiny_animat
     from dtk.diffusion.denoiser import Denoiser, VPSchedule, cfg
     from dtk.diffusion.schedule import alphas_cumprod
 
-    pipe, seeds, prompts, guidance = tiny_animatediff, [0, 1], ["a red circle moving right", "a blue star"], 7.5
+    pipe, seeds, prompts, guidance = load_pipeline("AnimateDiffPipeline", tiny_animatediff), [0, 1], \
+        ["a red circle moving right", "a blue star"], 7.5
     ref = pipe(prompt=prompts, negative_prompt=["", ""], num_frames=FRAMES, height=SIZE, width=SIZE,
                num_inference_steps=3, guidance_scale=guidance, output_type="latent",
                generator=[torch.Generator().manual_seed(s) for s in seeds]).frames      # [B, C, F, h, w]
@@ -71,7 +64,7 @@ def test_the_motion_unet_mixes_frames_and_gives_x0_eps(tiny_animatediff):
     from dtk.diffusion.denoiser import Denoiser, VPSchedule
     from dtk.diffusion.schedule import alphas_cumprod
 
-    pipe = tiny_animatediff
+    pipe = load_pipeline("AnimateDiffPipeline", tiny_animatediff)
     channels = pipe.unet.config.in_channels
     denoiser = Denoiser(MotionUNet(pipe.unet, channels), VPSchedule(alphas_cumprod(pipe.scheduler.config)),
                         "epsilon")
@@ -90,44 +83,8 @@ def test_the_motion_unet_mixes_frames_and_gives_x0_eps(tiny_animatediff):
         MotionUNet(pipe.unet, channels)(torch.randn(1, channels * FRAMES + 1, 16, 16), t)
 
 
-def tiny_cogvideox(rotary: bool):
-    """A tiny CogVideoX-class pipeline, built offline: a T5 whose tokenizer is an in-memory Unigram vocabulary
-    (no sentencepiece), a 2-layer 3D transformer, a 3-block causal VAE (×4 in space and in time)."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    words = ["a", "the", "on", "red", "blue", "circle", "star", "moving", "right", "left", "white", "background"]
-    chars = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -3.0) for w in words if len(w) > 1] + [(c, -5.0) for c in chars]
-    vocab += [("\u2581" + c, -5.0) for c in chars]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0))
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
-        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=FRAMES, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=rotary)
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=["CogVideoXDownBlock3D"] * 3,
-        up_block_types=["CogVideoXUpBlock3D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
-        layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=SIZE, sample_width=SIZE)
-    scheduler = CogVideoXDDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
-        rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=3.0)
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("rotary", [True, False])
-def test_the_denoiser_over_a_video_transformer_samples_the_pipelines_video(rotary):
+def test_the_denoiser_over_a_video_transformer_samples_the_pipelines_video(tiny_cogvideox, tmp_path, rotary):
     """A CogVideoX-class transformer behind the same Denoiser (v-prediction on the SNR-shifted schedule): CFG on
     its raw output stepped by CogVideoX's DDIM gives the pipeline's latents; and its (x̂₀, ε̂) stepped by dtk's own
     DDIM step is CogVideoX's DDIM step."""
@@ -136,7 +93,12 @@ def test_the_denoiser_over_a_video_transformer_samples_the_pipelines_video(rotar
     from dtk.diffusion.denoiser import Denoiser, VPSchedule, cfg
     from dtk.diffusion.schedule import alphas_cumprod, ddim_step
 
-    pipe, seeds, prompts, guidance = tiny_cogvideox(rotary), [0, 1], ["a red circle moving right", "a blue star"], 6.0
+    from tiny_models import build_tiny_cogvideox
+
+    # saved and loaded again: the offline T5 tokenizer round-trips; the sin-cos variant is built alike
+    path = tiny_cogvideox if rotary else build_tiny_cogvideox(tmp_path / "sincos", use_rotary_positional_embeddings=False)
+    pipe, seeds, prompts, guidance = load_pipeline("CogVideoXPipeline", path), [0, 1], \
+        ["a red circle moving right", "a blue star"], 6.0
     ref = pipe(prompt=prompts, negative_prompt="", num_frames=FRAMES, height=SIZE, width=SIZE, num_inference_steps=3,
                guidance_scale=guidance, max_sequence_length=16, output_type="latent",
                generator=[torch.Generator().manual_seed(s) for s in seeds]).frames      # [B, F', C, h, w]

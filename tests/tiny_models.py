@@ -1,7 +1,8 @@
 """Tiny random SD-like and SDXL-like pipelines, built from the configs in tests/configs/.
 
 They exercise the same classes and call paths as SD1.5 / SDXL (two text
-encoders, pooled embeddings, time ids) in milliseconds on a CPU.
+encoders, pooled embeddings, time ids) in milliseconds on a CPU; the tiny
+CogVideoX- and AnimateDiff-class pipelines do the same for video models.
 """
 
 from __future__ import annotations
@@ -132,4 +133,43 @@ def build_tiny_pixel_pipeline(out: Path, num_classes: int | None = None, seed: i
                        num_class_embeds=num_classes)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(out))
+    return out
+
+
+def build_tiny_cogvideox(out: Path, seed: int = 0, **transformer) -> Path:
+    """A tiny CogVideoX-class pipeline from tests/configs/tiny-cogvideox.json, built offline: a T5 whose tokenizer
+    is an in-memory Unigram vocabulary (whole words of the config, characters as a fallback; no sentencepiece),
+    a 3D transformer (``transformer`` overrides its config), a causal VAE ×4 in space and in time."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    cfg = json.loads((CONFIGS / "tiny-cogvideox.json").read_text())
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -3.0) for w in cfg["words"] if len(w) > 1] + [(c, -5.0) for c in chars]
+    vocab += [("\u2581" + c, -5.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=T5EncoderModel(T5Config(vocab_size=len(tokenizer), **cfg["text_encoder"])),
+        transformer=CogVideoXTransformer3DModel(**{**cfg["transformer"], **transformer}),
+        vae=AutoencoderKLCogVideoX(**cfg["vae"]), scheduler=CogVideoXDDIMScheduler(**cfg["scheduler"]))
+    pipe.save_pretrained(str(out))
+    return out
+
+
+def build_tiny_animatediff(out: Path, base: Path, seed: int = 0) -> Path:
+    """A tiny AnimateDiff-class pipeline from tests/configs/tiny-animatediff.json: the tiny SD pipeline at
+    ``base`` with a random motion adapter (its UNet becomes a UNetMotionModel)."""
+    import torch
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    cfg = json.loads((CONFIGS / "tiny-animatediff.json").read_text())
+    torch.manual_seed(seed)
+    pipe = AnimateDiffPipeline.from_pretrained(str(base), motion_adapter=MotionAdapter(**cfg["motion_adapter"]),
+                                               local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **cfg["scheduler"])
+    pipe.save_pretrained(str(out))
     return out
