@@ -25,6 +25,7 @@ def test_flattening_is_the_same_noise_stream():
     assert torch.equal(unflatten_video(flatten_video(x), 4), x)
 
 
+@pytest.mark.slow   # an AnimateDiff pipeline end to end: 0.5 s per call on 2 cores
 def test_the_denoiser_over_a_motion_unet_samples_the_pipelines_video(tiny_animatediff):
     """Per-seed noise of shape (C·F, h, w), CFG on the denoiser's raw output, diffusers' scheduler step: the
     pipeline's latents (same seeds, prompts, negative prompts, steps)."""
@@ -57,6 +58,7 @@ def test_the_denoiser_over_a_motion_unet_samples_the_pipelines_video(tiny_animat
     assert float((unflatten_video(x, channels) - ref).abs().max()) < 1e-5
 
 
+@pytest.mark.slow   # an AnimateDiff pipeline end to end: 0.5 s per call on 2 cores
 def test_the_motion_unet_mixes_frames_and_gives_x0_eps(tiny_animatediff):
     """The adapter is a video model, not F image models: a change in frame 0 reaches the others; (x̂₀, ε̂) come out
     flattened like the input."""
