@@ -45,6 +45,20 @@ CAPTION_KEYS = ("txt", "caption", "text")
 # Images
 
 
+def fit_square(im, resolution: int):
+    """A PIL image as R×R: shorter side resized to R (bicubic), centre crop."""
+    from PIL import Image
+
+    w, h = im.size
+    if (w, h) == (resolution, resolution):
+        return im
+    scale = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
 def decode_image(data: bytes | Path, where: str, resolution: int):
     """Bytes or a file → float tensor [3, R, R] in [-1, 1]: shorter side resized to R, centre crop."""
     import numpy as np
@@ -53,16 +67,7 @@ def decode_image(data: bytes | Path, where: str, resolution: int):
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = resolution / min(w, h)
-            if (w, h) != (resolution, resolution):
-                im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                               Image.Resampling.BICUBIC)
-                w, h = im.size
-                left, top = (w - resolution) // 2, (h - resolution) // 2
-                im = im.crop((left, top, left + resolution, top + resolution))
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.asarray(fit_square(im.convert("RGB"), resolution), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"{where}: not a readable image ({' '.join(str(e).split())})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)

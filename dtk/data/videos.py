@@ -21,29 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from dtk.data.images import Dataset, _refuse_missing, _text
+from dtk.data.images import Dataset, _refuse_missing, _text, fit_square
 from dtk.errors import BadInput
 
 CLIP_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".webp")
 
 
 def frames_to_tensor(frames: np.ndarray, resolution: int):
-    """uint8 frames [F, H, W, 3] → float [3, F, R, R] in [-1, 1]: shorter side to R (bicubic), centre crop."""
+    """uint8 frames [F, H, W, 3] → float [3, F, R, R] in [-1, 1], each frame fitted as images are."""
     import torch
     from PIL import Image
 
-    out = []
-    for frame in frames:
-        im = Image.fromarray(frame)
-        w, h = im.size
-        if (w, h) != (resolution, resolution):
-            scale = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                           Image.Resampling.BICUBIC)
-            w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-        out.append(np.asarray(im, dtype=np.uint8))
+    out = [np.asarray(fit_square(Image.fromarray(frame), resolution), dtype=np.uint8) for frame in frames]
     return torch.from_numpy(np.stack(out)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 

@@ -196,15 +196,14 @@ def consistency_sample(model: LoadedModel, settings: SamplerSettings, requests: 
     With a guide model (SCT's guidance by a worse version of the model itself, in the manner of
     autoguidance) and guidance w, every denoiser output is D_guide + w·(D − D_guide)."""
     from dtk.diffusion.denoiser import guided_by_worse
-    from dtk.diffusion.edm import VPDenoiser, consistency_output, jump_to, vp_sigmas
-    from dtk.diffusion.schedule import alphas_cumprod
+    from dtk.diffusion.edm import consistency_output, jump_to, vp_sigmas
 
     p = _consistency_params(settings)
-    abar = alphas_cumprod(model.pipe.scheduler.config).to(model.device)
-    prediction = model.pipe.scheduler.config.get("prediction_type", "epsilon")
-    denoiser = VPDenoiser(model.unet, abar, prediction)
-    if model.guide is not None and settings.guidance != 1.0:
-        denoiser = guided_by_worse(denoiser, VPDenoiser(model.guide.unet, abar, prediction), settings.guidance)
+    model_view = model_denoiser(model)
+    abar = model_view.schedule.abar
+    denoiser = model_view.edm()
+    if model.guide is not None and settings.guidance != 1.0:   # the guide shares the model's schedule
+        denoiser = guided_by_worse(denoiser, model_view.using(model.guide.unet).edm(), settings.guidance)
     drawn, generators = initial_noise(model, [r.seed for r in requests], settings.height, settings.width)
     z = drawn if noise is None else noise.to(model.device, model.dtype)
     sigma_max = min(p["sigma_max"], float(vp_sigmas(abar)[-1]))
