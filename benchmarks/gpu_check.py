@@ -164,17 +164,24 @@ def job_dtk(spec: dict) -> dict:
     one_step, train_loop, generate = engine._one_step, engine._train_loop, sampling.generate
     step_signature = inspect.signature(one_step)
 
+    def timed(fn, times: list):
+        def call(*args, **kwargs):
+            _sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync()
+                times.append(time.perf_counter() - t0)
+        return call
+
+    timed_one_step = timed(one_step, result["step_times"])
+
     def timed_step(*args, **kwargs):
         step = step_signature.bind(*args, **kwargs).arguments["state"].step
         if stop_at and step + 1 == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)   # what Slurm sends before preempting: handled at the step's end
-        _sync()
-        t0 = time.perf_counter()
-        try:
-            return one_step(*args, **kwargs)
-        finally:
-            _sync()
-            result["step_times"].append(time.perf_counter() - t0)
+        return timed_one_step(*args, **kwargs)
 
     def measured_loop(*args, **kwargs):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -186,16 +193,8 @@ def job_dtk(spec: dict) -> dict:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 result["cuda_peak_loop"] = torch.cuda.max_memory_allocated()
 
-    def timed_generate(*args, **kwargs):
-        _sync()
-        t0 = time.perf_counter()
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            _sync()
-            result["generate_times"].append(time.perf_counter() - t0)
-
-    engine._one_step, engine._train_loop, sampling.generate = timed_step, measured_loop, timed_generate
+    engine._one_step, engine._train_loop = timed_step, measured_loop
+    sampling.generate = timed(generate, result["generate_times"])
     if spec.get("alpha_max") is not None:   # gsplat's α cap in dtk's rasteriser: the documented difference alone
         import dtk.gs.render as gs_render
 
